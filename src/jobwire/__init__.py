@@ -1,0 +1,22 @@
+"""jobwire: deduplicated background jobs with one ordered event log per job and live,
+resumable progress for web UIs."""
+
+from jobwire.app import InputError, Jobwire
+from jobwire.model import Event, Item, ItemStatus, Job, Status
+from jobwire.store import ItemUpdate
+from jobwire.worker import Cancelled, Context, Worker
+
+__all__ = [
+    "Cancelled",
+    "Context",
+    "Event",
+    "InputError",
+    "Item",
+    "ItemStatus",
+    "ItemUpdate",
+    "Job",
+    "Jobwire",
+    "Status",
+    "Worker",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""The HTTP, Server-Sent Events and WebSocket API, plus the pages and static assets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from jobwire.api import jobs, live, metrics, pages
+from jobwire.app import InputError
+from jobwire.store import StoreError
+
+STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+
+
+def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]]) -> FastAPI:
+    api = FastAPI(title="jobwire", version="0.1.0", lifespan=lifespan)
+    api.include_router(jobs.router)
+    api.include_router(live.router)
+    api.include_router(metrics.router)
+    api.include_router(pages.router)
+    api.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @api.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError) -> JSONResponse:
+        # Same shape as FastAPI's own validation errors, so clients parse one format.
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": ["body", *exc.loc], "msg": exc.msg, "type": "value_error"}]})
+
+    @api.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                  for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    return api

@@ -1,0 +1,50 @@
+"""Sessions and tokens: who is calling. Only SHA-256 hashes of tokens are stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from fastapi import HTTPException
+from starlette.requests import HTTPConnection
+
+from jobwire.model import now
+from jobwire.store import Store
+
+COOKIE = "jobwire_token"
+GUEST_TTL = 30 * 24 * 3600.0
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def new_session(store: Store, owner: str | None = None,
+                      ttl: float | None = GUEST_TTL) -> tuple[str, str]:
+    """A fresh token for `owner` (a new guest when None); returns (token, owner)."""
+    token = secrets.token_urlsafe(32)
+    owner = owner or f"guest:{secrets.token_hex(8)}"
+    await store.add_session(hash_token(token), owner, None if ttl is None else now() + ttl)
+    return token, owner
+
+
+def token_of(conn: HTTPConnection, allow_query: bool) -> str | None:
+    header = conn.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if allow_query and conn.query_params.get("token"):
+        return conn.query_params["token"]
+    return conn.cookies.get(COOKIE)
+
+
+async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False) -> str:
+    """The caller's owner id, or 401. The lookup is by hash, so no token is ever compared
+    byte by byte in Python."""
+    token = token_of(conn, allow_query)
+    if not token:
+        raise HTTPException(401, "missing token: send Authorization: Bearer <token>")
+    owner = await store.session_owner(hash_token(token))
+    if owner is None:
+        raise HTTPException(401, "invalid or expired token")
+    return owner

@@ -1,0 +1,41 @@
+"""FastAPI dependencies: the process runtime and the calling owner."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException
+from starlette.requests import HTTPConnection
+
+from jobwire.api.auth import owner_of
+from jobwire.model import Job
+from jobwire.server import Runtime
+
+
+def runtime(conn: HTTPConnection) -> Runtime:
+    rt: Runtime = conn.app.state.runtime
+    return rt
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+
+
+async def owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
+    return await owner_of(conn, rt.store)
+
+
+async def stream_owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
+    """Like `owner`, also taking ?token= (EventSource and WebSocket cannot set headers)."""
+    return await owner_of(conn, rt.store, allow_query=True)
+
+
+Owner = Annotated[str, Depends(owner)]
+StreamOwner = Annotated[str, Depends(stream_owner)]
+
+
+async def owned_job(rt: Runtime, job_id: str, who: str) -> Job:
+    """The job if `who` owns it; 404 alike for missing and foreign jobs, so ids reveal nothing."""
+    job = await rt.store.get_job(job_id, who)
+    if job is None:
+        raise HTTPException(404, "job not found")
+    return job

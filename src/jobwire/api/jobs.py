@@ -1,0 +1,81 @@
+"""REST routes: sessions, submitting, listing, reading, cancelling and deleting jobs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from jobwire.api.auth import COOKIE, new_session
+from jobwire.api.deps import Owner, RuntimeDep, owned_job
+from jobwire.api.schemas import ItemsOut, JobOut, SessionOut, SubmitOut, SubmitRequest
+from jobwire.model import ACTIVE, Status
+from jobwire.store import JobActive
+
+router = APIRouter(prefix="/api")
+
+StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
+
+
+@router.post("/sessions", status_code=201, response_model=SessionOut)
+async def create_session(rt: RuntimeDep, response: Response) -> dict[str, str]:
+    """A new guest session. The token is also set as an HttpOnly cookie for browsers."""
+    token, who = await new_session(rt.store, ttl=rt.settings.guest_ttl_seconds)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+                        max_age=int(rt.settings.guest_ttl_seconds))
+    return {"token": token, "owner": who}
+
+
+@router.post("/jobs", status_code=201, response_model=SubmitOut,
+             responses={200: {"model": SubmitOut, "description": "an active job with this key"}})
+async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner,
+                 response: Response) -> dict[str, object]:
+    spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
+    job, created = await rt.store.submit(who, body.task, value, key, spec.max_attempts)
+    if not created:
+        response.status_code = 200
+    return {"created": created, "job": job.snapshot()}
+
+
+@router.get("/jobs", response_model=list[JobOut])
+async def list_jobs(rt: RuntimeDep, who: Owner, status: StatusFilter | None = None,
+                    limit: int = Query(50, ge=1, le=500)) -> list[dict[str, object]]:
+    """The caller's jobs, newest first. `status=active` is queued and running only."""
+    statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
+    return [j.snapshot() for j in await rt.store.list_jobs(who, statuses, limit)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+    return (await owned_job(rt, job_id, who)).snapshot()
+
+
+@router.get("/jobs/{job_id}/items", response_model=ItemsOut)
+async def get_items(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+    """The job's items at one seq: their states agree with the job's counts at that seq."""
+    found = await rt.store.job_with_items(job_id, who)
+    if found is None:
+        raise HTTPException(404, "job not found")
+    job, items = found
+    return {"job": job.id, "seq": job.seq, "items": [i.as_dict() for i in items]}
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+async def cancel(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+    """Cancel a queued job at once, or ask a running one to stop. Idempotent."""
+    job = await rt.store.request_cancel(job_id, who)
+    if job is None:
+        raise HTTPException(404, "job not found")
+    return job.snapshot()
+
+
+@router.delete("/jobs/{job_id}", status_code=204,
+               responses={409: {"description": "the job is still active"}})
+async def delete(job_id: str, rt: RuntimeDep, who: Owner) -> Response:
+    try:
+        deleted = await rt.store.delete_job(job_id, who)
+    except JobActive as exc:
+        raise HTTPException(409, str(exc)) from None
+    if not deleted:
+        raise HTTPException(404, "job not found")
+    return Response(status_code=204)

@@ -1,0 +1,195 @@
+"""Live delivery of job events: long-poll over HTTP, Server-Sent Events and WebSocket.
+
+All three read the same per-job log through the hub, so each resumes from a seq with
+no loss and no duplicate. Every event is JSON-encoded once (`Event.wire`) and the
+same bytes go to every subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Header, HTTPException, Query, WebSocket
+from fastapi.responses import Response, StreamingResponse
+from starlette.websockets import WebSocketDisconnect
+
+from jobwire.api.auth import owner_of
+from jobwire.api.deps import Owner, RuntimeDep, StreamOwner, owned_job, runtime
+from jobwire.api.schemas import EventsOut
+from jobwire.hub import Subscription
+from jobwire.model import Event
+
+router = APIRouter(prefix="/api")
+
+SSE_KEEPALIVE = 15.0
+WS_BUFFER = 10_000  # messages queued for one socket before it counts as too slow
+WS_MAX_SUBSCRIPTIONS = 1_000
+
+
+@router.get("/jobs/{job_id}/events", response_model=EventsOut)
+async def poll_events(job_id: str, rt: RuntimeDep, who: Owner,
+                      after: int = Query(0, ge=0),
+                      wait: float = Query(0, ge=0, le=60)) -> Response:
+    """Events with seq > after; with `wait`, hold the request up to that many seconds
+    until one exists (long-poll)."""
+    await owned_job(rt, job_id, who)
+    events = await rt.hub.wait(job_id, after, wait)
+    body = b'{"job":' + orjson.dumps(job_id) + b',"events":[' + b",".join(
+        e.wire for e in events) + b"]}"
+    return Response(body, media_type="application/json")
+
+
+@router.get("/jobs/{job_id}/stream", response_class=StreamingResponse,
+            responses={204: {"description": "the job ended before the given seq"}})
+async def stream(job_id: str, rt: RuntimeDep, who: StreamOwner,
+                 after: int = Query(0, ge=0),
+                 last_event_id: str | None = Header(None)) -> Response:
+    """Server-Sent Events: `id` is the seq; reconnecting with Last-Event-ID resumes."""
+    job = await owned_job(rt, job_id, who)
+    if last_event_id is not None:
+        try:
+            after = max(after, int(last_event_id))
+        except ValueError:
+            raise HTTPException(422, "Last-Event-ID must be a seq number") from None
+    if job.status.terminal and after >= job.seq:
+        return Response(status_code=204)  # tells EventSource to stop reconnecting
+
+    async def frames() -> AsyncIterator[bytes]:
+        async with rt.hub.stream(job_id, after) as queue:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                if ev is None:
+                    return  # fell behind: the client reconnects with Last-Event-ID
+                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.seq, ev.type.encode(), ev.wire)
+                if ev.terminal:
+                    return
+
+    return StreamingResponse(frames(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class SocketSession:
+    """One WebSocket: its subscriptions and its bounded outgoing queue."""
+
+    def __init__(self, ws: WebSocket, who: str) -> None:
+        self.ws = ws
+        self.who = who
+        self.rt = runtime(ws)
+        self.subs: dict[str, Subscription] = {}
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.overflowed = False
+
+    def send(self, message: bytes) -> None:
+        if self.overflowed:
+            return
+        if self.out.qsize() >= WS_BUFFER:
+            # The client does not read: drop it instead of growing without bound.
+            # It reconnects and resumes from the last seq it saw.
+            self.overflowed = True
+            self.out.put_nowait(None)
+            return
+        self.out.put_nowait(message)
+
+    def reply(self, **fields: Any) -> None:
+        self.send(orjson.dumps(fields))
+
+    def deliver_to(self, job: str) -> Any:
+        def deliver(ev: Event) -> None:
+            self.send(ev.wire)
+            if ev.terminal:
+                self.drop(job)  # nothing can follow a terminal event
+        return deliver
+
+    def drop(self, job: str) -> bool:
+        sub = self.subs.pop(job, None)
+        if sub is not None:
+            sub.close()
+        return sub is not None
+
+    async def handle(self, raw: str) -> None:
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            msg = None
+        if not isinstance(msg, dict) or not isinstance(msg.get("job"), str):
+            self.reply(op="error", error='expected {"op": "subscribe"|"unsubscribe", '
+                       '"job": "<id>", "after": <seq>}')
+            return
+        op, job = msg.get("op"), msg["job"]
+        if op == "unsubscribe":
+            self.drop(job)
+            self.reply(op="unsubscribed", job=job)
+        elif op == "subscribe":
+            after = msg.get("after", 0)
+            if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+                self.reply(op="error", job=job, error="after must be a seq number >= 0")
+                return
+            await self.subscribe(job, after)
+        else:
+            self.reply(op="error", job=job, error=f"unknown op {op!r}")
+
+    async def subscribe(self, job: str, after: int) -> None:
+        if job in self.subs:
+            self.drop(job)  # a re-subscribe moves the cursor
+        if len(self.subs) >= WS_MAX_SUBSCRIPTIONS:
+            self.reply(op="error", job=job, code=429,
+                       error=f"at most {WS_MAX_SUBSCRIPTIONS} subscriptions per connection")
+            return
+        if await self.rt.store.get_job(job, self.who) is None:
+            self.reply(op="error", job=job, code=404, error="job not found")
+            return
+        self.reply(op="subscribed", job=job, after=after)
+        self.subs[job] = await self.rt.hub.subscribe(job, after, self.deliver_to(job))
+
+    async def pump(self) -> None:
+        while (message := await self.out.get()) is not None:
+            await self.ws.send_text(message.decode())
+        await self.ws.close(code=1013, reason="too slow: reconnect and resume from your seq")
+
+    def close(self) -> None:
+        for job in list(self.subs):
+            self.drop(job)
+
+
+@router.websocket("/ws")
+async def websocket(ws: WebSocket) -> None:
+    """Subscribe with {"op":"subscribe","job":ID,"after":N}; events arrive as
+    {"job","seq","type","data","at"} in seq order, replay first, then live."""
+    rt = runtime(ws)
+    await ws.accept()
+    try:
+        who = await owner_of(ws, rt.store, allow_query=True)
+    except HTTPException as exc:
+        await ws.close(code=4401, reason=str(exc.detail))
+        return
+    session = SocketSession(ws, who)
+    pump = asyncio.create_task(session.pump())
+    try:
+        while True:
+            receive = asyncio.create_task(ws.receive())
+            done, _ = await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
+            if pump in done:  # closed for being too slow
+                receive.cancel()
+                break
+            message = receive.result()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("text") is None:
+                await ws.close(code=1003, reason="send JSON text frames")
+                break
+            await session.handle(message["text"])
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the peer went away mid-send
+    finally:
+        session.close()
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump

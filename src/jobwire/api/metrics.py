@@ -1,0 +1,56 @@
+"""Prometheus metrics and the health check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jobwire.api.deps import RuntimeDep
+from jobwire.model import Status
+
+router = APIRouter()
+
+
+class _Values(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+@router.get("/healthz")
+async def healthz(rt: RuntimeDep) -> dict[str, str]:
+    await rt.store.count_by_status()  # proves the database answers
+    return {"status": "ok"}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(rt: RuntimeDep) -> Response:
+    """Every value is read from its source of truth at scrape time."""
+    counts = await rt.store.count_by_status()
+    jobs = GaugeMetricFamily("jobwire_jobs", "Jobs in the store by status", labels=["status"])
+    for status in Status:
+        jobs.add_metric([status.value], counts.get(status.value, 0))
+    families: list[Metric] = [
+        jobs,
+        GaugeMetricFamily("jobwire_subscriptions",
+                          "Live event subscriptions held by this server",
+                          value=rt.hub.subscriptions),
+        GaugeMetricFamily("jobwire_subscribed_jobs",
+                          "Jobs with at least one live subscription on this server",
+                          value=rt.hub.channels),
+        CounterMetricFamily("jobwire_events_delivered",
+                            "Events delivered to subscribers by this server",
+                            value=rt.hub.delivered),
+        GaugeMetricFamily("jobwire_worker_running_jobs",
+                          "Jobs this process's worker is running",
+                          value=len(rt.worker.running) if rt.worker else 0),
+    ]
+    registry = CollectorRegistry()
+    registry.register(_Values(families))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,103 @@
+"""The task registry: what jobs exist, how their input is validated, how often they retry."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from jobwire.model import JSON
+
+if TYPE_CHECKING:
+    from jobwire.worker import Context
+
+TaskFn = Callable[["Context", Any], Awaitable[JSON]]
+
+
+class InputError(ValueError):
+    """A submit whose task or input is invalid; `loc` names the field."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskSpec:
+    name: str
+    fn: TaskFn
+    input_model: type[pydantic.BaseModel] | None
+    max_attempts: int
+    key: Callable[[Any], str] | None = None  # dedup key derived from the input
+
+    def parse(self, raw: JSON) -> Any:
+        """The value handed to the task: the validated model, or the raw JSON."""
+        if self.input_model is None:
+            return raw
+        return self.input_model.model_validate(raw)
+
+
+class Jobwire:
+    """A set of tasks. Register with `@jw.task(input=Model)` on an async function
+    `(ctx, input) -> JSON result`."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskSpec] = {}
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        input: type[pydantic.BaseModel] | None = None,
+        max_attempts: int = 3,
+        key: Callable[[Any], str] | None = None,
+    ) -> Callable[[TaskFn], TaskFn]:
+        """`key(input)` gives submissions without an explicit key one, so the same input
+        while a job for it is active joins that job."""
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+        def register(fn: TaskFn) -> TaskFn:
+            task_name = name or fn.__name__
+            if task_name in self.tasks:
+                raise ValueError(f"task {task_name!r} is already registered")
+            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key)
+            return fn
+
+        return register
+
+    def validate(self, task: str, raw: JSON, key: str | None = None
+                 ) -> tuple[TaskSpec, JSON, str | None]:
+        """Check a submission; returns the spec, the input as stored, and the dedup key."""
+        spec = self.tasks.get(task)
+        if spec is None:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise InputError(("task",), f"unknown task {task!r} (known: {known})")
+        value: Any = raw
+        if spec.input_model is not None:
+            try:
+                value = spec.input_model.model_validate(raw)
+            except pydantic.ValidationError as exc:
+                first = exc.errors()[0]
+                raise InputError(("input", *first["loc"]), first["msg"]) from None
+        if key is None and spec.key is not None:
+            key = spec.key(value)
+        if isinstance(value, pydantic.BaseModel):
+            value = value.model_dump(mode="json")
+        return spec, value, key
+
+
+def load(spec: str) -> Jobwire:
+    """Import `module:attribute` naming a Jobwire instance (the CLI's --app)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr or "jobwire")
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load app {spec!r}: {exc}") from exc
+    if not isinstance(obj, Jobwire):
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a jobwire.Jobwire")
+    return obj

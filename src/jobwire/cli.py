@@ -1,0 +1,145 @@
+"""The `jobwire` command: run servers and workers, migrate, manage users."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from jobwire.app import Jobwire, load
+from jobwire.server import Settings, serve
+from jobwire.store import StoreError, open_store
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _db_default() -> str:
+    return os.environ.get("JOBWIRE_DB", Settings.db)
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=_db_default(),
+                   help="sqlite:///path.db or postgresql://… (env JOBWIRE_DB; default %(default)s)")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    _add_db(p)
+    p.add_argument("--app", default=Settings.app, help="module:attribute of a jobwire.Jobwire")
+    p.add_argument("--concurrency", type=int, default=Settings.concurrency,
+                   help="jobs run at once by this process (default %(default)s)")
+    p.add_argument("--lease", type=float, default=Settings.lease_seconds,
+                   help="seconds a worker holds a job without a heartbeat (default %(default)s)")
+    p.add_argument("--retention", type=float, default=Settings.retention_seconds,
+                   help="seconds finished jobs are kept (default %(default)s)")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="jobwire", description=__doc__)
+    root.add_argument("-v", "--verbose", action="store_true")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API, the dashboard and (unless --no-workers) workers")
+    _add_runtime(p)
+    p.add_argument("--host", default=Settings.host)
+    p.add_argument("--port", type=int, default=Settings.port)
+    p.add_argument("--no-workers", action="store_true", help="serve the API only")
+
+    p = sub.add_parser("worker", help="run workers only")
+    _add_runtime(p)
+
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    _add_db(p)
+
+    p = sub.add_parser("users", help="manage users")
+    users = p.add_subparsers(dest="users_command", required=True)
+    add = users.add_parser("add", help="create a token for user NAME (prints it)")
+    add.add_argument("name")
+    _add_db(add)
+    return root
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, Jobwire]:
+    if args.concurrency < 0 or args.lease <= 0 or args.retention <= 0:
+        raise CLIError("--concurrency must be >= 0, --lease and --retention > 0")
+    try:
+        jobwire = load(args.app)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    settings = Settings(db=args.db, app=args.app, concurrency=args.concurrency,
+                        lease_seconds=args.lease, retention_seconds=args.retention)
+    return settings, jobwire
+
+
+async def _run_worker(settings: Settings, jobwire: Jobwire) -> None:
+    from jobwire.worker import Worker
+
+    store = open_store(settings.db)
+    await store.open()
+    worker = Worker(jobwire, store, concurrency=settings.concurrency or 1,
+                    lease_seconds=settings.lease_seconds,
+                    retention_seconds=settings.retention_seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    logging.getLogger("jobwire").info("worker %s running on %s", worker.id, settings.db)
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()
+        await store.close()
+
+
+async def _with_store(url: str, name: str | None) -> str | None:
+    from jobwire.api.auth import new_session
+
+    store = open_store(url)
+    await store.open()
+    try:
+        if name is None:
+            return None
+        token, _ = await new_session(store, f"user:{name}", ttl=None)
+        return token
+    finally:
+        await store.close()
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        settings, jobwire = _settings(args)
+        settings.host, settings.port = args.host, args.port
+        if args.no_workers:
+            settings.concurrency = 0
+        serve(settings, jobwire)
+    elif args.command == "worker":
+        settings, jobwire = _settings(args)
+        asyncio.run(_run_worker(settings, jobwire))
+    elif args.command == "migrate":
+        asyncio.run(_with_store(args.db, None))
+        print(f"schema is up to date on {args.db}")
+    elif args.command == "users":
+        name = args.name.strip()
+        if not name or len(name) > 100 or ":" in name:
+            raise CLIError("a user name is 1 to 100 characters without ':'")
+        print(asyncio.run(_with_store(args.db, name)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        sys.exit(run(argv))
+    except (CLIError, StoreError) as exc:
+        print(f"jobwire: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

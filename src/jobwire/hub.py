@@ -1,0 +1,218 @@
+"""Fans committed events out to live subscribers, each exactly once and in seq order.
+
+The store tells the hub that a job reached some seq (a hint, with the event when it
+is at hand). Each job with subscribers has a channel that emits events strictly
+contiguously, fetching from the store whatever hints skipped. Each subscription
+keeps its own cursor: it starts by catching up from the store after the seq the
+client saw, then follows the channel; any gap sends it back to the store. So a
+notification lost anywhere costs latency, never an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from jobwire.model import Event
+from jobwire.store import Store
+
+PAGE = 1000
+Deliver = Callable[[Event], None]
+
+
+class Subscription:
+    def __init__(self, channel: Channel, after: int, deliver: Deliver) -> None:
+        self.channel = channel
+        self.cursor = max(after, 0)
+        self._deliver = deliver
+        self._catch_up: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def offer(self, ev: Event) -> None:
+        if self.closed or self._catch_up is not None or ev.seq <= self.cursor:
+            return
+        if ev.seq == self.cursor + 1:
+            self._emit(ev)
+        else:
+            self.start_catch_up()
+
+    def _emit(self, ev: Event) -> None:
+        self.cursor = ev.seq
+        self.channel.hub.delivered += 1
+        self._deliver(ev)
+
+    def start_catch_up(self) -> None:
+        if self._catch_up is None and not self.closed:
+            self._catch_up = asyncio.create_task(self._read_store())
+
+    async def _read_store(self) -> None:
+        store = self.channel.hub.store
+        try:
+            while not self.closed:
+                events = await store.events(self.channel.job, self.cursor, PAGE)
+                for ev in events:
+                    if self.closed:
+                        return
+                    if ev.seq == self.cursor + 1:
+                        self._emit(ev)
+                # No await between this check and rejoining the channel, so no event
+                # the channel emits can fall between the store read and live delivery.
+                if len(events) < PAGE and self.channel.head <= self.cursor:
+                    break
+        finally:
+            self._catch_up = None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+        self.channel.remove(self)
+
+
+class Channel:
+    """The contiguous live stream of one job's events."""
+
+    def __init__(self, hub: Hub, job: str) -> None:
+        self.hub = hub
+        self.job = job
+        self.head = 0
+        self.subs: set[Subscription] = set()
+        self._ready = asyncio.Event()
+        self._filling: asyncio.Task[None] | None = None
+        self._dirty = False
+
+    async def start(self) -> None:
+        job = await self.hub.store.get_job(self.job)
+        self.head = job.seq if job is not None else 0
+        self._ready.set()
+        self.request_fill()  # hints that came while we looked are caught here
+
+    def hint(self, seq: int, ev: Event | None) -> None:
+        if not self._ready.is_set():
+            return  # start() fills after it learns the head
+        if seq <= self.head:
+            return
+        if ev is not None and seq == self.head + 1 and self._filling is None:
+            self._emit(ev)
+        else:
+            self.request_fill()
+
+    def _emit(self, ev: Event) -> None:
+        self.head = ev.seq
+        for sub in list(self.subs):
+            sub.offer(ev)
+
+    def request_fill(self) -> None:
+        self._dirty = True
+        if self._filling is None:
+            self._filling = asyncio.create_task(self._fill())
+
+    async def _fill(self) -> None:
+        try:
+            while self._dirty and self.subs:
+                self._dirty = False
+                events = await self.hub.store.events(self.job, self.head, PAGE)
+                for ev in events:
+                    if ev.seq == self.head + 1:
+                        self._emit(ev)
+                self._dirty = self._dirty or len(events) == PAGE
+        finally:
+            self._filling = None
+
+    def remove(self, sub: Subscription) -> None:
+        self.subs.discard(sub)
+        if not self.subs:
+            self.hub._drop(self)
+
+
+class Hub:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._channels: dict[str, Channel] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self.delivered = 0
+        store.listen(self._hint)
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(len(ch.subs) for ch in self._channels.values())
+
+    @property
+    def channels(self) -> int:
+        return len(self._channels)
+
+    def subscriptions_of(self, job: str) -> int:
+        ch = self._channels.get(job)
+        return len(ch.subs) if ch else 0
+
+    def _hint(self, job: str, seq: int, ev: Event | None) -> None:
+        ch = self._channels.get(job)
+        if ch is not None:
+            ch.hint(seq, ev)
+
+    def _drop(self, ch: Channel) -> None:
+        if self._channels.get(ch.job) is ch:
+            del self._channels[ch.job]
+            if ch._filling is not None:
+                ch._filling.cancel()
+
+    async def subscribe(self, job: str, after: int, deliver: Deliver) -> Subscription:
+        """Deliver every event of `job` with seq > after, in order, until closed."""
+        ch = self._channels.get(job)
+        if ch is None:
+            ch = self._channels[job] = Channel(self, job)
+            self._starting[job] = asyncio.create_task(ch.start())
+        starting = self._starting.get(job)
+        sub = Subscription(ch, after, deliver)
+        ch.subs.add(sub)
+        if starting is not None:
+            try:
+                await asyncio.shield(starting)
+            except BaseException:
+                sub.close()
+                raise
+            finally:
+                if starting.done():
+                    self._starting.pop(job, None)
+        sub.start_catch_up()
+        return sub
+
+    @contextlib.asynccontextmanager
+    async def stream(self, job: str, after: int, buffer: int = 10_000
+                     ) -> AsyncIterator[asyncio.Queue[Event | None]]:
+        """A bounded queue of the job's events; None in it means the consumer fell
+        `buffer` events behind and must resume from its last seq."""
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(buffer + 1)
+
+        def deliver(ev: Event) -> None:
+            if queue.qsize() >= buffer:
+                sub.close()
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(ev)
+
+        sub = await self.subscribe(job, after, deliver)
+        try:
+            yield queue
+        finally:
+            sub.close()
+
+    async def wait(self, job: str, after: int, seconds: float) -> list[Event]:
+        """Events after `after`, waiting up to `seconds` for the first (long-poll)."""
+        events = await self.store.events(job, after, PAGE)
+        if events or seconds <= 0:
+            return events
+        async with self.stream(job, after) as queue:
+            try:
+                first = await asyncio.wait_for(queue.get(), seconds)
+            except TimeoutError:
+                return []
+            got = [first] if first is not None else []
+            while not queue.empty():
+                ev = queue.get_nowait()
+                if ev is not None:
+                    got.append(ev)
+            return got

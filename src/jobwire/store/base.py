@@ -1,0 +1,131 @@
+"""The storage protocol every backend implements, and the errors it raises.
+
+Every method that changes a job writes the job row, its item rows and exactly one
+event per change in one transaction, the event's seq taken from the job row.
+After commit the store hands the new events to the listeners registered with
+`listen` (in-process directly, across processes through the backend's own channel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
+
+from jobwire.model import JSON, Event, Item, ItemStatus, Job, Status
+
+# Called on the event loop with (job id, seq, the event if the backend has it at hand).
+# A hint may repeat or skip seqs; listeners catch up from `events()` by seq.
+Hint = Callable[[str, int, Event | None], None]
+
+
+class StoreError(Exception):
+    """A storage failure that callers report as a clear error."""
+
+
+class LeaseLost(StoreError):
+    """The worker no longer holds the job: its lease expired and it was requeued,
+    cancelled or taken by another worker. The worker must stop running it."""
+
+
+class JobActive(StoreError):
+    """The job is queued or running and so cannot be deleted."""
+
+
+class UnknownItem(StoreError):
+    """A task named an item it never declared."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's claim on one attempt of a job; every write a worker makes is fenced by it."""
+
+    job: str
+    worker: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Written:
+    events: list[Event]
+    cancel_requested: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemUpdate:
+    ref: str
+    status: ItemStatus
+    result: JSON = None
+    error: str | None = None
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and apply pending migrations (safe to race with other processes)."""
+
+    async def close(self) -> None: ...
+
+    def listen(self, hint: Hint) -> None:
+        """Register a listener for committed events of any job."""
+
+    # -- sessions
+    async def add_session(self, token_hash: str, owner: str, expires_at: float | None) -> None: ...
+
+    async def session_owner(self, token_hash: str) -> str | None:
+        """The owner of an unexpired session, or None."""
+
+    # -- the API's side
+    async def submit(
+        self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int
+    ) -> tuple[Job, bool]:
+        """Create a job, or return the active job of (owner, task, key) with created=False."""
+
+    async def get_job(self, job_id: str, owner: str | None = None) -> Job | None: ...
+
+    async def list_jobs(
+        self, owner: str, statuses: Collection[Status] | None, limit: int
+    ) -> list[Job]:
+        """The owner's jobs, newest first."""
+
+    async def job_with_items(self, job_id: str, owner: str | None = None
+                             ) -> tuple[Job, list[Item]] | None:
+        """The job and its items read in one transaction, so they agree at `job.seq`."""
+
+    async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        """Events with seq > after, in seq order."""
+
+    async def request_cancel(self, job_id: str, owner: str) -> Job | None:
+        """Cancel a queued job at once; mark a running one cancel_requested."""
+
+    async def delete_job(self, job_id: str, owner: str) -> bool:
+        """Delete a terminal job; False if not found, JobActive if still active."""
+
+    # -- the worker's side
+    async def claim(
+        self, worker: str, tasks: Collection[str], limit: int, lease_seconds: float
+    ) -> list[Job]: ...
+
+    async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
+        """Extend the leases still held; returns {job id: cancel_requested} for those."""
+
+    async def declare_items(self, lease: Lease, refs: Sequence[str]) -> tuple[Written, list[Item]]:
+        """Add items not declared yet; returns all items, finished ones from earlier attempts
+        included, so a retried task can skip them."""
+
+    async def update_items(self, lease: Lease, updates: Sequence[ItemUpdate]) -> Written:
+        """Apply item transitions, one event each, in one transaction."""
+
+    async def report(self, lease: Lease, info: JSON) -> Written: ...
+
+    async def finish(
+        self, lease: Lease, status: Status, result: JSON = None, error: str | None = None
+    ) -> Written: ...
+
+    # -- maintenance
+    async def count_by_status(self) -> dict[str, int]: ...
+
+    async def expire_leases(self) -> int:
+        """Requeue (or fail after max_attempts, or cancel if asked) jobs whose lease ran out."""
+
+    async def prune(self, finished_before: float) -> int:
+        """Delete terminal jobs finished before the given time, with items and events."""

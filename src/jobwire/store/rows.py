@@ -1,0 +1,63 @@
+"""What both SQL backends share: row decoding, event payloads and lease-expiry wording."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from jobwire.model import JSON, Event, EventType, Item, ItemStatus, Job, Progress, Status
+
+JOB_COLUMNS = (
+    "id, task, key, owner, status, input, total, done, failed, result, error, info, "
+    "attempt, max_attempts, seq, cancel_requested, created_at, updated_at, finished_at"
+)
+
+
+def dumps(value: JSON) -> str:
+    return orjson.dumps(value).decode()
+
+
+def loads(text: str | bytes | None) -> JSON:
+    return None if text is None else orjson.loads(text)
+
+
+def job_from_row(row: Sequence[Any], decode: bool = True) -> Job:
+    """A Job from a row in JOB_COLUMNS order. `decode=False` when the driver already
+    returns JSON columns as Python values and timestamps as epoch floats."""
+    conv = loads if decode else (lambda v: v)
+    return Job(
+        id=row[0], task=row[1], key=row[2], owner=row[3], status=Status(row[4]),
+        input=conv(row[5]), progress=Progress(row[6], row[7], row[8]),
+        result=conv(row[9]), error=row[10], info=conv(row[11]), attempt=row[12],
+        max_attempts=row[13], seq=row[14], cancel_requested=bool(row[15]),
+        created_at=row[16], updated_at=row[17], finished_at=row[18],
+    )
+
+
+def item_from_row(row: Sequence[Any], decode: bool = True) -> Item:
+    return Item(ref=row[0], status=ItemStatus(row[1]),
+                result=loads(row[2]) if decode else row[2], error=row[3])
+
+
+def event_data(status: Status | str, total: int, done: int, failed: int,
+               **extra: JSON) -> dict[str, JSON]:
+    """Every event states the job's status and counts after it, so clients never derive them."""
+    return {"status": str(status), "progress": {"total": total, "done": done, "failed": failed},
+            **extra}
+
+
+def make_event(job: str, seq: int, type: EventType, data: Mapping[str, JSON], at: float) -> Event:
+    return Event(job=job, seq=seq, type=type.value, data=dict(data), at=at)
+
+
+def lease_expired_error(attempt: int, max_attempts: int) -> str:
+    return f"worker lost: lease expired during attempt {attempt} of {max_attempts}"
+
+
+def expiry_outcome(attempt: int, max_attempts: int, cancel_requested: bool) -> Status:
+    """What a job whose lease ran out becomes."""
+    if cancel_requested:
+        return Status.CANCELLED
+    return Status.FAILED if attempt >= max_attempts else Status.QUEUED

@@ -1,0 +1,567 @@
+"""The embedded store: one SQLite file in WAL mode, shared safely by several processes.
+
+All statements run on one dedicated thread that owns the connection, so the event
+loop never blocks on disk. Writers take `BEGIN IMMEDIATE`, which serialises them
+across processes; constraints (the dedup index, status checks) live in the schema.
+Events written by other processes are noticed through `PRAGMA data_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jobwire.model import (
+    JSON,
+    Event,
+    EventType,
+    IllegalTransition,
+    Item,
+    ItemStatus,
+    Job,
+    Status,
+    check_item_transition,
+    check_job_transition,
+    counts_delta,
+    now,
+)
+from jobwire.store.base import (
+    Hint,
+    ItemUpdate,
+    JobActive,
+    Lease,
+    LeaseLost,
+    StoreError,
+    UnknownItem,
+    Written,
+)
+from jobwire.store.rows import (
+    JOB_COLUMNS,
+    dumps,
+    event_data,
+    expiry_outcome,
+    item_from_row,
+    job_from_row,
+    lease_expired_error,
+    loads,
+    make_event,
+)
+
+T = TypeVar("T")
+
+_ACTIVE_SQL = "('queued', 'running')"
+_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
+
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        task TEXT NOT NULL,
+        key TEXT,
+        owner TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN {_ACTIVE_SQL[:-1]}, {_TERMINAL_SQL[1:]}),
+        input TEXT NOT NULL,
+        total INTEGER NOT NULL DEFAULT 0,
+        done INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        result TEXT,
+        error TEXT,
+        info TEXT,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+        seq INTEGER NOT NULL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        worker TEXT,
+        lease_until REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        CHECK (done >= 0 AND failed >= 0 AND done + failed <= total),
+        CHECK ((status IN {_TERMINAL_SQL}) = (finished_at IS NOT NULL))
+    );
+    -- At most one active job per (owner, task, key): the database decides, not Python.
+    CREATE UNIQUE INDEX jobs_dedup ON jobs (owner, task, key)
+        WHERE key IS NOT NULL AND status IN {_ACTIVE_SQL};
+    CREATE INDEX jobs_by_owner ON jobs (owner, created_at DESC);
+    CREATE INDEX jobs_queue ON jobs (created_at) WHERE status = 'queued';
+    CREATE INDEX jobs_leases ON jobs (lease_until) WHERE status = 'running';
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE items (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        ref TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+        result TEXT,
+        error TEXT,
+        PRIMARY KEY (job_id, ref)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        at REAL NOT NULL,
+        UNIQUE (job_id, seq)
+    );
+    CREATE TABLE sessions (
+        token_hash TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    """,
+]
+
+
+def _path_of(url: str) -> str:
+    for prefix in ("sqlite:///", "sqlite://"):
+        if url.startswith(prefix):
+            return url[len(prefix):] or ":memory:"
+    return url
+
+
+class SQLiteStore:
+    """The embedded backend (`sqlite:///path/to/file.db`, or a plain path)."""
+
+    def __init__(self, url: str, poll_interval: float = 0.05) -> None:
+        self.path = _path_of(url)
+        self._poll_interval = poll_interval
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._hints: list[Hint] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._data_version = 0
+        self._watermark = 0
+
+    # -- plumbing
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, fn, *args)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"database error ({self.path}): {exc}") from exc
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "store is not open"
+        return self._conn
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn inside one IMMEDIATE transaction on the store thread."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return out
+
+    async def _transact(self, fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
+        """Run fn(conn) -> (value, events) in one transaction; publish the events after commit."""
+        value: T
+        events: list[Event]
+        value, events = await self._run(self._write, fn, *args)
+        self._publish(events)
+        return value
+
+    def _publish(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            for hint in self._hints:
+                hint(ev.job, ev.seq, ev)
+
+    def listen(self, hint: Hint) -> None:
+        self._hints.append(hint)
+
+    # -- lifecycle
+
+    def _connect(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=30)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        self._conn = conn
+        self._write(self._migrate)
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        self._watermark = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        # Under BEGIN IMMEDIATE, so two processes starting at once cannot both migrate.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._run(self._connect)
+        self._watch = asyncio.create_task(self._watch_other_processes())
+
+    async def close(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self._conn is not None:
+            await self._run(self.conn.close)
+            self._conn = None
+        self._thread.shutdown(wait=False)
+
+    async def _watch_other_processes(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                events = await self._run(self._poll_foreign_events)
+            except StoreError:
+                continue  # locked or busy: the next round catches up
+            self._publish(events)
+
+    def _poll_foreign_events(self) -> list[Event]:
+        conn = self.conn
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            # No other process committed since the last look: all up to `newest` is ours.
+            self._watermark = max(self._watermark, newest)
+            return []
+        self._data_version = version
+        rows = conn.execute(
+            "SELECT id, job_id, seq, type, data, at FROM events WHERE id > ? ORDER BY id",
+            (self._watermark,),
+        ).fetchall()
+        if rows:
+            self._watermark = rows[-1][0]
+        return [Event(job=r[1], seq=r[2], type=r[3], data=loads(r[4]), at=r[5]) for r in rows]
+
+    # -- shared transaction steps
+
+    @staticmethod
+    def _add_event(conn: sqlite3.Connection, job: str, seq: int, type: EventType,
+                   data: dict[str, JSON], at: float) -> Event:
+        conn.execute("INSERT INTO events (job_id, seq, type, data, at) VALUES (?, ?, ?, ?, ?)",
+                     (job, seq, type.value, dumps(data), at))
+        return make_event(job, seq, type, data, at)
+
+    @staticmethod
+    def _fenced(conn: sqlite3.Connection, lease: Lease, assignments: str = "",
+                params: Sequence[Any] = ()) -> tuple[int, str, int, int, int, bool]:
+        """Bump the seq of a job the lease still holds, applying extra assignments.
+        Returns (seq, status, total, done, failed, cancel_requested)."""
+        row = conn.execute(
+            f"UPDATE jobs SET seq = seq + 1, updated_at = ?{assignments} "
+            "WHERE id = ? AND status = 'running' AND worker = ? AND attempt = ? "
+            "RETURNING seq, status, total, done, failed, cancel_requested",
+            (now(), *params, lease.job, lease.worker, lease.attempt),
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+        return row[0], row[1], row[2], row[3], row[4], bool(row[5])
+
+    # -- sessions
+
+    async def add_session(self, token_hash: str, owner: str, expires_at: float | None) -> None:
+        def add(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                         (token_hash, owner, now(), expires_at))
+        await self._run(self._write, add)
+
+    async def session_owner(self, token_hash: str) -> str | None:
+        def get() -> str | None:
+            row = self.conn.execute(
+                "SELECT owner FROM sessions WHERE token_hash = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now())).fetchone()
+            return None if row is None else str(row[0])
+        return await self._run(get)
+
+    # -- the API's side
+
+    async def submit(self, owner: str, task: str, input: JSON, key: str | None,
+                     max_attempts: int) -> tuple[Job, bool]:
+        def submit(conn: sqlite3.Connection) -> tuple[tuple[Job, bool], list[Event]]:
+            job_id, at = uuid.uuid4().hex, now()
+            inserted = conn.execute(
+                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?) "
+                f"ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
+                f"AND status IN {_ACTIVE_SQL} DO NOTHING",
+                (job_id, task, key, owner, dumps(input), max_attempts, at, at),
+            ).rowcount
+            if inserted:
+                ev = self._add_event(conn, job_id, 1, EventType.CREATED,
+                                     event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
+                return (self._job(conn, job_id), True), [ev]
+            row = conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND key = ? "
+                f"AND status IN {_ACTIVE_SQL}", (owner, task, key)).fetchone()
+            return (job_from_row(row), False), []
+
+        return await self._transact(submit)
+
+    def _job(self, conn: sqlite3.Connection, job_id: str, owner: str | None = None) -> Job:
+        job = self._find(conn, job_id, owner)
+        assert job is not None
+        return job
+
+    @staticmethod
+    def _find(conn: sqlite3.Connection, job_id: str, owner: str | None) -> Job | None:
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+        args: tuple[str, ...] = (job_id,)
+        if owner is not None:
+            sql, args = sql + " AND owner = ?", (job_id, owner)
+        row = conn.execute(sql, args).fetchone()
+        return None if row is None else job_from_row(row)
+
+    async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
+        return await self._run(self._find, self.conn, job_id, owner)
+
+    async def list_jobs(self, owner: str, statuses: Collection[Status] | None,
+                        limit: int) -> list[Job]:
+        def get() -> list[Job]:
+            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ?", [owner]
+            if statuses is not None:
+                sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+                args += [s.value for s in statuses]
+            sql += " ORDER BY created_at DESC, id LIMIT ?"
+            rows = self.conn.execute(sql, (*args, limit)).fetchall()
+            return [job_from_row(r) for r in rows]
+        return await self._run(get)
+
+    @staticmethod
+    def _items(conn: sqlite3.Connection, job_id: str) -> list[Item]:
+        return [item_from_row(r) for r in conn.execute(
+            "SELECT ref, status, result, error FROM items WHERE job_id = ? ORDER BY pos",
+            (job_id,))]
+
+    async def job_with_items(self, job_id: str, owner: str | None = None
+                             ) -> tuple[Job, list[Item]] | None:
+        def get() -> tuple[Job, list[Item]] | None:
+            conn = self.conn
+            conn.execute("BEGIN")  # one read snapshot for both queries
+            try:
+                job = self._find(conn, job_id, owner)
+                return None if job is None else (job, self._items(conn, job_id))
+            finally:
+                conn.execute("COMMIT")
+        return await self._run(get)
+
+    async def count_by_status(self) -> dict[str, int]:
+        def get() -> dict[str, int]:
+            return dict(self.conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
+        return await self._run(get)
+
+    async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        def get() -> list[Event]:
+            rows = self.conn.execute(
+                "SELECT seq, type, data, at FROM events WHERE job_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+            return [Event(job=job_id, seq=r[0], type=r[1], data=loads(r[2]), at=r[3])
+                    for r in rows]
+        return await self._run(get)
+
+    async def request_cancel(self, job_id: str, owner: str) -> Job | None:
+        def cancel(conn: sqlite3.Connection) -> tuple[Job | None, list[Event]]:
+            job = self._find(conn, job_id, owner)
+            if job is None or job.status.terminal or job.cancel_requested:
+                return job, []
+            at = now()
+            if job.status == Status.QUEUED:
+                check_job_transition(job.status, Status.CANCELLED)
+                row = conn.execute(
+                    "UPDATE jobs SET status = 'cancelled', seq = seq + 1, updated_at = ?, "
+                    "finished_at = ?, cancel_requested = 1 WHERE id = ? "
+                    "RETURNING seq, total, done, failed", (at, at, job_id)).fetchone()
+                kind, status = EventType.CANCELLED, Status.CANCELLED
+            else:
+                row = conn.execute(
+                    "UPDATE jobs SET cancel_requested = 1, seq = seq + 1, updated_at = ? "
+                    "WHERE id = ? RETURNING seq, total, done, failed", (at, job_id)).fetchone()
+                kind, status = EventType.CANCEL_REQUESTED, Status.RUNNING
+            ev = self._add_event(conn, job_id, row[0], kind,
+                                 event_data(status, row[1], row[2], row[3]), at)
+            return self._job(conn, job_id), [ev]
+
+        return await self._transact(cancel)
+
+    async def delete_job(self, job_id: str, owner: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            job = self._find(conn, job_id, owner)
+            if job is None:
+                return False
+            if job.status.active:
+                raise JobActive(f"job {job_id} is {job.status}; cancel it first")
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            return True
+        return await self._run(self._write, delete)
+
+    # -- the worker's side
+
+    async def claim(self, worker: str, tasks: Collection[str], limit: int,
+                    lease_seconds: float) -> list[Job]:
+        if not tasks or limit <= 0:
+            return []
+
+        def claim(conn: sqlite3.Connection) -> tuple[list[Job], list[Event]]:
+            at = now()
+            rows = conn.execute(
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
+                "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
+                "SELECT id FROM jobs WHERE status = 'queued' AND task IN "
+                f"({', '.join('?' * len(tasks))}) ORDER BY created_at LIMIT ?) "
+                f"RETURNING {JOB_COLUMNS}",
+                (worker, at + lease_seconds, at, *tasks, limit)).fetchall()
+            jobs = [job_from_row(r) for r in rows]
+            events = [self._add_event(
+                conn, job.id, job.seq, EventType.STARTED,
+                event_data(Status.RUNNING, *job.progress.as_dict().values(), attempt=job.attempt),
+                at) for job in jobs]
+            return jobs, events
+
+        return await self._transact(claim)
+
+    async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
+        if not leases:
+            return {}
+
+        def beat(conn: sqlite3.Connection) -> dict[str, bool]:
+            held: dict[str, bool] = {}
+            until = now() + lease_seconds
+            for lease in leases:
+                row = conn.execute(
+                    "UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running' "
+                    "AND worker = ? AND attempt = ? RETURNING cancel_requested",
+                    (until, lease.job, lease.worker, lease.attempt)).fetchone()
+                if row is not None:
+                    held[lease.job] = bool(row[0])
+            return held
+        return await self._run(self._write, beat)
+
+    async def declare_items(self, lease: Lease, refs: Sequence[str]) -> tuple[Written, list[Item]]:
+        def declare(conn: sqlite3.Connection
+                    ) -> tuple[tuple[Written, list[Item]], list[Event]]:
+            existing = {r[0] for r in conn.execute(
+                "SELECT ref FROM items WHERE job_id = ?", (lease.job,))}
+            fresh = list(dict.fromkeys(r for r in refs if r not in existing))
+            start = len(existing)
+            conn.executemany(
+                "INSERT INTO items (job_id, ref, pos, status) VALUES (?, ?, ?, 'pending')",
+                [(lease.job, ref, start + i) for i, ref in enumerate(fresh)])
+            seq, status, total, done, failed, cancel = self._fenced(
+                conn, lease, ", total = total + ?", (len(fresh),))
+            events = []
+            if fresh:
+                events.append(self._add_event(conn, lease.job, seq, EventType.ITEMS,
+                                              event_data(status, total, done, failed,
+                                                         refs=fresh), now()))
+            else:  # nothing changed: undo the seq bump rather than log an empty event
+                conn.execute("UPDATE jobs SET seq = seq - 1 WHERE id = ?", (lease.job,))
+            items = self._items(conn, lease.job)
+            return (Written(events, cancel), items), events
+
+        return await self._transact(declare)
+
+    async def update_items(self, lease: Lease, updates: Sequence[ItemUpdate]) -> Written:
+        def update(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
+            events: list[Event] = []
+            cancel = False
+            for u in updates:
+                row = conn.execute("SELECT status FROM items WHERE job_id = ? AND ref = ?",
+                                   (lease.job, u.ref)).fetchone()
+                if row is None:
+                    raise UnknownItem(f"item {u.ref!r} was not declared")
+                old = ItemStatus(row[0])
+                check_item_transition(old, u.status)
+                d_done, d_failed = counts_delta(old, u.status)
+                seq, status, total, done, failed, cancel = self._fenced(
+                    conn, lease, ", done = done + ?, failed = failed + ?", (d_done, d_failed))
+                conn.execute(
+                    "UPDATE items SET status = ?, result = ?, error = ? "
+                    "WHERE job_id = ? AND ref = ?",
+                    (u.status.value, dumps(u.result), u.error, lease.job, u.ref))
+                extra: dict[str, JSON] = {"ref": u.ref, "item": u.status.value}
+                if u.result is not None:
+                    extra["result"] = u.result
+                if u.error is not None:
+                    extra["error"] = u.error
+                events.append(self._add_event(conn, lease.job, seq, EventType.ITEM,
+                                              event_data(status, total, done, failed, **extra),
+                                              now()))
+            return Written(events, cancel), events
+        return await self._transact(update)
+
+    async def report(self, lease: Lease, info: JSON) -> Written:
+        def report(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
+            seq, status, total, done, failed, cancel = self._fenced(
+                conn, lease, ", info = ?", (dumps(info),))
+            ev = self._add_event(conn, lease.job, seq, EventType.PROGRESS,
+                                 event_data(status, total, done, failed, info=info), now())
+            return Written([ev], cancel), [ev]
+        return await self._transact(report)
+
+    async def finish(self, lease: Lease, status: Status, result: JSON = None,
+                     error: str | None = None) -> Written:
+        check_job_transition(Status.RUNNING, status)
+        if status.active:
+            raise IllegalTransition("finish() takes a terminal status")
+
+        def finish(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
+            at = now()
+            seq, _, total, done, failed, cancel = self._fenced(
+                conn, lease, ", status = ?, result = ?, error = ?, finished_at = ?, "
+                "worker = NULL, lease_until = NULL", (status.value, dumps(result), error, at))
+            ev = self._add_event(conn, lease.job, seq, EventType(status.value),
+                                 event_data(status, total, done, failed, result=result,
+                                            error=error), at)
+            return Written([ev], cancel), [ev]
+        return await self._transact(finish)
+
+    # -- maintenance
+
+    async def expire_leases(self) -> int:
+        def expire(conn: sqlite3.Connection) -> tuple[int, list[Event]]:
+            at = now()
+            rows = conn.execute(
+                "SELECT id, attempt, max_attempts, cancel_requested FROM jobs "
+                "WHERE status = 'running' AND lease_until < ?", (at,)).fetchall()
+            events = []
+            for job_id, attempt, max_attempts, cancel in rows:
+                outcome = expiry_outcome(attempt, max_attempts, bool(cancel))
+                error = lease_expired_error(attempt, max_attempts)
+                reset = [r[0] for r in conn.execute(
+                    "UPDATE items SET status = 'pending' WHERE job_id = ? AND status = 'running' "
+                    "RETURNING ref", (job_id,))]
+                finished = at if outcome.terminal else None
+                seq, total, done, failed = conn.execute(
+                    "UPDATE jobs SET status = ?, error = ?, worker = NULL, lease_until = NULL, "
+                    "seq = seq + 1, updated_at = ?, finished_at = ? WHERE id = ? "
+                    "RETURNING seq, total, done, failed",
+                    (outcome.value, error, at, finished, job_id)).fetchone()
+                kind = EventType.RETRYING if outcome == Status.QUEUED else EventType(outcome.value)
+                events.append(self._add_event(
+                    conn, job_id, seq, kind,
+                    event_data(outcome, total, done, failed, error=error, attempt=attempt,
+                               reset=reset), at))
+            return len(events), events
+        return await self._transact(expire)
+
+    async def prune(self, finished_before: float) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                f"DELETE FROM jobs WHERE status IN {_TERMINAL_SQL} AND finished_at < ?",
+                (finished_before,)).rowcount
+        return await self._run(self._write, prune)
+

@@ -1,0 +1,225 @@
+"""The worker runtime: claims jobs under a lease, runs their tasks, keeps leases alive,
+delivers cancellation to running tasks, and does the store's housekeeping
+(expiring dead workers' leases, pruning old jobs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+
+from jobwire.app import Jobwire
+from jobwire.model import JSON, Event, EventType, Item, ItemStatus, Job, Status, now
+from jobwire.store import ItemUpdate, Lease, LeaseLost, Store, StoreError, Written
+
+log = logging.getLogger("jobwire.worker")
+
+
+class Cancelled(Exception):
+    """Raised by `Context.raise_if_cancelled` when the job's owner asked to cancel."""
+
+
+class Context:
+    """What a running task sees of its job: its input, its items, and cancellation."""
+
+    def __init__(self, job: Job, lease: Lease, store: Store) -> None:
+        self.job = job
+        self.lease = lease
+        self._store = store
+        self.cancelled = job.cancel_requested
+        self.lost = False  # set when the lease is gone: the task is stopped, nothing recorded
+
+    @property
+    def attempt(self) -> int:
+        return self.lease.attempt
+
+    def _note(self, written: Written) -> None:
+        self.cancelled = self.cancelled or written.cancel_requested
+
+    async def declare(self, refs: Sequence[str]) -> list[Item]:
+        """Declare the job's items (the progress total). Returns every item with its
+        state: on a retry, items finished by an earlier attempt come back done/failed."""
+        written, items = await self._store.declare_items(self.lease, [str(r) for r in refs])
+        self._note(written)
+        return items
+
+    async def _set(self, ref: str, status: ItemStatus, result: JSON = None,
+                   error: str | None = None) -> None:
+        self._note(await self._store.update_items(
+            self.lease, [ItemUpdate(str(ref), status, result, error)]))
+
+    async def running(self, ref: str) -> None:
+        await self._set(ref, ItemStatus.RUNNING)
+
+    async def done(self, ref: str, result: JSON = None) -> None:
+        await self._set(ref, ItemStatus.DONE, result=result)
+
+    async def failed(self, ref: str, error: str) -> None:
+        await self._set(ref, ItemStatus.FAILED, error=error)
+
+    async def update(self, updates: Sequence[ItemUpdate]) -> None:
+        """Several item changes in one transaction (one event each)."""
+        self._note(await self._store.update_items(self.lease, updates))
+
+    async def report(self, info: JSON) -> None:
+        """Free-form progress (a stage name, a message) shown as the job's `info`."""
+        self._note(await self._store.report(self.lease, info))
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise Cancelled()
+
+
+class Worker:
+    """Runs up to `concurrency` jobs at once from `store` using the tasks of `jobwire`."""
+
+    def __init__(
+        self,
+        jobwire: Jobwire,
+        store: Store,
+        *,
+        concurrency: int = 10,
+        lease_seconds: float = 30.0,
+        poll_seconds: float = 1.0,
+        retention_seconds: float = 24 * 3600,
+        worker_id: str | None = None,
+    ) -> None:
+        self.jobwire = jobwire
+        self.store = store
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.retention_seconds = retention_seconds
+        self.id = worker_id or uuid.uuid4().hex
+        self._running: dict[str, tuple[Context, asyncio.Task[JSON]]] = {}
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        store.listen(self._hint)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    def _hint(self, job: str, seq: int, ev: Event | None) -> None:
+        if ev is None or ev.type in (EventType.CREATED, EventType.RETRYING):
+            self._wake.set()  # new work may be waiting
+        if ev is not None and ev.type == EventType.CANCEL_REQUESTED:
+            self._cancel(job)
+
+    def _cancel(self, job: str) -> None:
+        running = self._running.get(job)
+        if running is not None:
+            ctx, task = running
+            ctx.cancelled = True
+            task.cancel()
+
+    async def start(self) -> None:
+        self._loops = [asyncio.create_task(loop()) for loop in
+                       (self._claim_loop, self._heartbeat_loop, self._housekeeping_loop)]
+
+    async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        for _, inner in self._running.values():
+            inner.cancel()
+        await asyncio.gather(*self._loops, *self._jobs, return_exceptions=True)
+
+    async def _claim_loop(self) -> None:
+        while True:
+            free = self.concurrency - len(self._running)
+            jobs: list[Job] = []
+            if free > 0:
+                try:
+                    jobs = await self.store.claim(self.id, list(self.jobwire.tasks), free,
+                                                  self.lease_seconds)
+                except StoreError as exc:
+                    log.warning("claim failed: %s", exc)
+            for job in jobs:
+                lease = Lease(job.id, self.id, job.attempt)
+                ctx = Context(job, lease, self.store)
+                inner = asyncio.create_task(self._call(job, ctx))
+                self._running[job.id] = (ctx, inner)
+                outer = asyncio.create_task(self._supervise(job, ctx, inner))
+                self._jobs.add(outer)
+                outer.add_done_callback(self._jobs.discard)
+            if jobs and len(self._running) < self.concurrency:
+                continue  # maybe more waiting
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+
+    async def _call(self, job: Job, ctx: Context) -> JSON:
+        spec = self.jobwire.tasks[job.task]
+        return await spec.fn(ctx, spec.parse(job.input))
+
+    async def _supervise(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> None:
+        status, result, error = Status.COMPLETED, None, None
+        try:
+            result = await inner
+        except (asyncio.CancelledError, Cancelled):
+            if ctx.lost or not ctx.cancelled:
+                # Lease lost, or the worker is stopping: the lease expires and the job
+                # is retried elsewhere, so nothing is recorded here.
+                self._running.pop(job.id, None)
+                return
+            status = Status.CANCELLED
+        except LeaseLost:
+            self._running.pop(job.id, None)
+            return
+        except Exception as exc:
+            log.exception("job %s (%s) failed", job.id, job.task)
+            status, error = Status.FAILED, f"{type(exc).__name__}: {exc}"
+        try:
+            await self._finish(ctx.lease, status, result, error)
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+
+    async def _finish(self, lease: Lease, status: Status, result: JSON,
+                      error: str | None) -> None:
+        for delay in (0.05, 0.2, 1.0, 3.0, None):
+            try:
+                await self.store.finish(lease, status, result, error)
+                return
+            except LeaseLost:
+                return  # another worker or the expiry owns it now
+            except StoreError as exc:
+                if delay is None:
+                    log.error("could not record the end of job %s: %s", lease.job, exc)
+                    return
+                await asyncio.sleep(delay)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            leases = [ctx.lease for ctx, _ in self._running.values()]
+            try:
+                held = await self.store.heartbeat(leases, self.lease_seconds)
+            except StoreError as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            for lease in leases:
+                if lease.job not in held:
+                    log.warning("lost the lease of job %s; stopping it", lease.job)
+                    running = self._running.get(lease.job)
+                    if running is not None:
+                        running[0].lost = True
+                        running[1].cancel()
+                elif held[lease.job]:
+                    self._cancel(lease.job)
+
+    async def _housekeeping_loop(self) -> None:
+        last_prune = 0.0
+        while True:
+            try:
+                await self.store.expire_leases()
+                if now() - last_prune > min(60.0, self.retention_seconds / 2):
+                    last_prune = now()
+                    await self.store.prune(now() - self.retention_seconds)
+            except StoreError as exc:
+                log.warning("housekeeping failed: %s", exc)
+            await asyncio.sleep(max(0.2, min(self.lease_seconds / 2, 5.0)))
+

@@ -1,0 +1,65 @@
+"""Tasks for the test suite: controllable timing, items, failures and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from jobwire import Context, Jobwire
+
+jobwire = Jobwire()
+
+
+class Steps(BaseModel):
+    n: int = Field(ge=0, le=100_000)
+    delay: float = Field(0.0, ge=0, le=5)
+    fail_at: int | None = None  # item index whose processing fails
+    gate: str | None = None  # a file path: wait for it to exist before each item
+
+
+@jobwire.task(input=Steps, max_attempts=2)
+async def steps(ctx: Context, input: Steps) -> dict[str, int]:
+    """n items, each running then done (or failed at fail_at)."""
+    items = await ctx.declare([f"i{k}" for k in range(input.n)])
+    ran = 0
+    for k, item in enumerate(items):
+        if item.status in ("done", "failed"):
+            continue
+        while input.gate and not Path(input.gate).exists():
+            await asyncio.sleep(0.02)
+        await ctx.running(item.ref)
+        if input.delay:
+            await asyncio.sleep(input.delay)
+        if k == input.fail_at:
+            await ctx.failed(item.ref, "item failed on purpose")
+        else:
+            await ctx.done(item.ref, {"k": k, "pid": os.getpid()})
+        ran += 1
+    return {"ran": ran}
+
+
+class Block(BaseModel):
+    cooperative: bool = True
+
+
+@jobwire.task(input=Block)
+async def block(ctx: Context, input: Block) -> None:
+    """Runs until cancelled: polls the flag, or (cooperative=false) just awaits."""
+    await ctx.report({"stage": "blocking"})
+    while True:
+        if input.cooperative:
+            ctx.raise_if_cancelled()
+        await asyncio.sleep(0.01)
+
+
+@jobwire.task()
+async def boom(ctx: Context, input: object) -> None:
+    raise RuntimeError("boom on purpose")
+
+
+@jobwire.task()
+async def echo(ctx: Context, input: object) -> object:
+    return input
