@@ -6,6 +6,7 @@ its own schema so runs never collide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,11 +35,10 @@ def pg_base_url() -> str | None:
 BACKENDS = ["sqlite", "postgres"]
 
 
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobwire.db'}"
+@contextlib.contextmanager
+def fresh_db(backend: str, directory: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{directory / 'jobwire.db'}"
         return
     base = pg_base_url()
     if base is None:
@@ -47,6 +47,26 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
     with fresh_schema_url(base) as url:
         yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each backend."""
+    with fresh_db(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Proc]:
+    """One server per module and backend, for tests that isolate themselves by session."""
+    directory = tmp_path_factory.mktemp("shared")
+    with fresh_db(request.param, directory) as url:
+        proc = Proc("serve", "--app", "tests.tasks:jobwire", "--db", url, "--lease", "2",
+                    port=free_port(), log=directory / "serve.log")
+        proc.start()
+        yield proc
+        proc.stop()
 
 
 def free_port() -> int:
@@ -184,8 +204,9 @@ async def guest(base_url: str) -> Client:
 
 
 @pytest.fixture
-async def client(server: Proc) -> AsyncIterator[Client]:
-    c = await guest(server.url)
+async def client(shared_server: Proc) -> AsyncIterator[Client]:
+    """A new guest on the module's shared server."""
+    c = await guest(shared_server.url)
     yield c
     await c.http.aclose()
 

@@ -1,0 +1,133 @@
+"""Store semantics on every backend: dedup under real concurrency, the event-log/count
+invariant, fenced writes and lease expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from jobwire.model import IllegalTransition, ItemStatus, Status, apply_event, counts_of
+from jobwire.store import ItemUpdate, Lease, LeaseLost, Store, open_store
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = open_store(db_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def replay(store: Store, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fold the whole event log, checking at every seq that counts match item states."""
+    snap: dict[str, Any] = {"seq": 0}
+    items: dict[str, Any] = {}
+    after = 0
+    while events := await store.events(job_id, after):
+        for ev in events:
+            assert ev.seq == snap["seq"] + 1, "the log has a gap or a duplicate"
+            snap, items = apply_event(snap, items, {"seq": ev.seq, "type": ev.type,
+                                                    "data": ev.data, "at": None})
+            assert snap["progress"] == counts_of(items.values()), f"disagree at seq {ev.seq}"
+        after = events[-1].seq
+    return snap, items
+
+
+async def test_counts_equal_item_states_at_every_seq(store: Store) -> None:
+    """Many jobs, many concurrent writers trying random (also illegal) item transitions."""
+    jobs = [(await store.submit("o", "t", {}, None, 3))[0] for _ in range(6)]
+    claimed = await store.claim("w", ["t"], 10, 30)
+    assert {j.id for j in claimed} == {j.id for j in jobs}
+    leases = [Lease(j.id, "w", j.attempt) for j in claimed]
+    for lease in leases:
+        await store.declare_items(lease, [f"r{k}" for k in range(12)])
+    rng = random.Random(7)
+    rejected = 0
+
+    async def writer(lease: Lease) -> None:
+        nonlocal rejected
+        for _ in range(40):
+            updates = [ItemUpdate(f"r{rng.randrange(12)}", rng.choice(list(ItemStatus)))
+                       for _ in range(rng.randint(1, 3))]
+            try:
+                await store.update_items(lease, updates)
+            except IllegalTransition:
+                rejected += 1  # the whole batch is rolled back
+
+    await asyncio.gather(*(writer(lease) for lease in leases for _ in range(3)))
+    assert rejected > 0, "the test should exercise illegal transitions too"
+    for lease in leases:
+        snap, items = await replay(store, lease.job)
+        found = await store.job_with_items(lease.job)
+        assert found is not None
+        job, rows = found
+        assert snap["seq"] == job.seq
+        assert job.progress.as_dict() == counts_of([i.as_dict() for i in rows])
+        assert {i.ref: i.status.value for i in rows} == {r: it["status"] for r, it in items.items()}
+
+
+async def test_writes_need_the_current_lease(store: Store) -> None:
+    job, _ = await store.submit("o", "t", {}, None, 2)
+    [claimed] = await store.claim("w1", ["t"], 1, 0.01)
+    lease = Lease(job.id, "w1", claimed.attempt)
+    await store.declare_items(lease, ["a", "b"])
+    await store.update_items(lease, [ItemUpdate("a", ItemStatus.DONE)])
+    await asyncio.sleep(0.05)
+    assert await store.expire_leases() == 1
+    with pytest.raises(LeaseLost):
+        await store.update_items(lease, [ItemUpdate("b", ItemStatus.DONE)])
+    [again] = await store.claim("w2", ["t"], 1, 30)
+    assert again.attempt == 2
+    lease2 = Lease(job.id, "w2", again.attempt)
+    _, items = await store.declare_items(lease2, ["a", "b"])
+    assert {i.ref: i.status for i in items} == {"a": ItemStatus.DONE, "b": ItemStatus.PENDING}
+    with pytest.raises(IllegalTransition):  # a finished item is never counted twice
+        await store.update_items(lease2, [ItemUpdate("a", ItemStatus.DONE)])
+    await store.update_items(lease2, [ItemUpdate("b", ItemStatus.DONE)])
+    await store.finish(lease2, Status.COMPLETED, {"ok": True})
+    snap, _ = await replay(store, job.id)
+    assert snap["status"] == "completed" and snap["progress"]["done"] == 2
+    types = [e.type for e in await store.events(job.id, 0)]
+    assert types.count("retrying") == 1 and types.count("started") == 2
+
+
+async def test_lease_expiry_fails_after_max_attempts(store: Store) -> None:
+    job, _ = await store.submit("o", "t", {}, None, 1)
+    await store.claim("w", ["t"], 1, 0.01)
+    await asyncio.sleep(0.05)
+    await store.expire_leases()
+    failed = await store.get_job(job.id)
+    assert failed is not None and failed.status == Status.FAILED
+    assert failed.error is not None and "attempt 1 of 1" in failed.error
+
+
+def _storm(url: str, n: int, barrier: Any, out: Any) -> None:
+    async def main() -> None:
+        store = open_store(url)
+        await store.open()
+        barrier.wait()
+        results = await asyncio.gather(*(store.submit("o", "t", {"k": 1}, "same", 3)
+                                         for _ in range(n)))
+        out.put([(job.id, created) for job, created in results])
+        await store.close()
+    asyncio.run(main())
+
+
+def test_dedup_storm_across_processes(db_url: str) -> None:
+    """4 processes x 50 concurrent submits of one key: one job, exactly one created."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    workers = [ctx.Process(target=_storm, args=(db_url, 50, barrier, out)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    results = [r for _ in workers for r in out.get(timeout=60)]
+    for w in workers:
+        w.join(30)
+    assert len(results) == 200
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
