@@ -1,0 +1,143 @@
+"""Live delivery: WebSocket and SSE resume after a disconnect or a server crash with no
+gap and no duplicate, and a subscription only ever carries its own job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import websockets
+
+from tests.conftest import Client, Proc, guest
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def ws_url(base: str, token: str) -> str:
+    return base.replace("http://", "ws://") + f"/api/ws?token={token}"
+
+
+async def ws_collect(base: str, token: str, job: str, after: int, stop_after: int | None
+                     ) -> list[dict[str, Any]]:
+    """Subscribe from `after`; return events until terminal, or drop the socket after
+    `stop_after` events as a flaky network would."""
+    got: list[dict[str, Any]] = []
+    async with websockets.connect(ws_url(base, token)) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job": job, "after": after}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if "op" in msg:
+                assert msg["op"] == "subscribed", msg
+                continue
+            got.append(msg)
+            if msg["type"] in TERMINAL or (stop_after is not None and len(got) >= stop_after):
+                return got
+
+
+def assert_complete(events: list[dict[str, Any]], job: str) -> None:
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "gap or duplicate"
+    assert all(e["job"] == job for e in events)
+    assert events[-1]["type"] in TERMINAL
+
+
+async def test_websocket_resumes_after_disconnect(client: Client, shared_server: Proc) -> None:
+    job, _ = await client.submit("steps", {"n": 60, "delay": 0.01})
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] not in TERMINAL:
+        last = events[-1]["seq"] if events else 0
+        events += await ws_collect(shared_server.url, client.token, job["id"], last, 25)
+    assert_complete(events, job["id"])
+    assert events == await client.events(job["id"]), "live events equal the stored log"
+
+
+async def test_sse_resumes_from_last_event_id(client: Client) -> None:
+    job, _ = await client.submit("steps", {"n": 60, "delay": 0.01})
+    events: list[dict[str, Any]] = []
+    last_id: str | None = None
+    while not events or events[-1]["type"] not in TERMINAL:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        async with client.http.stream("GET", f"/api/jobs/{job['id']}/stream",
+                                      headers=headers) as r:
+            assert r.status_code == 200
+            frame: dict[str, str] = {}
+            taken = 0
+            async for line in r.aiter_lines():
+                if line.startswith(("id:", "event:", "data:")):
+                    name, _, value = line.partition(": ")
+                    frame[name] = value
+                elif line == "" and "data" in frame:
+                    ev = json.loads(frame["data"])
+                    assert int(frame["id"]) == ev["seq"] and frame["event"] == ev["type"]
+                    events.append(ev)
+                    last_id, frame, taken = frame["id"], {}, taken + 1
+                    if taken == 20:
+                        break  # drop the connection mid-stream
+    assert_complete(events, job["id"])
+    r = await client.http.get(f"/api/jobs/{job['id']}/stream",
+                              headers={"Last-Event-ID": last_id or "0"})
+    assert r.status_code == 204, "a finished, caught-up stream tells EventSource to stop"
+
+
+async def test_one_socket_many_jobs_only_subscribed_ones(client: Client,
+                                                          shared_server: Proc) -> None:
+    a, _ = await client.submit("steps", {"n": 20, "delay": 0.005})
+    b, _ = await client.submit("steps", {"n": 20, "delay": 0.005})
+    noise, _ = await client.submit("steps", {"n": 20, "delay": 0.005})
+    seen: dict[str, list[int]] = {a["id"]: [], b["id"]: []}
+    async with websockets.connect(ws_url(shared_server.url, client.token)) as ws:
+        for job in (a, b):
+            await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
+        ended = 0
+        while ended < 2:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if "op" in msg:
+                continue
+            assert msg["job"] in seen, "an event of a job this socket never subscribed to"
+            seen[msg["job"]].append(msg["seq"])
+            ended += msg["type"] in TERMINAL
+    for seqs in seen.values():
+        assert seqs == list(range(1, len(seqs) + 1))
+    await client.wait_terminal(noise["id"])
+
+
+async def test_unsubscribe_stops_events(client: Client, shared_server: Proc) -> None:
+    job, _ = await client.submit("steps", {"n": 200, "delay": 0.01})
+    async with websockets.connect(ws_url(shared_server.url, client.token)) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
+        while "seq" not in json.loads(await ws.recv()):
+            pass
+        await ws.send(json.dumps({"op": "unsubscribe", "job": job["id"]}))
+        while json.loads(await ws.recv()).get("op") != "unsubscribed":
+            pass
+        try:
+            extra = await asyncio.wait_for(ws.recv(), 0.5)
+        except TimeoutError:
+            extra = None
+        assert extra is None, f"event after unsubscribe: {extra!r}"
+    await client.http.post(f"/api/jobs/{job['id']}/cancel")
+
+
+async def test_websocket_resumes_across_a_server_crash(procs: Any, db_url: str) -> None:
+    """SIGKILL the server mid-job; after restart the client resumes from its last seq and
+    ends with the full log. The job itself was retried after its lease ran out."""
+    server: Proc = procs("serve", "--db", db_url, "--lease", "1")
+    c = await guest(server.url)
+    job, _ = await c.submit("steps", {"n": 30, "delay": 0.03})
+    events = await ws_collect(server.url, c.token, job["id"], 0, 15)
+    server.kill()
+    server.start()
+    while events[-1]["type"] not in TERMINAL:
+        try:
+            events += await ws_collect(server.url, c.token, job["id"], events[-1]["seq"], None)
+        except (OSError, websockets.ConnectionClosed):
+            await asyncio.sleep(0.1)
+    assert_complete(events, job["id"])
+    assert events[-1]["type"] == "completed"
+    assert "retrying" in [e["type"] for e in events]
+    async with httpx.AsyncClient(base_url=server.url,
+                                 headers={"Authorization": f"Bearer {c.token}"}) as http:
+        final = (await http.get(f"/api/jobs/{job['id']}")).json()
+    assert final["progress"] == {"total": 30, "done": 30, "failed": 0}
+    await c.http.aclose()

@@ -1,0 +1,88 @@
+"""Dead workers, queued cancellation and retention, with real processes and SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import Client, Proc, guest
+
+
+async def wait_done_at_least(c: Client, job_id: str, n: int) -> None:
+    while (await c.job(job_id))["progress"]["done"] < n:
+        await asyncio.sleep(0.05)
+
+
+async def test_sigkilled_worker_job_is_retried_without_double_counting(
+        procs: Any, db_url: str) -> None:
+    api: Proc = procs("serve", "--db", db_url, "--no-workers")
+    first: Proc = procs("worker", "--db", db_url, "--lease", "1")
+    c = await guest(api.url)
+    job, _ = await c.submit("steps", {"n": 12, "delay": 0.1})
+    await wait_done_at_least(c, job["id"], 3)
+    first.kill()
+    procs("worker", "--db", db_url, "--lease", "1")
+    ended = await c.wait_terminal(job["id"], timeout=30)
+    assert ended["status"] == "completed" and ended["attempt"] == 2
+    assert ended["progress"] == {"total": 12, "done": 12, "failed": 0}
+    events = await c.events(job["id"])
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    retry = next(e for e in events if e["type"] == "retrying")
+    assert "lease expired during attempt 1" in retry["data"]["error"]
+    done_refs = [e["data"]["ref"] for e in events
+                 if e["type"] == "item" and e["data"]["item"] == "done"]
+    assert sorted(done_refs) == sorted(f"i{k}" for k in range(12)), "an item counted twice"
+    items = (await c.http.get(f"/api/jobs/{job['id']}/items")).json()["items"]
+    pids = {i["result"]["pid"] for i in items}
+    assert len(pids) == 2, "the second worker picked up where the first died"
+    await c.http.aclose()
+
+
+async def test_job_fails_after_max_attempts(procs: Any, db_url: str) -> None:
+    api: Proc = procs("serve", "--db", db_url, "--no-workers")
+    c = await guest(api.url)
+    job, _ = await c.submit("steps", {"n": 50, "delay": 0.1})  # steps: max_attempts=2
+    for attempt in (1, 2):
+        worker: Proc = procs("worker", "--db", db_url, "--lease", "1")
+        while (await c.job(job["id"]))["attempt"] < attempt or \
+                (await c.job(job["id"]))["progress"]["done"] < attempt:
+            await asyncio.sleep(0.05)
+        worker.kill()
+    procs("worker", "--db", db_url, "--lease", "1")  # only the lease expiry acts now
+    ended = await c.wait_terminal(job["id"], timeout=30)
+    assert ended["status"] == "failed"
+    assert ended["error"] == "worker lost: lease expired during attempt 2 of 2"
+    await c.http.aclose()
+
+
+async def test_cancel_queued_job_is_immediate(procs: Any, db_url: str) -> None:
+    api: Proc = procs("serve", "--db", db_url, "--no-workers")
+    c = await guest(api.url)
+    job, _ = await c.submit("steps", {"n": 1})
+    r = await c.http.post(f"/api/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert [e["type"] for e in await c.events(job["id"])] == ["created", "cancelled"]
+    again = await c.http.post(f"/api/jobs/{job['id']}/cancel")
+    assert again.json()["seq"] == 2, "cancelling twice changes nothing"
+    worker: Proc = procs("worker", "--db", db_url)
+    await asyncio.sleep(1.5)
+    assert (await c.job(job["id"]))["status"] == "cancelled", "a worker never ran it"
+    worker.stop()
+    await c.http.aclose()
+
+
+async def test_retention_prunes_finished_jobs_only(procs: Any, db_url: str) -> None:
+    api: Proc = procs("serve", "--db", db_url, "--retention", "1", "--lease", "1")
+    c = await guest(api.url)
+    finished, _ = await c.submit("echo", {"x": 1})
+    running, _ = await c.submit("block", {})
+    await c.wait_terminal(finished["id"])
+    for _ in range(100):
+        if (await c.http.get(f"/api/jobs/{finished['id']}")).status_code == 404:
+            break
+        await asyncio.sleep(0.1)
+    assert (await c.http.get(f"/api/jobs/{finished['id']}")).status_code == 404
+    assert (await c.http.get(f"/api/jobs/{finished['id']}/events")).status_code == 404
+    assert (await c.job(running["id"]))["status"] == "running", "active jobs are never pruned"
+    await c.http.post(f"/api/jobs/{running['id']}/cancel")
+    await c.http.aclose()
