@@ -83,6 +83,7 @@ class Channel:
         self._ready = asyncio.Event()
         self._filling: asyncio.Task[None] | None = None
         self._dirty = False
+        self.starting: asyncio.Task[None]  # set by Hub.subscribe; awaited by every joiner
 
     async def start(self) -> None:
         job = await self.hub.store.get_job(self.job)
@@ -132,7 +133,6 @@ class Hub:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._channels: dict[str, Channel] = {}
-        self._starting: dict[str, asyncio.Task[None]] = {}
         self.delivered = 0
         store.listen(self._hint)
 
@@ -164,19 +164,16 @@ class Hub:
         ch = self._channels.get(job)
         if ch is None:
             ch = self._channels[job] = Channel(self, job)
-            self._starting[job] = asyncio.create_task(ch.start())
-        starting = self._starting.get(job)
+            ch.starting = asyncio.create_task(ch.start())
         sub = Subscription(ch, after, deliver)
         ch.subs.add(sub)
-        if starting is not None:
-            try:
-                await asyncio.shield(starting)
-            except BaseException:
-                sub.close()
-                raise
-            finally:
-                if starting.done():
-                    self._starting.pop(job, None)
+        try:
+            await asyncio.shield(ch.starting)
+        except BaseException:
+            sub.close()
+            if ch.starting.done() and not ch.starting.cancelled() and ch.starting.exception():
+                self._drop(ch)  # the next subscriber starts a fresh channel
+            raise
         sub.start_catch_up()
         return sub
 
