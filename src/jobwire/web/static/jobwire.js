@@ -1,0 +1,583 @@
+// jobwire.js: live, ordered, resumable job progress for web pages. Dependency-free ES module.
+//
+// The pure part (applyEvent, JobState) folds a job's events into snapshots exactly as
+// jobwire/model.py does and imports in Node without a DOM. The Client part adds the
+// transport: one WebSocket per page, one server subscription per job, resync on gaps,
+// reconnect with backoff, and a long-poll fallback.
+
+export const TERMINAL = Object.freeze(["completed", "failed", "cancelled"]);
+const TERMINAL_EVENTS = new Set(TERMINAL);
+
+export function isTerminal(status) {
+  return TERMINAL_EVENTS.has(status);
+}
+
+/** Freeze an object and everything reachable from it, so no callback can edit shared state. */
+export function deepFreeze(value) {
+  if (value !== null && typeof value === "object" && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const key of Object.keys(value)) deepFreeze(value[key]);
+  }
+  return value;
+}
+
+function pendingItem(ref) {
+  return { ref, status: "pending", result: null, error: null };
+}
+
+/**
+ * Fold one event (wire form) into a job snapshot and its items (a Map ref -> item),
+ * returning new copies. Mirrors jobwire.model.apply_event line for line; the caller
+ * guarantees event.seq === snapshot.seq + 1.
+ */
+export function applyEvent(snapshot, items, event) {
+  const data = event.data;
+  const snap = { ...snapshot };
+  const next = new Map(items);
+  snap.seq = event.seq;
+  snap.status = data.status;
+  snap.progress = { ...data.progress };
+  if (event.at) snap.updated_at = event.at;
+  switch (event.type) {
+    case "created":
+      for (const [k, v] of Object.entries(data)) {
+        if (k in snap || k === "id") snap[k] = v;
+      }
+      snap.progress = { ...data.progress };
+      break;
+    case "started":
+      snap.attempt = data.attempt;
+      break;
+    case "items":
+      for (const ref of data.refs) if (!next.has(ref)) next.set(ref, pendingItem(ref));
+      break;
+    case "item":
+      next.set(data.ref, {
+        ref: data.ref, status: data.item, result: data.result ?? null, error: data.error ?? null,
+      });
+      break;
+    case "progress":
+      snap.info = data.info ?? null;
+      break;
+    case "cancel_requested":
+      snap.cancel_requested = true;
+      break;
+    case "retrying":
+      snap.error = data.error ?? null;
+      for (const ref of data.reset ?? []) {
+        if (next.has(ref)) next.set(ref, { ...next.get(ref), status: "pending" });
+      }
+      break;
+    default:
+      if (TERMINAL_EVENTS.has(event.type)) {
+        snap.result = data.result ?? null;
+        snap.error = data.error ?? null;
+        snap.finished_at = event.at ?? null;
+      }
+  }
+  return { snapshot: snap, items: next };
+}
+
+/** Aggregate counts as the item states say they are. */
+export function countsOf(items) {
+  let total = 0, done = 0, failed = 0;
+  for (const it of items) {
+    total += 1;
+    if (it.status === "done") done += 1;
+    else if (it.status === "failed") failed += 1;
+  }
+  return { total, done, failed };
+}
+
+function sameCounts(a, b) {
+  return a.total === b.total && a.done === b.done && a.failed === b.failed;
+}
+
+/** What JobState.offer did with an event. */
+export const Offer = Object.freeze({
+  APPLIED: "applied",
+  DUPLICATE: "duplicate", // seq at or below what we have: already applied
+  FOREIGN: "foreign", // another job's event
+  GAP: "gap", // seq skips ahead, or the counts stopped agreeing: resync needed
+  UNREADY: "unready", // no base state yet (a resync is under way)
+});
+
+/**
+ * One job's state on the client: a snapshot plus items at one seq, advanced only by the
+ * next event in sequence. Views handed out are deeply frozen, and in every view the
+ * job's counts equal what its items say.
+ */
+export class JobState {
+  constructor(id) {
+    this.id = id;
+    this.snapshot = null;
+    this.items = new Map();
+    this._view = null;
+  }
+
+  get ready() {
+    return this.snapshot !== null;
+  }
+
+  get seq() {
+    return this.snapshot ? this.snapshot.seq : 0;
+  }
+
+  get terminal() {
+    return this.ready && isTerminal(this.snapshot.status);
+  }
+
+  /** Start over from a snapshot and its item list read at the same seq. */
+  reset(snapshot, itemList) {
+    if (snapshot.id !== this.id) throw new Error(`snapshot of ${snapshot.id}, not ${this.id}`);
+    const items = new Map(itemList.map((it) => [it.ref, { ...it }]));
+    if (!sameCounts(countsOf(items.values()), snapshot.progress)) {
+      throw new Error(`job ${this.id}: counts disagree with items at seq ${snapshot.seq}`);
+    }
+    this.snapshot = { ...snapshot, progress: { ...snapshot.progress } };
+    this.items = items;
+    this._view = null;
+  }
+
+  /** Apply `event` if it is this job's next one; otherwise say why not. */
+  offer(event) {
+    if (!event || event.job !== this.id) return Offer.FOREIGN;
+    if (!this.ready) return Offer.UNREADY;
+    if (event.seq <= this.seq) return Offer.DUPLICATE;
+    if (event.seq !== this.seq + 1) return Offer.GAP;
+    const { snapshot, items } = applyEvent(this.snapshot, this.items, event);
+    // Guard the invariant on the refs this event touched (cheap), and on totals.
+    if (!sameCounts(countsAfter(this, items, event), snapshot.progress)) return Offer.GAP;
+    this.snapshot = snapshot;
+    this.items = items;
+    this._view = null;
+    return Offer.APPLIED;
+  }
+
+  /** The current state as one deeply frozen object: the job's fields plus `items`. */
+  get view() {
+    if (!this.ready) return null;
+    if (this._view === null) {
+      this._view = deepFreeze({ ...this.snapshot, items: [...this.items.values()] });
+    }
+    return this._view;
+  }
+}
+
+// Counts of `items` computed from the previous counts plus the refs `event` touched,
+// so a 5,000-item job does not recount every item on every event.
+function countsAfter(state, items, event) {
+  const before = state.snapshot.progress;
+  const d = event.data;
+  const refs = event.type === "item" ? [d.ref] : event.type === "retrying" ? (d.reset ?? []) : [];
+  let { done, failed } = before;
+  for (const ref of refs) {
+    const old = state.items.get(ref)?.status;
+    const now = items.get(ref)?.status;
+    done += (now === "done") - (old === "done");
+    failed += (now === "failed") - (old === "failed");
+  }
+  return { total: items.size, done, failed };
+}
+
+// ---------------------------------------------------------------------------------------
+// The client: transport, subscriptions, recovery.
+
+export const ConnectionState = Object.freeze({
+  IDLE: "idle", // no socket needed yet
+  CONNECTING: "connecting",
+  LIVE: "live",
+  RECONNECTING: "reconnecting",
+  POLLING: "polling",
+});
+
+export class HttpError extends Error {
+  constructor(status, body) {
+    super(`HTTP ${status}: ${typeof body === "string" ? body : JSON.stringify(body)}`);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+const sleep = (ms, signal) => new Promise((resolve) => {
+  const timer = setTimeout(resolve, ms);
+  signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+});
+
+/** Create a client. In a page, the defaults use the page's origin and its session cookie. */
+export function createClient(options = {}) {
+  return new Client(options);
+}
+
+export class Client {
+  constructor({
+    url, token, WebSocket: WS = globalThis.WebSocket, fetch: fetchFn = globalThis.fetch,
+    backoffMs = 250, maxBackoffMs = 8000, fallbackAfter = 2, stableMs = 1000, pollWait = 20,
+  } = {}) {
+    this.base = (url ?? globalThis.location?.origin ?? "").replace(/\/$/, "");
+    this.token = token ?? null;
+    this._WS = WS;
+    this._fetch = (...args) => fetchFn(...args); // a bare window.fetch needs `this` unset
+    this.opts = { backoffMs, maxBackoffMs, fallbackAfter, stableMs, pollWait };
+    this.state = ConnectionState.IDLE;
+    this._stateListeners = new Set();
+    this._entries = new Map(); // job id -> entry (one per job, however many watchers)
+    this._seeds = new Map(); // job id -> a snapshot known complete at its seq (no items yet)
+    this._socket = null;
+    this._failures = 0; // consecutive sockets that closed before proving stable
+    this._reconnectTimer = null;
+    this._recovering = null;
+    this._closed = false;
+  }
+
+  // -- REST
+
+  async request(method, path, body, signal) {
+    const headers = {};
+    if (body !== undefined) headers["content-type"] = "application/json";
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    const response = await this._fetch(this.base + path, {
+      method, headers, credentials: "same-origin",
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+    });
+    if (response.status === 204) return null;
+    const text = await response.text();
+    const parsed = text ? JSON.parse(text) : null;
+    if (!response.ok) throw new HttpError(response.status, parsed ?? text);
+    return parsed;
+  }
+
+  /** Submit a job; an active job with the same key comes back with created: false. */
+  async submit(task, input, key) {
+    const body = { task, input: input ?? null };
+    if (key != null) body.key = key;
+    const out = await this.request("POST", "/api/jobs", body);
+    this._seed(out.job);
+    return deepFreeze(out);
+  }
+
+  async job(id) {
+    return deepFreeze(await this.request("GET", `/api/jobs/${encodeURIComponent(id)}`));
+  }
+
+  /** The caller's jobs, newest first; status may be "active" (queued or running). */
+  async jobs({ status, limit } = {}) {
+    const q = new URLSearchParams();
+    if (status) q.set("status", status);
+    if (limit) q.set("limit", String(limit));
+    const list = await this.request("GET", `/api/jobs${q.size ? `?${q}` : ""}`);
+    list.forEach((j) => this._seed(j));
+    return deepFreeze(list);
+  }
+
+  /** The owner's active jobs, e.g. after a reload. Concurrent calls share one request. */
+  recover() {
+    this._recovering ??= this.jobs({ status: "active" })
+      .finally(() => { this._recovering = null; });
+    return this._recovering;
+  }
+
+  async cancel(id) {
+    return deepFreeze(await this.request("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`));
+  }
+
+  /** Delete a finished job (the server answers 409 while it is active). */
+  async remove(id) {
+    await this.request("DELETE", `/api/jobs/${encodeURIComponent(id)}`);
+  }
+
+  // A snapshot with no items is complete as it stands: watching it needs no resync.
+  _seed(job) {
+    if (job.progress.total === 0) this._seeds.set(job.id, job);
+  }
+
+  // -- connection state
+
+  /** Call `listener(state)` now and on every change; returns a function that stops it. */
+  onState(listener) {
+    this._stateListeners.add(listener);
+    listener(this.state);
+    return () => this._stateListeners.delete(listener);
+  }
+
+  _setState(state) {
+    if (state === this.state) return;
+    this.state = state;
+    for (const listener of this._stateListeners) listener(state);
+  }
+
+  get _polling() {
+    return this.state === ConnectionState.POLLING;
+  }
+
+  // -- watching
+
+  /**
+   * Call onSnapshot(view) with the job's state now and after every change, in seq order,
+   * until the job ends or the returned function is called. Any number of watchers of one
+   * job share one server subscription.
+   */
+  watch(jobId, onSnapshot, { onError } = {}) {
+    let entry = this._entries.get(jobId);
+    const watcher = { onSnapshot, onError };
+    if (!entry) {
+      entry = {
+        id: jobId, state: new JobState(jobId), watchers: new Set([watcher]),
+        subscribed: false, // a subscribe was sent on the current socket
+        confirmed: false, // ...and the server answered it
+        resyncing: null, poller: null, gone: false,
+      };
+      this._entries.set(jobId, entry);
+      const seed = this._seeds.get(jobId);
+      this._seeds.delete(jobId);
+      if (seed) {
+        entry.state.reset(seed, []);
+        queueMicrotask(() => this._emit(entry));
+        this._follow(entry);
+      } else {
+        this._resync(entry);
+      }
+    } else {
+      entry.watchers.add(watcher);
+      const view = entry.state.view;
+      if (view) queueMicrotask(() => entry.watchers.has(watcher) && onSnapshot(view));
+    }
+    return () => {
+      entry.watchers.delete(watcher);
+      if (entry.watchers.size === 0 && this._entries.get(jobId) === entry) this._drop(entry);
+    };
+  }
+
+  _emit(entry) {
+    const view = entry.state.view;
+    for (const w of [...entry.watchers]) {
+      try { w.onSnapshot(view); } catch (err) { console.error(err); }
+    }
+  }
+
+  _fail(entry, error) {
+    entry.gone = true;
+    this._stopFollowing(entry);
+    for (const w of [...entry.watchers]) w.onError?.(error);
+  }
+
+  _drop(entry) {
+    this._entries.delete(entry.id);
+    this._stopFollowing(entry);
+  }
+
+  _stopFollowing(entry) {
+    this._stopPoller(entry);
+    // After a terminal event the server has dropped the subscription itself.
+    if (entry.subscribed && this._socketOpen && !entry.state.terminal) {
+      this._send({ op: "unsubscribe", job: entry.id });
+    }
+    entry.subscribed = entry.confirmed = false;
+  }
+
+  // Get events after the entry's seq: over the socket when it works, else by long-poll.
+  _follow(entry) {
+    if (entry.gone || entry.resyncing || entry.state.terminal || !entry.state.ready) return;
+    if (this._socketOpen) this._subscribe(entry);
+    else this.connect();
+    if (this._polling) this._startPoller(entry);
+  }
+
+  // Feed one event to its job. Returns false when it cannot be used (the caller stops).
+  _receive(event) {
+    const entry = this._entries.get(event.job);
+    if (!entry) return false; // not watched here: foreign or late
+    const outcome = entry.state.offer(event);
+    if (outcome === Offer.APPLIED) {
+      this._emit(entry);
+      if (entry.state.terminal) this._stopFollowing(entry);
+      return true;
+    }
+    if (outcome === Offer.GAP) this._resync(entry);
+    return outcome === Offer.DUPLICATE;
+  }
+
+  // Rebuild the state from REST at one seq, then follow from there. Single-flight.
+  _resync(entry) {
+    if (entry.resyncing) return entry.resyncing;
+    this._stopFollowing(entry);
+    const watched = () => !entry.gone && this._entries.get(entry.id) === entry;
+    entry.resyncing = (async () => {
+      for (let attempt = 0; watched(); attempt++) {
+        try {
+          await this._load(entry);
+          break;
+        } catch (err) {
+          if (err instanceof HttpError && err.status === 404) {
+            this._fail(entry, err);
+            break;
+          }
+          await sleep(this._backoff(attempt));
+        }
+      }
+      entry.resyncing = null;
+      if (!watched() || !entry.state.ready) return;
+      this._emit(entry);
+      this._follow(entry);
+    })();
+    return entry.resyncing;
+  }
+
+  // Read the job at seq J, then its items at seq I >= J, then fold the job's events
+  // J+1..I into the job fields: job and items then describe the same seq I.
+  async _load(entry) {
+    const path = `/api/jobs/${encodeURIComponent(entry.id)}`;
+    let job = await this.request("GET", path);
+    if (job.progress.total === 0) {
+      entry.state.reset(job, []);
+      return;
+    }
+    const { seq, items } = await this.request("GET", `${path}/items`);
+    let itemMap = new Map();
+    while (job.seq < seq) {
+      const { events } = await this.request("GET", `${path}/events?after=${job.seq}`);
+      if (events[0]?.seq !== job.seq + 1) throw new Error(`event ${job.seq + 1} missing`);
+      for (const ev of events) {
+        if (ev.seq !== job.seq + 1 || ev.seq > seq) break;
+        ({ snapshot: job, items: itemMap } = applyEvent(job, itemMap, ev));
+      }
+    }
+    entry.state.reset(job, items);
+  }
+
+  _backoff(attempt) {
+    const { backoffMs, maxBackoffMs } = this.opts;
+    const ceiling = Math.min(maxBackoffMs, backoffMs * 2 ** attempt);
+    return ceiling / 2 + Math.random() * ceiling / 2; // jitter spreads reconnecting pages
+  }
+
+  // -- WebSocket
+
+  get _socketOpen() {
+    return this._socket !== null && this._socket.readyState === 1;
+  }
+
+  /** Open the page's WebSocket now (watch() also opens it when first needed). */
+  connect() {
+    if (this._closed || this._socket || this._reconnectTimer) return;
+    if (this.state === ConnectionState.IDLE) this._setState(ConnectionState.CONNECTING);
+    let url = `${this.base.replace(/^http/, "ws")}/api/ws`;
+    if (this.token) url += `?token=${encodeURIComponent(this.token)}`;
+    let socket;
+    try {
+      socket = new this._WS(url);
+    } catch {
+      this._socketClosed(null);
+      return;
+    }
+    this._socket = socket;
+    let stableTimer = null;
+    const stable = () => {
+      clearTimeout(stableTimer);
+      if (this._socket !== socket) return;
+      this._failures = 0;
+      this._setState(ConnectionState.LIVE);
+    };
+    socket.onopen = () => {
+      // After failures the socket must prove itself (a message, or staying open) before
+      // the pollers stand down, so a socket that opens and drops at once does not flap.
+      if (this._failures === 0) stable();
+      else stableTimer = setTimeout(stable, this.opts.stableMs);
+      for (const entry of this._entries.values()) this._follow(entry);
+    };
+    socket.onmessage = (m) => {
+      if (this.state !== ConnectionState.LIVE) stable();
+      this._onMessage(m.data);
+    };
+    socket.onclose = () => {
+      clearTimeout(stableTimer);
+      this._socketClosed(socket);
+    };
+  }
+
+  _send(message) {
+    this._socket.send(JSON.stringify(message));
+  }
+
+  _subscribe(entry) {
+    if (entry.subscribed) return;
+    entry.subscribed = true;
+    entry.confirmed = false;
+    this._send({ op: "subscribe", job: entry.id, after: entry.state.seq });
+  }
+
+  _onMessage(raw) {
+    let msg;
+    try { msg = JSON.parse(raw); } catch { return; }
+    if (!msg || typeof msg.job !== "string") return;
+    const entry = this._entries.get(msg.job);
+    if (msg.op === undefined) {
+      // Events of a subscription replaced by a resync are stale until it is confirmed.
+      if (entry?.confirmed) this._receive(msg);
+    } else if (msg.op === "subscribed" && entry?.subscribed) {
+      entry.confirmed = true;
+      this._stopPoller(entry); // the socket carries this job again
+    } else if (msg.op === "error" && entry?.subscribed) {
+      if (msg.code === 404) this._fail(entry, new HttpError(404, msg));
+      else this._resync(entry);
+    }
+  }
+
+  _socketClosed(socket) {
+    if (socket !== null && this._socket !== socket) return;
+    this._socket = null;
+    for (const entry of this._entries.values()) entry.subscribed = entry.confirmed = false;
+    if (this._closed) return;
+    this._failures += 1;
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      this.connect();
+    }, this._backoff(this._failures - 1));
+    const polling = this._failures >= this.opts.fallbackAfter;
+    this._setState(polling ? ConnectionState.POLLING : ConnectionState.RECONNECTING);
+    if (polling) for (const entry of this._entries.values()) this._follow(entry);
+  }
+
+  // -- long-poll fallback: one poller per job
+
+  _startPoller(entry) {
+    if (entry.poller || entry.state.terminal || entry.gone) return;
+    const abort = new AbortController();
+    entry.poller = abort;
+    (async () => {
+      const path = `/api/jobs/${encodeURIComponent(entry.id)}/events`;
+      for (let attempt = 0; !abort.signal.aborted;) {
+        try {
+          const wait = this.opts.pollWait;
+          const { events } = await this.request(
+            "GET", `${path}?after=${entry.state.seq}&wait=${wait}`, undefined, abort.signal);
+          attempt = 0;
+          for (const ev of events) if (abort.signal.aborted || !this._receive(ev)) break;
+        } catch (err) {
+          if (abort.signal.aborted) break;
+          if (err instanceof HttpError && err.status === 404) {
+            this._fail(entry, err);
+            break;
+          }
+          await sleep(this._backoff(attempt++), abort.signal);
+        }
+      }
+    })();
+  }
+
+  _stopPoller(entry) {
+    entry.poller?.abort();
+    entry.poller = null;
+  }
+
+  /** Stop everything: socket, pollers, watchers. */
+  close() {
+    this._closed = true;
+    clearTimeout(this._reconnectTimer);
+    for (const entry of [...this._entries.values()]) this._drop(entry);
+    this._socket?.close();
+    this._socket = null;
+    this._setState(ConnectionState.IDLE);
+  }
+}
