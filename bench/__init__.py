@@ -1,0 +1,1 @@
+"""Benchmarks of jobwire beside its peers (run with `make bench`)."""

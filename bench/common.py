@@ -1,0 +1,199 @@
+"""What every benchmark script shares: repetitions and their statistics, the machine
+description, result files, tables, and throwaway databases on the shared servers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+PG_BASE = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "9"))  # a database number of its own
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+PYTHON = sys.executable
+PEERS = ("jobwire", "procrastinate", "saq", "arq", "celery", "redis", "psycopg", "uvicorn",
+         "websockets", "orjson")
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of the repetitions (what every table shows)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def fmt(s: dict[str, float] | None, digits: int = 0) -> str:
+    if s is None:
+        return "—"
+    return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _cmd(*args: str) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    versions = {}
+    for name in PEERS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    with psycopg.connect(f"{PG_BASE}/test") as conn:
+        pg = conn.execute("SHOW server_version").fetchone()
+    redis_info = _cmd("redis-cli", "-h", "127.0.0.1", "INFO", "server")
+    redis_version = next((line.split(":", 1)[1] for line in redis_info.splitlines()
+                          if line.startswith("redis_version")), "?")
+    return {"host": socket.gethostname(), "nproc": os.cpu_count(), "cpu": cpu,
+            "memory_gb": round(mem_kb / 1024 / 1024, 1), "kernel": platform.release(),
+            "python": platform.python_version(), "sqlite": __import__("sqlite3").sqlite_version,
+            "postgres": pg[0] if pg else "?", "redis_server": redis_version.strip(),
+            "packages": versions}
+
+
+def record(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """Append one JSON line (this run) to bench/results/<name>.jsonl."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.jsonl"
+    line = {"bench": name, "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(), "params": params, "rows": rows}
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    return path
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*(str(c) for c in row))
+    Console(width=200).print(t)
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--reps", type=int, default=3, help="repetitions (default %(default)s)")
+    return p
+
+
+# -- throwaway databases on the shared servers
+
+def _admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(f"{PG_BASE}/test", autocommit=True)
+
+
+@contextlib.contextmanager
+def pg_database(prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one measurement, dropped afterwards."""
+    name = f"bench_{prefix}_{uuid.uuid4().hex[:8]}"
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_BASE}/{name}"
+    finally:
+        with _admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redis_flush() -> None:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+# -- bounded waiting
+
+async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float,
+                     interval: float = 0.02) -> None:
+    """Poll `check` until it holds; TimeoutError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {seconds:.0f} s")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def jobwire_server(db: str, *, workers: bool, port: int | None = None,
+                   env: dict[str, str] | None = None
+                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`jobwire serve` in its own process with the bench tasks; yields (base url, process)."""
+    import httpx
+
+    port = port or free_port()
+    cmd = [PYTHON, "-m", "jobwire", "serve", "--db", db, "--app", "bench.tasks:jobwire",
+           "--port", str(port)]
+    if not workers:
+        cmd.append("--no-workers")
+    log = open(Path(tempfile.gettempdir()) / f"jobwire-bench-server-{port}.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: see {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -1,0 +1,39 @@
+"""The jobwire tasks the benchmarks run: a no-op, and a job reporting many item updates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from jobwire import Context, Jobwire
+
+jobwire = Jobwire()
+
+
+@jobwire.task(max_attempts=1)
+async def noop(ctx: Context, input: object) -> None:
+    return None
+
+
+class Progress(BaseModel):
+    items: int = Field(ge=1, le=100_000)
+    gate: str  # a file: the task starts reporting once it exists (all subscribers ready)
+
+
+@jobwire.task(input=Progress, max_attempts=1)
+async def progress(ctx: Context, input: Progress) -> int:
+    """Declares `items` items, then marks each done with the wall time of the call as
+    its result, so a subscriber measures the latency from here to its screen."""
+    refs = [str(k) for k in range(input.items)]
+    await ctx.declare(refs)
+    deadline = time.monotonic() + 120
+    while not Path(input.gate).exists():  # noqa: ASYNC240 - a cheap stat, polled
+        if time.monotonic() > deadline:
+            raise TimeoutError("the subscribers never got ready")
+        await asyncio.sleep(0.01)
+    for ref in refs:
+        await ctx.done(ref, {"t": time.time()})
+    return input.items
