@@ -1,0 +1,165 @@
+"""The client's one WebSocket, shared by all its jobs: reconnects with backoff and
+resumes every subscription, and long-polls instead while the socket cannot be opened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from jobwire.client.api import Api
+from jobwire.client.backoff import Backoff
+from jobwire.client.errors import Unauthorized, api_error
+from jobwire.client.feed import Feed
+from jobwire.client.poller import Poller
+
+log = logging.getLogger("jobwire.client")
+
+BAD_TOKEN = 4401  # the server's close code for a missing, invalid or expired token
+
+
+def ws_url_of(base_url: str) -> str:
+    scheme, sep, rest = base_url.rstrip("/").partition("://")
+    return {"https": "wss"}.get(scheme, "ws") + sep + rest + "/api/ws"
+
+
+class Connection:
+    """Routes each subscribed job's events to its feed.
+
+    One background task owns the socket. While it is up, subscribing sends
+    {"op": "subscribe", "after": <feed's seq>}; after any reconnect every live feed is
+    subscribed again from its own seq, so nothing is lost or repeated. When opening
+    the socket fails (refused, or a proxy rejects the upgrade) each feed gets a
+    poller until a later attempt succeeds; the socket is retried with backoff.
+    """
+
+    def __init__(self, url: str, api: Api, backoff: Callable[[], Backoff],
+                 poll_wait: float) -> None:
+        self.url = url
+        self.api = api
+        self.poll_wait = poll_wait
+        self._backoff_factory = backoff
+        self._backoff = backoff()
+        self.feeds: dict[str, Feed] = {}
+        self.pollers: dict[str, Poller] = {}
+        self.polling = False
+        self._ws: ClientConnection | None = None
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._wanted = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    @property
+    def mode(self) -> str:
+        """"socket", "polling" or "connecting" (for tests and status displays)."""
+        return "socket" if self._ws is not None else "polling" if self.polling else "connecting"
+
+    def subscribe(self, feed: Feed) -> None:
+        self.feeds[feed.job_id] = feed
+        self._wanted.set()
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
+        if self._ws is not None:
+            self._send(op="subscribe", job=feed.job_id, after=feed.seq)
+        elif self.polling and feed.job_id not in self.pollers:
+            self._poll(feed)
+
+    def unsubscribe(self, feed: Feed) -> None:
+        if self.feeds.get(feed.job_id) is not feed:
+            return
+        del self.feeds[feed.job_id]
+        poller = self.pollers.pop(feed.job_id, None)
+        if poller is not None:
+            poller.stop()
+        if self._ws is not None and not (feed.state and feed.state.terminal):
+            self._send(op="unsubscribe", job=feed.job_id)  # the server drops ended jobs itself
+        if not self.feeds:
+            self._wanted.clear()
+
+    def _send(self, **message: object) -> None:
+        self._outbox.put_nowait(orjson.dumps(message))
+
+    def _poll(self, feed: Feed) -> None:
+        self.pollers[feed.job_id] = Poller(feed, self.api, self.poll_wait,
+                                           self._backoff_factory())
+
+    def _start_polling(self) -> None:
+        self.polling = True
+        for job_id, feed in self.feeds.items():
+            if job_id not in self.pollers:
+                self._poll(feed)
+
+    def _stop_polling(self) -> None:
+        self.polling = False
+        for poller in self.pollers.values():
+            poller.stop()
+        self.pollers.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            try:
+                ws = await connect(self.url, open_timeout=10, max_size=None,
+                                   additional_headers={"Authorization": f"Bearer {self.api.token}"})
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                log.debug("cannot open %s (%s): long-polling", self.url, exc)
+                self._start_polling()
+            else:
+                await self._use(ws)
+            await asyncio.sleep(self._backoff.next())
+
+    async def _use(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._stop_polling()
+        self._outbox = asyncio.Queue()
+        for feed in self.feeds.values():
+            self._send(op="subscribe", job=feed.job_id, after=feed.seq)
+        writer = asyncio.create_task(self._write(ws, self._outbox))
+        try:
+            async with ws:
+                async for raw in ws:
+                    self._backoff.reset()  # it works: the next drop retries quickly
+                    self._dispatch(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._ws = None
+            writer.cancel()
+        if ws.close_code == BAD_TOKEN:
+            for feed in list(self.feeds.values()):
+                feed.fail(Unauthorized(401, ws.close_reason or "invalid or expired token"))
+        log.debug("socket closed (%s): reconnecting", ws.close_code)
+
+    @staticmethod
+    async def _write(ws: ClientConnection, outbox: asyncio.Queue[bytes]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send((await outbox.get()).decode())
+
+    def _dispatch(self, raw: str | bytes) -> None:
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(msg, dict):
+            return
+        job = msg.get("job")
+        feed = self.feeds.get(job) if isinstance(job, str) else None
+        if feed is None:
+            return  # not (or no longer) subscribed: ignore
+        op = msg.get("op")
+        if op is None:
+            feed.deliver([msg])
+        elif op == "error":
+            feed.fail(api_error(int(msg.get("code", 400)), str(msg.get("error"))))
+
+    async def aclose(self) -> None:
+        self._stop_polling()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner  # leaving `async with ws` closes the socket

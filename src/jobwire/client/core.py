@@ -1,0 +1,167 @@
+"""The async client: submits and manages jobs, and keeps one live feed per watched job
+(one server subscription, however many watchers) over one shared connection."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncGenerator
+from types import TracebackType
+
+import httpx
+
+from jobwire.client.api import Api
+from jobwire.client.backoff import Backoff
+from jobwire.client.connection import Connection, ws_url_of
+from jobwire.client.errors import JobCancelled, JobFailed, JobwireError
+from jobwire.client.feed import Feed
+from jobwire.client.flight import SingleFlight
+from jobwire.client.session import SessionFile
+from jobwire.client.snapshot import JSON, Snapshot
+
+
+class Client:
+    """A jobwire client for one server.
+
+    Without `token` it uses the guest session saved in `state_file` for this URL, or
+    creates one on first use (and saves it). With `state_file` it also records which
+    jobs it watches, so `recover()` in a restarted process resumes them.
+    `ws_url`, `poll_wait` and `backoff` (base, cap seconds) tune the transport.
+    """
+
+    def __init__(self, url: str, token: str | None = None, *,
+                 state_file: str | os.PathLike[str] | None = None,
+                 ws_url: str | None = None, poll_wait: float = 25.0,
+                 backoff: tuple[float, float] = (0.2, 10.0),
+                 timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.session = SessionFile(state_file, self.url) if state_file is not None else None
+        # A token given by the caller is theirs to replace; a guest one we renew ourselves.
+        renew = self._guest_token if token is None else None
+        if token is None and self.session is not None:
+            token = self.session.token
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.api = Api(self.http, token, renew)
+        self._new_session = SingleFlight(self._create_session)
+        self._recovering = SingleFlight(self._recover)
+        self._backoff = backoff
+        self.connection = Connection(ws_url or ws_url_of(self.url), self.api,
+                                     self._new_backoff, poll_wait)
+        self.feeds: dict[str, Feed] = {}
+
+    @property
+    def token(self) -> str | None:
+        return self.api.token
+
+    def _new_backoff(self) -> Backoff:
+        return Backoff(*self._backoff)
+
+    async def _guest_token(self, rejected: str | None) -> str:
+        if self.api.token is not None and self.api.token != rejected:
+            return self.api.token  # another call already replaced it
+        return await self._new_session()
+
+    async def _create_session(self) -> str:
+        token, owner = await self.api.new_session()
+        if self.session is not None:
+            self.session.save_token(token, owner)
+        return token
+
+    # --- jobs -------------------------------------------------------------------------
+
+    async def submit(self, task: str, input: JSON = None, key: str | None = None
+                     ) -> tuple[dict[str, JSON], bool]:
+        """(job snapshot, created): created is False when an active job of this owner,
+        task and key already existed and is returned instead."""
+        return await self.api.submit(task, input, key)
+
+    async def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, JSON]]:
+        """The owner's jobs, newest first; status "active" means queued or running."""
+        return await self.api.jobs(status, limit)
+
+    async def job(self, job_id: str) -> dict[str, JSON]:
+        return await self.api.job(job_id)
+
+    async def cancel(self, job_id: str) -> dict[str, JSON]:
+        """Cancel a queued job at once, or ask a running one to stop."""
+        return await self.api.cancel(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        """Delete an ended job (JobActive while it is queued or running)."""
+        await self.api.delete(job_id)
+
+    # --- live -------------------------------------------------------------------------
+
+    def _feed(self, job_id: str) -> Feed:
+        feed = self.feeds.get(job_id)
+        if feed is None:
+            feed = self.feeds[job_id] = Feed(job_id, self.api, self.connection,
+                                             self._new_backoff, self._feed_closed)
+            if self.session is not None:
+                self.session.add_job(job_id)
+            feed.start()
+        return feed
+
+    def _feed_closed(self, feed: Feed) -> None:
+        if self.feeds.get(feed.job_id) is feed:
+            del self.feeds[feed.job_id]
+        if self.session is not None and feed.state is not None and feed.state.terminal:
+            self.session.remove_job(feed.job_id)
+
+    async def watch(self, job_id: str) -> AsyncGenerator[Snapshot, None]:
+        """The job's states, each consistent at one seq, in seq order, ending with the
+        terminal one. Watchers of one job share one feed; stopping early (break, or
+        aclose()) leaves it, and the last one to leave ends the subscription."""
+        feed = self._feed(job_id)
+        queue = feed.attach()
+        try:
+            while (got := await queue.get()) is not None:
+                if isinstance(got, JobwireError):
+                    raise got
+                yield got
+        finally:
+            feed.detach(queue)
+
+    async def wait(self, job_id: str) -> JSON:
+        """The job's result once it completes; JobFailed or JobCancelled otherwise."""
+        last: Snapshot | None = None
+        async with contextlib.aclosing(self.watch(job_id)) as states:
+            async for state in states:
+                last = state
+        if last is None or not last.terminal:
+            raise JobwireError(f"the client was closed before job {job_id} ended")
+        if last.status == "failed":
+            raise JobFailed(dict(last.job))
+        if last.status == "cancelled":
+            raise JobCancelled(dict(last.job))
+        return last.result
+
+    async def recover(self) -> list[dict[str, JSON]]:
+        """The owner's active jobs, each watched from now on until it ends (so `watch`
+        joins a live feed); jobs saved in the state file are watched again too, even
+        if they ended meanwhile, so their outcome is not lost. Concurrent calls share
+        one request and its result."""
+        return await self._recovering()
+
+    async def _recover(self) -> list[dict[str, JSON]]:
+        active = await self.api.jobs("active", limit=500)
+        saved = self.session.jobs if self.session is not None else []
+        for job_id in dict.fromkeys([j["id"] for j in active] + saved):
+            self._feed(job_id).keep()
+        return active
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Ends every watcher, closes the socket and the HTTP client."""
+        for feed in list(self.feeds.values()):
+            feed.close()
+        await self.connection.aclose()
+        await self.http.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()

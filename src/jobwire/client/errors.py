@@ -1,0 +1,64 @@
+"""The errors the client raises, one type per thing a caller may want to handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class JobwireError(Exception):
+    """Base of every client error."""
+
+
+class Unavailable(JobwireError):
+    """The server could not be reached (refused, timed out, connection dropped)."""
+
+
+class ApiError(JobwireError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Unauthorized(ApiError):
+    """401: the token is missing, invalid or expired."""
+
+
+class JobNotFound(ApiError):
+    """404: no such job for this owner (missing and foreign jobs look alike)."""
+
+
+class JobActive(ApiError):
+    """409: the job is still queued or running (e.g. on delete)."""
+
+
+class InvalidRequest(ApiError):
+    """422: an unknown task or a bad input; the message names the field."""
+
+
+class JobEnded(JobwireError):
+    """A job reached a terminal state other than completed."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        super().__init__(f"job {job['id']} {job['status']}"
+                         + (f": {job['error']}" if job.get("error") else ""))
+
+
+class JobFailed(JobEnded):
+    """The job ended `failed`; `.job["error"]` says why."""
+
+
+class JobCancelled(JobEnded):
+    """The job ended `cancelled`."""
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    401: Unauthorized, 404: JobNotFound, 409: JobActive, 422: InvalidRequest,
+}
+
+
+def api_error(status: int, detail: str) -> ApiError:
+    return _BY_STATUS.get(status, ApiError)(status, detail)
