@@ -146,7 +146,8 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._thread, fn, *args)
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
+            # Locked, full, unreadable or unreachable: a clear error, never a traceback.
             raise StoreError(f"database error ({self.path}): {exc}") from exc
 
     @property

@@ -1,0 +1,44 @@
+"""The server-side CLI: users, migrations, and clear errors without tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import ROOT, Proc
+
+
+def jobwire(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobwire", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_users_add_prints_a_working_token(procs: Any, db_url: str) -> None:
+    assert jobwire("migrate", "--db", db_url).returncode == 0
+    out = jobwire("users", "add", "alice", "--db", db_url)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    server: Proc = procs("serve", "--db", db_url)
+    r = httpx.post(server.url + "/api/jobs", json={"task": "echo", "input": 1},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201 and r.json()["job"]["owner"] == "user:alice"
+
+
+def test_bad_arguments_are_clear_messages(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    (tmp_path / "a-file").write_text("")
+    for args, words in [
+        (("worker", "--db", db, "--concurrency", "-1"), "--concurrency"),
+        (("worker", "--db", db, "--app", "no.such.module:app"), "cannot load app"),
+        (("users", "add", "a:b", "--db", db), "without ':'"),
+        (("migrate", "--db", str(tmp_path / "a-file" / "x.db")), "database error"),
+    ]:
+        out = jobwire(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert words in out.stderr and "Traceback" not in out.stderr, out.stderr
