@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
-from jobwire.model import JSON, Event, Item, ItemStatus, Job, Status
+from jobwire.model import JSON, Event, Item, Job, Status
 
 # Called on the event loop with (job id, seq, the event if the backend has it at hand).
 # A hint may repeat or skip seqs; listeners catch up from `events()` by seq.
@@ -51,12 +51,8 @@ class Written:
     cancel_requested: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ItemUpdate:
-    ref: str
-    status: ItemStatus
-    result: JSON = None
-    error: str | None = None
+# An update states the item's new state, which is exactly an Item.
+ItemUpdate = Item
 
 
 class Store(Protocol):
