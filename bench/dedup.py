@@ -1,0 +1,228 @@
+"""Dedup storm: 1,000 concurrent submits of one key. Wall time, and how many jobs exist
+afterwards (must be 1), for jobwire and for the peers that have unique/dedup keys.
+
+Run: .venv/bin/python -m bench.dedup [--submits N] [--reps R] [--only NAME,...]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    REDIS_DB,
+    REDIS_URL,
+    fmt,
+    jobwire_server,
+    parser,
+    pg_database,
+    record,
+    redis_flush,
+    stats,
+    table,
+)
+
+KEY = "storm"
+Outcome = tuple[float, int, int]  # wall seconds, submits answered "created", jobs that exist
+
+
+async def _storm(n: int, submit: Callable[[], Awaitable[bool]]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    created = await asyncio.wait_for(asyncio.gather(*(submit() for _ in range(n))), 120)
+    return time.perf_counter() - t0, sum(created)
+
+
+# -- jobwire
+
+
+async def jobwire_store(db: str, n: int) -> Outcome:
+    from jobwire.store import open_store
+
+    store = open_store(db)
+    await store.open()
+    try:
+        async def submit() -> bool:
+            _, created = await store.submit("bench", "noop", None, KEY, 1)
+            return created
+
+        wall, created = await _storm(n, submit)
+        jobs = await store.list_jobs("bench", None, 10)
+    finally:
+        await store.close()
+    return wall, created, len(jobs)
+
+
+async def jobwire_http(db: str, n: int) -> Outcome:
+    """The same storm through the HTTP API of one `jobwire serve` process."""
+    with jobwire_server(db, workers=False) as (url, _):
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+            token = (await client.post("/api/sessions")).json()["token"]
+            headers = {"Authorization": f"Bearer {token}"}
+
+            async def submit() -> bool:
+                r = await client.post("/api/jobs", headers=headers,
+                                      json={"task": "noop", "input": None, "key": KEY})
+                r.raise_for_status()
+                return bool(r.json()["created"])
+
+            wall, created = await _storm(n, submit)
+            jobs = (await client.get("/api/jobs", headers=headers)).json()
+    return wall, created, len(jobs)
+
+
+def _sqlite(run: Callable[[str, int], Awaitable[Outcome]]) -> Callable[[int], Awaitable[Outcome]]:
+    async def go(n: int) -> Outcome:
+        with tempfile.TemporaryDirectory() as tmp:
+            return await run(f"sqlite:///{tmp}/bench.db", n)
+    return go
+
+
+def _postgres(run: Callable[[str, int], Awaitable[Outcome]]) -> Callable[[int], Awaitable[Outcome]]:
+    async def go(n: int) -> Outcome:
+        with pg_database("dedup") as url:
+            return await run(url, n)
+    return go
+
+
+# -- peers
+
+
+async def procrastinate_pg(n: int) -> Outcome:
+    """queueing_lock: a second job with the same lock is refused while one is queued."""
+    import procrastinate
+    from procrastinate.exceptions import AlreadyEnqueued
+
+    with pg_database("procrastinate") as url:
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+        @app.task(name="noop", queue="bench")
+        async def noop() -> None:
+            return None
+
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+
+            async def submit() -> bool:
+                try:
+                    await noop.configure(queueing_lock=KEY).defer_async()
+                except AlreadyEnqueued:
+                    return False
+                return True
+
+            wall, created = await _storm(n, submit)
+            async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+                row = await (await conn.execute("SELECT count(*) FROM procrastinate_jobs")
+                             ).fetchone()
+    return wall, created, row[0]
+
+
+async def saq_run(url: str, n: int) -> Outcome:
+    """Job key: enqueue returns None while a job with the key exists."""
+    from saq import Queue
+
+    queue = Queue.from_url(url, name="bench")
+    await queue.connect()
+    try:
+        async def submit() -> bool:
+            return await queue.enqueue("noop", key=KEY) is not None
+
+        wall, created = await _storm(n, submit)
+        jobs = await queue.count("queued")
+    finally:
+        await queue.disconnect()
+    return wall, created, jobs
+
+
+async def saq_redis(n: int) -> Outcome:
+    redis_flush()
+    try:
+        return await saq_run(REDIS_URL, n)
+    finally:
+        redis_flush()
+
+
+async def saq_pg(n: int) -> Outcome:
+    with pg_database("saq") as url:
+        return await saq_run(url.replace("postgresql://", "postgres://"), n)
+
+
+async def arq_redis(n: int) -> Outcome:
+    """_job_id: enqueue_job returns None while a job with that id exists."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    redis_flush()
+    pool = await create_pool(RedisSettings(host="127.0.0.1", port=6379, database=REDIS_DB,
+                                           max_connections=100))
+    try:
+        async def submit() -> bool:
+            return await pool.enqueue_job("noop", _job_id=KEY) is not None
+
+        wall, created = await _storm(n, submit)
+        jobs = len(await pool.queued_jobs())
+    finally:
+        await pool.aclose()
+        redis_flush()
+    return wall, created, jobs
+
+
+SYSTEMS: dict[str, Callable[[int], Awaitable[Outcome]]] = {
+    "jobwire (SQLite, store API)": _sqlite(jobwire_store),
+    "jobwire (SQLite, HTTP)": _sqlite(jobwire_http),
+    "jobwire (PostgreSQL, store API)": _postgres(jobwire_store),
+    "jobwire (PostgreSQL, HTTP)": _postgres(jobwire_http),
+    "Procrastinate (PostgreSQL, queueing_lock)": procrastinate_pg,
+    "SAQ (PostgreSQL, key)": saq_pg,
+    "SAQ (Redis, key)": saq_redis,
+    "arq (Redis, _job_id)": arq_redis,
+}
+NONE = {"Celery (Redis)": "no dedup/unique key in Celery itself (only third-party add-ons)"}
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--submits", type=int, default=1000)
+    p.add_argument("--only", default="")
+    args = p.parse_args()
+    names = [s for s in SYSTEMS if not args.only or
+             any(o.strip().lower() in s.lower() for o in args.only.split(","))]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        walls: list[float] = []
+        created: list[int] = []
+        jobs: list[int] = []
+        error = None
+        for rep in range(args.reps):
+            print(f"rep {rep + 1}/{args.reps}: {name} ...", flush=True)
+            try:
+                w, c, j = asyncio.run(SYSTEMS[name](args.submits))
+            except Exception as exc:  # one broken peer must not sink the whole run
+                error = f"{type(exc).__name__}: {exc}"
+                print(f"  failed: {error}", flush=True)
+                break
+            walls.append(w * 1000)
+            created.append(c)
+            jobs.append(j)
+        row: dict[str, Any] = {"system": name, "wall_ms": stats(walls) if walls else None,
+                               "created": created, "jobs": jobs}
+        if error:
+            row["error"] = error
+        rows.append(row)
+    rows += [{"system": k, "note": v} for k, v in NONE.items()]
+    table(f"Dedup storm: {args.submits:,} concurrent submits of one key, "
+          f"median (min-max) of {args.reps}",
+          ["system", "wall ms", "answered created", "jobs that exist (must be 1)"],
+          [[r["system"], fmt(r.get("wall_ms"), 1) if "note" not in r else "—",
+            ",".join(map(str, r.get("created", []))) or r.get("note", ""),
+            ",".join(map(str, r.get("jobs", []))) or r.get("error", "")] for r in rows])
+    print(f"appended to {record('dedup', {'submits': args.submits, 'reps': args.reps}, rows)}")
+
+
+if __name__ == "__main__":
+    main()
