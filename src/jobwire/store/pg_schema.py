@@ -1,0 +1,97 @@
+"""PostgreSQL schema migrations: numbered scripts applied in order, recorded in a table,
+serialised across processes by an advisory lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from jobwire.model import now
+
+ACTIVE_SQL = "('queued', 'running')"
+TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
+
+# Timestamps are epoch seconds (double precision) so snapshots render exactly as on
+# SQLite; JSON is `json`, not `jsonb`, so objects keep the key order they were given.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        task text NOT NULL,
+        key text,
+        owner text NOT NULL,
+        status text NOT NULL CHECK (status IN {ACTIVE_SQL[:-1]}, {TERMINAL_SQL[1:]}),
+        input json NOT NULL,
+        total integer NOT NULL DEFAULT 0,
+        done integer NOT NULL DEFAULT 0,
+        failed integer NOT NULL DEFAULT 0,
+        result json,
+        error text,
+        info json,
+        attempt integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL CHECK (max_attempts >= 1),
+        seq integer NOT NULL,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        worker text,
+        lease_until double precision,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        finished_at double precision,
+        CHECK (done >= 0 AND failed >= 0 AND done + failed <= total),
+        CHECK ((status IN {TERMINAL_SQL}) = (finished_at IS NOT NULL))
+    );
+    -- At most one active job per (owner, task, key): the database decides, not Python.
+    CREATE UNIQUE INDEX jobs_dedup ON jobs (owner, task, key)
+        WHERE key IS NOT NULL AND status IN {ACTIVE_SQL};
+    CREATE INDEX jobs_by_owner ON jobs (owner, created_at DESC);
+    CREATE INDEX jobs_queue ON jobs (created_at) WHERE status = 'queued';
+    CREATE INDEX jobs_leases ON jobs (lease_until) WHERE status = 'running';
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE items (
+        job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        ref text NOT NULL,
+        pos integer NOT NULL,
+        status text NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+        result json,
+        error text,
+        PRIMARY KEY (job_id, ref)
+    );
+    CREATE TABLE events (
+        job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        seq integer NOT NULL,
+        type text NOT NULL,
+        data json NOT NULL,
+        at double precision NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE sessions (
+        token_hash text PRIMARY KEY,
+        owner text NOT NULL,
+        created_at double precision NOT NULL,
+        expires_at double precision
+    );
+    """,
+]
+
+_LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Apply pending migrations in one transaction; returns the schema version.
+
+    A second process starting at the same moment waits on the advisory lock, then
+    finds the work done. The lock is keyed by schema, so schemas migrate independently.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
+                           (_LOCK_CLASS,))
+        await conn.execute("CREATE TABLE IF NOT EXISTS jobwire_migrations ("
+                           "version integer PRIMARY KEY, applied_at double precision NOT NULL)")
+        cur = await conn.execute("SELECT coalesce(max(version), 0) FROM jobwire_migrations")
+        row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await conn.execute(script.encode())  # no parameters: several statements allowed
+            await conn.execute("INSERT INTO jobwire_migrations VALUES (%s, %s)", (number, now()))
+        return max(version, len(MIGRATIONS))

@@ -1,0 +1,607 @@
+"""The distributed store: one PostgreSQL database shared by any number of API servers
+and worker processes, with events fanned out to every process by LISTEN/NOTIFY.
+
+Each write is one transaction on a pooled connection in pipeline mode, so statements
+whose results are not needed go out together (two round trips for most writes).
+Every job write locks the job row first (a guarded UPDATE, or SELECT … FOR NO KEY
+UPDATE), and item rows are only written under that lock, so counts and items agree.
+Claims, lease expiry and pruning skip rows another transaction holds, so many workers
+never wait on each other. Events are inserted and NOTIFYed in one statement at the end
+of the transaction; PostgreSQL delivers the notifications at commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg.types.json import Json, set_json_loads
+from psycopg_pool import AsyncConnectionPool
+
+from jobwire.model import (
+    JSON,
+    Event,
+    EventType,
+    IllegalTransition,
+    Item,
+    ItemStatus,
+    Job,
+    Status,
+    check_item_transition,
+    check_job_transition,
+    counts_delta,
+    now,
+)
+from jobwire.store.base import (
+    Hint,
+    ItemUpdate,
+    JobActive,
+    Lease,
+    LeaseLost,
+    StoreError,
+    UnknownItem,
+    Written,
+)
+from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
+from jobwire.store.rows import (
+    JOB_COLUMNS,
+    dumps,
+    event_data,
+    expiry_outcome,
+    item_from_row,
+    job_from_row,
+    lease_expired_error,
+    make_event,
+)
+
+log = logging.getLogger("jobwire.store.postgres")
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[TupleRow]
+Steps = Callable[[Conn], Awaitable[tuple[T, list[Event]]]]
+
+POOL_SIZE = 10
+CONNECT_TIMEOUT = 10.0
+NOTE_LIMIT = 7000  # bytes; PostgreSQL refuses NOTIFY payloads of 8000 or more
+PING_SECONDS = 5.0  # how often an idle listening connection proves it is alive
+# On a listener reconnect, jobs finished up to this long before the connection was last
+# known alive are re-announced too: covers commits in flight and clock skew between hosts.
+RESYNC_MARGIN = 60.0
+
+# Leases are set and compared on the database clock, so hosts with skewed clocks
+# never expire each other's leases early.
+_DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+_LEASE = "status = 'running' AND worker = %s AND attempt = %s"
+
+_WRITE_EVENTS = (
+    "WITH written AS (INSERT INTO events (job_id, seq, type, data, at) "
+    "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::json[], %s::float8[])) "
+    "SELECT count(pg_notify(%s, note)) FROM unnest(%s::text[]) AS note"
+)
+
+
+async def _configure(conn: Conn) -> None:
+    set_json_loads(orjson.loads, conn)
+
+
+class PostgresStore:
+    """The distributed backend (`postgresql://user@host:port/db?options=-csearch_path=…`)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        self._hints: list[Hint] = []
+        self._origin = uuid.uuid4().hex[:12]  # tags our notifications: we publish ours directly
+        self._channel = "jobwire"
+        self._listener: asyncio.Task[None] | None = None
+        name = conninfo_to_dict(url).get("application_name")
+        self._app_name = str(name) if name else "jobwire"
+
+    # -- plumbing
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Conn]:
+        assert self._pool is not None, "store is not open"
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise StoreError(f"database error: {exc}") from exc
+
+    async def _query(self, query: str, params: Sequence[Any] = ()) -> list[TupleRow]:
+        """One statement in its own (autocommit) transaction."""
+        async with self._connection() as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+
+    async def _execute(self, query: str, params: Sequence[Any] = ()) -> int:
+        async with self._connection() as conn:
+            cur = await conn.execute(query, params)
+            return cur.rowcount
+
+    async def _transact(self, steps: Steps[T]) -> T:
+        """Run steps(conn) -> (value, events) in one transaction, writing and notifying
+        the events last; hand them to local listeners after commit."""
+        async with self._connection() as conn, conn.pipeline(), conn.transaction():
+            value, events = await steps(conn)
+            if events:
+                await conn.execute(_WRITE_EVENTS, (
+                    [e.job for e in events], [e.seq for e in events], [e.type for e in events],
+                    [Json(e.data, dumps) for e in events], [e.at for e in events],
+                    self._channel, [self._note(e) for e in events]))
+        self._publish(events)
+        return value
+
+    def _note(self, ev: Event) -> str:
+        """The NOTIFY payload: the whole event when it fits, else just where to read it."""
+        note: dict[str, JSON] = {"o": self._origin, "job": ev.job, "seq": ev.seq}
+        full = orjson.dumps({**note, "type": ev.type, "data": ev.data, "at": ev.at})
+        return (full if len(full) < NOTE_LIMIT else orjson.dumps(note)).decode()
+
+    def _publish(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            self._call_hints(ev.job, ev.seq, ev)
+
+    def _call_hints(self, job: str, seq: int, ev: Event | None) -> None:
+        for hint in self._hints:
+            try:
+                hint(job, seq, ev)
+            except Exception:  # one broken listener must not stop delivery to the others
+                log.exception("event listener failed")
+
+    def listen(self, hint: Hint) -> None:
+        self._hints.append(hint)
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT),
+                    application_name=self._app_name) as conn:
+                await migrate(conn)
+                cur = await conn.execute("SELECT current_schema()")
+                row = await cur.fetchone()
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"cannot open the database: {exc}") from exc
+        # Channels are per database; naming them by schema keeps deployments that share
+        # a database in separate schemas apart. Identifiers stop at 63 bytes.
+        schema = str(row[0]) if row else "public"
+        self._channel = f"jobwire:{schema}".encode()[:63].decode(errors="ignore")
+        self._pool = AsyncConnectionPool(
+            self.url, min_size=1, max_size=POOL_SIZE, open=False, configure=_configure,
+            kwargs={"autocommit": True, "application_name": self._app_name},
+            name="jobwire")
+        try:
+            await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        except psycopg.OperationalError as exc:
+            await self._pool.close()
+            raise StoreError(f"cannot open the database: {exc}") from exc
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._listener = asyncio.create_task(self._listen(ready))
+        try:
+            await ready
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # -- cross-process events
+
+    async def _listen(self, ready: asyncio.Future[None]) -> None:
+        """Deliver other processes' events from a dedicated LISTEN connection, forever.
+
+        A notification sent while this connection was down is lost, so after a
+        reconnect every job that may have changed meanwhile (still active, or finished
+        since the connection was last known alive) gets a hint without an event: the
+        hub then reads its channels' missing events from the table by seq, and
+        workers look for work. This needs nothing beyond the Store protocol.
+        """
+        alive_at: float | None = None
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT),
+                        application_name=f"{self._app_name}/listen"[:63]) as conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    if alive_at is not None:
+                        await self._resync(alive_at - RESYNC_MARGIN)
+                        log.info("listening for events again")
+                    if not ready.done():
+                        ready.set_result(None)
+                    delay = 0.5
+                    while True:
+                        alive_at = now()
+                        async for note in conn.notifies(timeout=PING_SECONDS):
+                            self._on_note(note.payload)
+                        await asyncio.wait_for(conn.execute("SELECT 1"), PING_SECONDS)
+            except (psycopg.Error, StoreError, TimeoutError) as exc:
+                if not ready.done():
+                    ready.set_exception(StoreError(f"cannot listen for events: {exc}"))
+                    return
+                log.warning("event listener lost its connection (%s); retrying in %.1fs",
+                            exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _on_note(self, payload: str) -> None:
+        try:
+            note = orjson.loads(payload)
+            if note["o"] == self._origin:
+                return  # ours: already handed to local listeners at commit
+            job, seq = str(note["job"]), int(note["seq"])
+            ev = (Event(job=job, seq=seq, type=note["type"], data=note["data"], at=note["at"])
+                  if "type" in note else None)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed notification: %.200s", payload)
+            return
+        self._call_hints(job, seq, ev)
+
+    async def _resync(self, since: float) -> None:
+        rows = await self._query(
+            f"SELECT id, seq FROM jobs WHERE status IN {ACTIVE_SQL} OR finished_at >= %s",
+            (since,))
+        for job, seq in rows:
+            self._call_hints(job, seq, None)
+
+    # -- shared transaction steps
+
+    @staticmethod
+    async def _fenced(conn: Conn, lease: Lease, assignments: str = "",
+                      params: Sequence[Any] = ()) -> tuple[int, str, int, int, int, bool]:
+        """Bump the seq of a job the lease still holds, applying extra assignments.
+        Returns (seq, status, total, done, failed, cancel_requested)."""
+        cur = await conn.execute(
+            f"UPDATE jobs SET seq = seq + 1, updated_at = %s{assignments} "
+            f"WHERE id = %s AND {_LEASE} "
+            "RETURNING seq, status, total, done, failed, cancel_requested",
+            (now(), *params, lease.job, lease.worker, lease.attempt))
+        row = await cur.fetchone()
+        if row is None:
+            raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+        return row[0], row[1], row[2], row[3], row[4], row[5]
+
+    @staticmethod
+    async def _hold(conn: Conn, lease: Lease, items_query: str, items_params: Sequence[Any]
+                    ) -> tuple[tuple[int, str, int, int, int, bool], list[TupleRow]]:
+        """Lock a job the lease still holds and read its items under the lock, in one
+        round trip. Returns ((seq, status, total, done, failed, cancel_requested), items)."""
+        job_cur = await conn.execute(
+            "SELECT seq, status, total, done, failed, cancel_requested FROM jobs "
+            f"WHERE id = %s AND {_LEASE} FOR NO KEY UPDATE",
+            (lease.job, lease.worker, lease.attempt))
+        items_cur = await conn.execute(items_query, items_params)
+        row = await job_cur.fetchone()
+        items = await items_cur.fetchall()
+        if row is None:
+            raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+        return (row[0], row[1], row[2], row[3], row[4], row[5]), items
+
+    @staticmethod
+    async def _find(conn: Conn, job_id: str, owner: str | None, lock: bool = False
+                    ) -> Job | None:
+        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s"
+        params: tuple[str, ...] = (job_id,)
+        if owner is not None:
+            query, params = query + " AND owner = %s", (job_id, owner)
+        if lock:
+            query += " FOR NO KEY UPDATE"
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+        return None if row is None else job_from_row(row, decode=False)
+
+    # -- sessions
+
+    async def add_session(self, token_hash: str, owner: str, expires_at: float | None) -> None:
+        await self._execute("INSERT INTO sessions VALUES (%s, %s, %s, %s)",
+                            (token_hash, owner, now(), expires_at))
+
+    async def session_owner(self, token_hash: str) -> str | None:
+        rows = await self._query(
+            "SELECT owner FROM sessions WHERE token_hash = %s "
+            "AND (expires_at IS NULL OR expires_at > %s)", (token_hash, now()))
+        return str(rows[0][0]) if rows else None
+
+    # -- the API's side
+
+    async def submit(self, owner: str, task: str, input: JSON, key: str | None,
+                     max_attempts: int) -> tuple[Job, bool]:
+        async def submit(conn: Conn) -> tuple[tuple[Job, bool] | None, list[Event]]:
+            job_id, at = uuid.uuid4().hex, now()
+            # A concurrent insert of the same key makes this wait for it to commit, then
+            # do nothing; the SELECT below (a fresh snapshot) then sees the winner.
+            cur = await conn.execute(
+                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
+                "created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, %s, %s) "
+                f"ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
+                f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}",
+                (job_id, task, key, owner, Json(input, dumps), max_attempts, at, at))
+            row = await cur.fetchone()
+            if row is not None:
+                ev = make_event(job_id, 1, EventType.CREATED,
+                                event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
+                return (job_from_row(row, decode=False), True), [ev]
+            cur = await conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND task = %s AND key = %s "
+                f"AND status IN {ACTIVE_SQL}", (owner, task, key))
+            row = await cur.fetchone()
+            # None: the active job finished between the two statements; insert again.
+            return (None if row is None else (job_from_row(row, decode=False), False)), []
+
+        while True:
+            outcome = await self._transact(submit)
+            if outcome is not None:
+                return outcome
+
+    async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
+        async with self._connection() as conn:
+            return await self._find(conn, job_id, owner)
+
+    async def list_jobs(self, owner: str, statuses: Collection[Status] | None,
+                        limit: int) -> list[Job]:
+        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s"
+        params: list[Any] = [owner]
+        if statuses is not None:
+            query += " AND status = ANY(%s)"
+            params.append([s.value for s in statuses])
+        rows = await self._query(query + " ORDER BY created_at DESC, id LIMIT %s",
+                                 (*params, limit))
+        return [job_from_row(r, decode=False) for r in rows]
+
+    async def job_with_items(self, job_id: str, owner: str | None = None
+                             ) -> tuple[Job, list[Item]] | None:
+        # One statement is one snapshot: the items agree with the job row's seq.
+        query = (
+            f"SELECT {JOB_COLUMNS}, (SELECT coalesce(json_agg(json_build_array("
+            "ref, status, result, error) ORDER BY pos), '[]') FROM items "
+            "WHERE job_id = jobs.id) FROM jobs WHERE id = %s")
+        params: tuple[str, ...] = (job_id,)
+        if owner is not None:
+            query, params = query + " AND owner = %s", (job_id, owner)
+        rows = await self._query(query, params)
+        if not rows:
+            return None
+        return (job_from_row(rows[0], decode=False),
+                [item_from_row(r, decode=False) for r in rows[0][-1]])
+
+    async def count_by_status(self) -> dict[str, int]:
+        return {str(s): int(n) for s, n in await self._query(
+            "SELECT status, count(*) FROM jobs GROUP BY status")}
+
+    async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        rows = await self._query(
+            "SELECT seq, type, data, at FROM events WHERE job_id = %s AND seq > %s "
+            "ORDER BY seq LIMIT %s", (job_id, after, limit))
+        return [Event(job=job_id, seq=r[0], type=r[1], data=r[2], at=r[3]) for r in rows]
+
+    async def request_cancel(self, job_id: str, owner: str) -> Job | None:
+        async def cancel(conn: Conn) -> tuple[Job | None, list[Event]]:
+            job = await self._find(conn, job_id, owner, lock=True)
+            if job is None or job.status.terminal or job.cancel_requested:
+                return job, []
+            at = now()
+            if job.status == Status.QUEUED:
+                check_job_transition(job.status, Status.CANCELLED)
+                assignments, kind = "status = 'cancelled', finished_at = %s, ", EventType.CANCELLED
+                params: tuple[Any, ...] = (at, at, job_id)
+            else:
+                assignments, kind = "", EventType.CANCEL_REQUESTED
+                params = (at, job_id)
+            cur = await conn.execute(
+                f"UPDATE jobs SET {assignments}cancel_requested = true, seq = seq + 1, "
+                f"updated_at = %s WHERE id = %s RETURNING {JOB_COLUMNS}", params)
+            row = await cur.fetchone()
+            assert row is not None  # locked above
+            job = job_from_row(row, decode=False)
+            p = job.progress
+            ev = make_event(job_id, job.seq, kind,
+                            event_data(job.status, p.total, p.done, p.failed), at)
+            return job, [ev]
+
+        return await self._transact(cancel)
+
+    async def delete_job(self, job_id: str, owner: str) -> bool:
+        async def delete(conn: Conn) -> tuple[bool, list[Event]]:
+            job = await self._find(conn, job_id, owner, lock=True)
+            if job is None:
+                return False, []
+            if job.status.active:
+                raise JobActive(f"job {job_id} is {job.status}; cancel it first")
+            await conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+            return True, []
+
+        return await self._transact(delete)
+
+    # -- the worker's side
+
+    async def claim(self, worker: str, tasks: Collection[str], limit: int,
+                    lease_seconds: float) -> list[Job]:
+        if not tasks or limit <= 0:
+            return []
+
+        async def claim(conn: Conn) -> tuple[list[Job], list[Event]]:
+            at = now()
+            cur = await conn.execute(
+                "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
+                "AND task = ANY(%s) ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = %s, "
+                f"lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
+                f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}",
+                (list(tasks), limit, worker, lease_seconds, at))
+            jobs = [job_from_row(r, decode=False) for r in await cur.fetchall()]
+            events = [make_event(job.id, job.seq, EventType.STARTED,
+                                 event_data(Status.RUNNING, job.progress.total, job.progress.done,
+                                            job.progress.failed, attempt=job.attempt), at)
+                      for job in jobs]
+            return jobs, events
+
+        return await self._transact(claim)
+
+    async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
+        if not leases:
+            return {}
+        rows = await self._query(
+            f"UPDATE jobs SET lease_until = {_DB_NOW} + %s "
+            "FROM unnest(%s::text[], %s::text[], %s::int[]) AS held(job, worker, attempt) "
+            "WHERE jobs.id = held.job AND jobs.status = 'running' "
+            "AND jobs.worker = held.worker AND jobs.attempt = held.attempt "
+            "RETURNING jobs.id, jobs.cancel_requested",
+            (lease_seconds, [x.job for x in leases], [x.worker for x in leases],
+             [x.attempt for x in leases]))
+        return {str(job): bool(cancel) for job, cancel in rows}
+
+    async def declare_items(self, lease: Lease, refs: Sequence[str]) -> tuple[Written, list[Item]]:
+        async def declare(conn: Conn) -> tuple[tuple[Written, list[Item]], list[Event]]:
+            (seq, status, total, done, failed, cancel), rows = await self._hold(
+                conn, lease, "SELECT ref, status, result, error FROM items "
+                "WHERE job_id = %s ORDER BY pos", (lease.job,))
+            items = [item_from_row(r, decode=False) for r in rows]
+            existing = {it.ref for it in items}
+            fresh = list(dict.fromkeys(r for r in refs if r not in existing))
+            if not fresh:  # nothing changed: no event
+                return (Written([], cancel), items), []
+            at = now()
+            await conn.execute(
+                "INSERT INTO items (job_id, ref, pos, status) "
+                "SELECT %s, ref, %s + n - 1, 'pending' FROM unnest(%s::text[]) "
+                "WITH ORDINALITY AS fresh(ref, n)", (lease.job, len(items), fresh))
+            await conn.execute(
+                "UPDATE jobs SET seq = seq + 1, total = total + %s, updated_at = %s "
+                "WHERE id = %s", (len(fresh), at, lease.job))
+            ev = make_event(lease.job, seq + 1, EventType.ITEMS,
+                            event_data(status, total + len(fresh), done, failed, refs=fresh), at)
+            items += [Item(ref, ItemStatus.PENDING) for ref in fresh]
+            return (Written([ev], cancel), items), [ev]
+
+        return await self._transact(declare)
+
+    async def update_items(self, lease: Lease, updates: Sequence[ItemUpdate]) -> Written:
+        async def update(conn: Conn) -> tuple[Written, list[Event]]:
+            (seq, status, total, done, failed, cancel), rows = await self._hold(
+                conn, lease, "SELECT ref, status FROM items WHERE job_id = %s AND ref = ANY(%s)",
+                (lease.job, list({u.ref for u in updates})))
+            if not updates:
+                return Written([], cancel), []
+            current = {str(ref): ItemStatus(st) for ref, st in rows}
+            events: list[Event] = []
+            at = now()
+            for u in updates:
+                old = current.get(u.ref)
+                if old is None:
+                    raise UnknownItem(f"item {u.ref!r} was not declared")
+                check_item_transition(old, u.status)
+                d_done, d_failed = counts_delta(old, u.status)
+                current[u.ref] = u.status
+                seq, done, failed = seq + 1, done + d_done, failed + d_failed
+                extra: dict[str, JSON] = {"ref": u.ref, "item": u.status.value}
+                if u.result is not None:
+                    extra["result"] = u.result
+                if u.error is not None:
+                    extra["error"] = u.error
+                events.append(make_event(lease.job, seq, EventType.ITEM,
+                                         event_data(status, total, done, failed, **extra), at))
+            # Later updates of the same item win, as if applied one by one.
+            last = {u.ref: u for u in updates}
+            await conn.execute(
+                "UPDATE items SET status = u.status, result = u.result, error = u.error "
+                "FROM unnest(%s::text[], %s::text[], %s::json[], %s::text[]) "
+                "AS u(ref, status, result, error) WHERE job_id = %s AND items.ref = u.ref",
+                ([u.ref for u in last.values()], [u.status.value for u in last.values()],
+                 [Json(u.result, dumps) for u in last.values()],
+                 [u.error for u in last.values()], lease.job))
+            await conn.execute(
+                "UPDATE jobs SET seq = %s, done = %s, failed = %s, updated_at = %s "
+                "WHERE id = %s", (seq, done, failed, at, lease.job))
+            return Written(events, cancel), events
+
+        return await self._transact(update)
+
+    async def report(self, lease: Lease, info: JSON) -> Written:
+        async def report(conn: Conn) -> tuple[Written, list[Event]]:
+            seq, status, total, done, failed, cancel = await self._fenced(
+                conn, lease, ", info = %s", (Json(info, dumps),))
+            ev = make_event(lease.job, seq, EventType.PROGRESS,
+                            event_data(status, total, done, failed, info=info), now())
+            return Written([ev], cancel), [ev]
+
+        return await self._transact(report)
+
+    async def finish(self, lease: Lease, status: Status, result: JSON = None,
+                     error: str | None = None) -> Written:
+        check_job_transition(Status.RUNNING, status)
+        if status.active:
+            raise IllegalTransition("finish() takes a terminal status")
+
+        async def finish(conn: Conn) -> tuple[Written, list[Event]]:
+            at = now()
+            seq, _, total, done, failed, cancel = await self._fenced(
+                conn, lease, ", status = %s, result = %s, error = %s, finished_at = %s, "
+                "worker = NULL, lease_until = NULL",
+                (status.value, Json(result, dumps), error, at))
+            ev = make_event(lease.job, seq, EventType(status.value),
+                            event_data(status, total, done, failed, result=result, error=error),
+                            at)
+            return Written([ev], cancel), [ev]
+
+        return await self._transact(finish)
+
+    # -- maintenance
+
+    async def expire_leases(self) -> int:
+        async def expire(conn: Conn) -> tuple[int, list[Event]]:
+            at = now()
+            # SKIP LOCKED: a job its worker is writing right now is not expired this round.
+            cur = await conn.execute(
+                "SELECT id, attempt, max_attempts, cancel_requested FROM jobs "
+                f"WHERE status = 'running' AND lease_until < {_DB_NOW} "
+                "FOR NO KEY UPDATE SKIP LOCKED")
+            events = []
+            for job_id, attempt, max_attempts, cancel in await cur.fetchall():
+                outcome = expiry_outcome(attempt, max_attempts, cancel)
+                error = lease_expired_error(attempt, max_attempts)
+                reset_cur = await conn.execute(
+                    "UPDATE items SET status = 'pending' WHERE job_id = %s "
+                    "AND status = 'running' RETURNING ref", (job_id,))
+                job_cur = await conn.execute(
+                    "UPDATE jobs SET status = %s, error = %s, worker = NULL, lease_until = NULL, "
+                    "seq = seq + 1, updated_at = %s, finished_at = %s WHERE id = %s "
+                    "RETURNING seq, total, done, failed",
+                    (outcome.value, error, at, at if outcome.terminal else None, job_id))
+                reset = [r[0] for r in await reset_cur.fetchall()]
+                row = await job_cur.fetchone()
+                assert row is not None  # locked above
+                seq, total, done, failed = row
+                kind = EventType.RETRYING if outcome == Status.QUEUED else EventType(outcome.value)
+                events.append(make_event(job_id, seq, kind, event_data(
+                    outcome, total, done, failed, error=error, attempt=attempt, reset=reset), at))
+            return len(events), events
+
+        return await self._transact(expire)
+
+    async def prune(self, finished_before: float) -> int:
+        return await self._execute(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN "
+            f"{TERMINAL_SQL} AND finished_at < %s FOR UPDATE SKIP LOCKED)",
+            (finished_before,))
