@@ -54,8 +54,7 @@ async def test_bad_bodies_are_422_naming_the_field(client: Client, body: dict[st
                                                    field: list[str]) -> None:
     r = await client.http.post("/api/jobs", json=body)
     assert r.status_code == 422, r.text
-    assert [e["loc"] for e in r.json()["detail"]][0] == field
-    assert await client.http.get("/api/jobs") is not None
+    assert r.json()["detail"][0]["loc"] == field
     assert (await client.http.get("/api/jobs")).json() == [], "nothing was stored"
 
 
