@@ -58,8 +58,8 @@ class Subscription:
                         self._emit(ev)
                 # No await between this check and rejoining the channel, so no event
                 # the channel emits can fall between the store read and live delivery.
-                if len(events) < PAGE and self.channel.head <= self.cursor:
-                    break
+                if not events or (len(events) < PAGE and self.channel.head <= self.cursor):
+                    break  # caught up (or the job was deleted under us)
         finally:
             self._catch_up = None
 
