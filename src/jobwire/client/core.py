@@ -26,21 +26,23 @@ class Client:
     Without `token` it uses the guest session saved in `state_file` for this URL, or
     creates one on first use (and saves it). With `state_file` it also records which
     jobs it watches, so `recover()` in a restarted process resumes them.
-    `ws_url`, `poll_wait` and `backoff` (base, cap seconds) tune the transport.
+    `ws_url`, `poll_wait`, `backoff` (base, cap seconds) and the httpx `transport` tune
+    how it talks to the server.
     """
 
     def __init__(self, url: str, token: str | None = None, *,
                  state_file: str | os.PathLike[str] | None = None,
                  ws_url: str | None = None, poll_wait: float = 25.0,
                  backoff: tuple[float, float] = (0.2, 10.0),
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.session = SessionFile(state_file, self.url) if state_file is not None else None
         # A token given by the caller is theirs to replace; a guest one we renew ourselves.
         renew = self._guest_token if token is None else None
         if token is None and self.session is not None:
             token = self.session.token
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
         self.api = Api(self.http, token, renew)
         self._new_session = SingleFlight(self._create_session)
         self._recovering = SingleFlight(self._recover)
@@ -105,8 +107,9 @@ class Client:
     def _feed_closed(self, feed: Feed) -> None:
         if self.feeds.get(feed.job_id) is feed:
             del self.feeds[feed.job_id]
-        if self.session is not None and feed.state is not None and feed.state.terminal:
-            self.session.remove_job(feed.job_id)
+        ended = feed.state is not None and feed.state.terminal
+        if self.session is not None and (ended or feed.error is not None):
+            self.session.remove_job(feed.job_id)  # nothing left to recover
 
     async def watch(self, job_id: str) -> AsyncGenerator[Snapshot, None]:
         """The job's states, each consistent at one seq, in seq order, ending with the

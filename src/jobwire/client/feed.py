@@ -44,6 +44,7 @@ class Feed:
         self.state: Snapshot | None = None
         self.closed = False
         self.kept = False  # watched on the client's behalf (recover) until the job ends
+        self.error: JobwireError | None = None
         self._backoff = backoff
         self._on_close = on_close
         self._queues: set[asyncio.Queue[Delivery]] = set()
@@ -126,6 +127,7 @@ class Feed:
 
     def fail(self, error: JobwireError) -> None:
         """End every watcher with `error` (e.g. the job was not found)."""
+        self.error = error
         for queue in self._queues:
             queue.put_nowait(error)
         self.close()

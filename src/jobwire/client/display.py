@@ -1,0 +1,116 @@
+"""How `jobwire watch` shows a job: a live progress bar with item lines on a terminal,
+plain lines (one per change) in a pipe."""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Protocol
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from jobwire.client.snapshot import JSON, Snapshot
+
+
+def _json(value: JSON) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def changes(prev: Snapshot | None, snap: Snapshot) -> list[str]:
+    """The lines worth printing for the step from `prev` to `snap`."""
+    job = f"job {snap.id}"
+    p = snap.progress
+    counts = f"{p['done']}/{p['total']} done, {p['failed']} failed"
+    if prev is None or snap.event is None:  # first state, or reloaded after a gap
+        return [f"{job} {snap.job['task']}: {snap.status}, {counts}"]
+    lines = []
+    ev = snap.event
+    if ev["type"] == "item" and ev["data"]["item"] in ("done", "failed"):
+        item = snap.items.get(ev["data"]["ref"], {})
+        if item.get("status") == "failed":
+            lines.append(f"item {item['ref']} failed: {item.get('error')}")
+        elif item:
+            lines.append(f"item {item['ref']} done {_json(item.get('result'))}")
+    if snap.status != prev.status or ev["type"] in ("retrying", "cancel_requested"):
+        if snap.status == "completed":
+            lines.append(f"{job} completed ({counts}): {_json(snap.result)}")
+        elif snap.status == "failed":
+            lines.append(f"{job} failed ({counts}): {snap.error}")
+        elif ev["type"] == "retrying":
+            lines.append(f"{job} retrying: {snap.error}")
+        elif ev["type"] == "cancel_requested":
+            lines.append(f"{job} cancel requested")
+        else:
+            lines.append(f"{job} {snap.status}")
+    return lines
+
+
+class Display(Protocol):
+    def show(self, snap: Snapshot) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Lines:
+    """Plain output: one line per change, flushed at once so pipes see it live."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.prev: Snapshot | None = None
+
+    def show(self, snap: Snapshot) -> None:
+        for line in changes(self.prev, snap):
+            print(line, file=self.out, flush=True)
+        self.prev = snap
+
+    def close(self) -> None:
+        pass
+
+
+class RateColumn(ProgressColumn):
+    """Items finished per second, as rich measures it over recent updates."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} items/s" if speed else "- items/s", style="progress.data.speed")
+
+
+class Bar:
+    """A live bar (done/failed of total, rate, ETA) with item and status lines above it."""
+
+    def __init__(self, console: Console) -> None:
+        self.prev: Snapshot | None = None
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.fields[done]}/{task.total} done"),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            RateColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("", total=None, done=0, failed=0)
+        self.progress.start()
+
+    def show(self, snap: Snapshot) -> None:
+        for line in changes(self.prev, snap):
+            self.progress.console.print(line, markup=False, highlight=False)
+        p = snap.progress
+        self.progress.update(self.task, description=f"{snap.id[:8]} {snap.status}",
+                             total=p["total"] or None, completed=p["done"] + p["failed"],
+                             done=p["done"], failed=p["failed"])
+        self.prev = snap
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def display_for(out: IO[str]) -> Display:
+    console = Console(file=out)
+    return Bar(console) if console.is_terminal else Lines(out)
