@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from jobwire.app import Jobwire, load
+from jobwire.client import cli as client_cli
 from jobwire.server import Settings, serve
 from jobwire.store import StoreError, open_store
 
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     add = users.add_parser("add", help="create a token for user NAME (prints it)")
     add.add_argument("name")
     _add_db(add)
+    client_cli.add_commands(sub)
     return root
 
 
@@ -113,6 +115,8 @@ async def _with_store(url: str, name: str | None) -> str | None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in client_cli.COMMANDS:
+        return client_cli.run(args)  # before logging setup: httpx would log every request
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
