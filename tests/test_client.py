@@ -191,10 +191,13 @@ async def test_websocket_blocked_falls_back_to_one_poller_per_job(server: Proc,
 
         # The socket works again (a proxy now forwards it): the client switches back.
         async with forward(blocked, server.port):
-            job, _ = await client.submit("steps", {"n": 3})
-            assert (await client.wait(job["id"])) == {"ran": 3}
+            job, _ = await client.submit("block", {})
+            waiting = asyncio.create_task(client.wait(job["id"]))
             await eventually(lambda: _true(client.connection.mode == "socket"))
             assert client.connection.pollers == {}
+            await client.cancel(job["id"])
+            with pytest.raises(JobCancelled):
+                await waiting
 
 
 async def _true(value: bool) -> bool:
