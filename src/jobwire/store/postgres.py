@@ -118,7 +118,7 @@ class PostgresStore:
         try:
             async with self.pool.connection() as conn:
                 yield conn
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except psycopg.Error as exc:  # unreachable, refused or rejected: a clear error
             raise StoreError(f"database error: {exc}") from exc
 
     async def _query(self, query: str, params: Sequence[Any] = ()) -> list[TupleRow]:

@@ -1,0 +1,258 @@
+"""PostgreSQL with real processes: API servers and workers on one database see each
+other's events through LISTEN/NOTIFY, share dedup and leases, survive crashes and
+lost listening connections, and migrate a fresh schema concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import websockets
+from psycopg.conninfo import conninfo_to_dict
+
+from jobwire.model import Event, Status
+from jobwire.store import Lease, open_store
+from jobwire.store.pg_schema import MIGRATIONS
+from jobwire.store.postgres import PostgresStore
+from tests.conftest import Client, Proc, guest, pg_base_url
+from tests.pg import fresh_schema_url
+from tests.test_cli_server import jobwire
+from tests.test_live import TERMINAL, assert_complete, ws_url
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    base = pg_base_url()
+    if base is None:
+        pytest.skip("PostgreSQL tests need CI=1 or JOBWIRE_TEST_PG=postgresql://…")
+    with fresh_schema_url(base) as url:
+        yield url
+
+
+@dataclasses.dataclass
+class Cluster:
+    a: Proc
+    b: Proc
+    workers: list[Proc]
+
+
+@pytest.fixture
+def cluster(pg_url: str, procs: Any) -> Cluster:
+    """Two API-only servers and two worker processes on one fresh schema, all started
+    at once (so they race to migrate it)."""
+    a = procs("serve", "--db", pg_url, "--no-workers", start=False).start(wait=False)
+    b = procs("serve", "--db", pg_url, "--no-workers", start=False).start(wait=False)
+    workers = [procs("worker", "--db", pg_url, "--lease", "2") for _ in range(2)]
+    a.wait_ready()
+    b.wait_ready()
+    return Cluster(a, b, workers)
+
+
+@pytest.fixture
+async def on_b(cluster: Cluster) -> AsyncIterator[Client]:
+    c = await guest(cluster.b.url)
+    yield c
+    await c.http.aclose()
+
+
+async def ws_follow(base: str, token: str, job: str, after: int,
+                    on_event: Any = None) -> list[dict[str, Any]]:
+    """Subscribe and return events until the terminal one; `on_event(event)` may return
+    True to drop the socket right there."""
+    got: list[dict[str, Any]] = []
+    async with websockets.connect(ws_url(base, token)) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job": job, "after": after}))
+        while not got or got[-1]["type"] not in TERMINAL:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if "op" in msg:
+                assert msg["op"] == "subscribed", msg
+                continue
+            got.append(msg)
+            if on_event is not None and on_event(msg):
+                break
+    return got
+
+
+def gated(tmp_path: Path, n: int) -> tuple[dict[str, Any], Path]:
+    """A `steps` input whose items wait until the returned file exists."""
+    gate = tmp_path / "gate"
+    return {"n": n, "gate": str(gate)}, gate
+
+
+async def test_subscriber_on_one_server_sees_a_workers_events_live(
+        cluster: Cluster, on_b: Client, tmp_path: Path) -> None:
+    spec, gate = gated(tmp_path, 25)
+    job, _ = await on_b.submit("steps", spec)
+
+    def open_gate(ev: dict[str, Any]) -> bool:
+        if ev["type"] == "items":
+            gate.touch()  # from here on, every event reaches server A only by NOTIFY
+        return False
+
+    events = await ws_follow(cluster.a.url, on_b.token, job["id"], 0, open_gate)
+    assert_complete(events, job["id"])
+    assert events[-1]["type"] == "completed"
+    assert events[-1]["data"]["progress"] == {"total": 25, "done": 25, "failed": 0}
+    assert events == await on_b.events(job["id"]), "live events equal the stored log"
+
+
+async def test_dedup_storm_split_across_servers(cluster: Cluster, on_b: Client) -> None:
+    limits = httpx.Limits(max_connections=100)
+    headers = {"Authorization": f"Bearer {on_b.token}"}
+    async with httpx.AsyncClient(base_url=cluster.a.url, headers=headers, timeout=60,
+                                 limits=limits) as a, \
+            httpx.AsyncClient(base_url=cluster.b.url, headers=headers, timeout=60,
+                              limits=limits) as b:
+        replies = await asyncio.gather(*[
+            (a if k % 2 else b).post("/api/jobs", json={"task": "block", "input": {},
+                                                        "key": "storm"})
+            for k in range(1000)])
+    assert sorted({r.status_code for r in replies}) == [200, 201]
+    assert sum(r.json()["created"] for r in replies) == 1
+    assert len({r.json()["job"]["id"] for r in replies}) == 1
+    listed = (await on_b.http.get("/api/jobs")).json()
+    assert len(listed) == 1
+    job_id = replies[0].json()["job"]["id"]
+    assert (await on_b.http.post(f"/api/jobs/{job_id}/cancel")).status_code == 200
+    assert (await on_b.wait_terminal(job_id))["status"] == "cancelled"
+
+
+async def test_sigkilled_worker_process_job_finishes_on_another(
+        pg_url: str, procs: Any, tmp_path: Path) -> None:
+    api: Proc = procs("serve", "--db", pg_url, "--no-workers")
+    first: Proc = procs("worker", "--db", pg_url, "--lease", "2")
+    c = await guest(api.url)
+    spec, gate = gated(tmp_path, 6)
+    job, _ = await c.submit("steps", spec)
+    while (await c.job(job["id"]))["status"] != "running":
+        await c.events(job["id"], after=1, wait=1)
+    second: Proc = procs("worker", "--db", pg_url, "--lease", "2")
+    first.kill()
+    gate.touch()
+    ended = await c.wait_terminal(job["id"], timeout=60)
+    assert ended["status"] == "completed" and ended["attempt"] == 2
+    events = await c.events(job["id"])
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert "lease expired during attempt 1" in next(
+        e for e in events if e["type"] == "retrying")["data"]["error"]
+    items = (await c.http.get(f"/api/jobs/{job['id']}/items")).json()["items"]
+    assert second.proc is not None
+    assert {i["result"]["pid"] for i in items} == {second.proc.pid}
+    await c.http.aclose()
+
+
+async def test_restarted_server_resumes_its_subscribers(
+        cluster: Cluster, on_b: Client, tmp_path: Path) -> None:
+    spec, gate = gated(tmp_path, 30)
+    job, _ = await on_b.submit("steps", spec)
+    events = await ws_follow(cluster.a.url, on_b.token, job["id"], 0,
+                             lambda ev: ev["type"] == "items")
+    cluster.a.kill()
+    gate.touch()  # the job runs on while server A is down
+    cluster.a.start()
+    events += await ws_follow(cluster.a.url, on_b.token, job["id"], events[-1]["seq"])
+    assert_complete(events, job["id"])
+    assert events == await on_b.events(job["id"])
+
+
+async def test_lost_listening_connections_lose_no_events(
+        cluster: Cluster, on_b: Client, pg_url: str, tmp_path: Path) -> None:
+    spec, gate = gated(tmp_path, 20)
+    job, _ = await on_b.submit("steps", spec)
+    events = await ws_follow(cluster.a.url, on_b.token, job["id"], 0,
+                             lambda ev: ev["type"] == "items")
+    async with websockets.connect(ws_url(cluster.a.url, on_b.token)) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job": job["id"],
+                                  "after": events[-1]["seq"]}))
+        assert json.loads(await ws.recv())["op"] == "subscribed"
+        await terminate_listeners(pg_url)  # every process's LISTEN connection drops
+        gate.touch()
+        while events[-1]["type"] not in TERMINAL:
+            events.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+    assert_complete(events, job["id"])
+
+
+async def terminate_listeners(url: str) -> int:
+    name = conninfo_to_dict(url)["application_name"]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s", (f"{name}/listen",))
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_a_store_catches_up_after_its_listener_reconnects(pg_url: str) -> None:
+    reader, writer = PostgresStore(pg_url), open_store(pg_url)
+    await reader.open()
+    await writer.open()
+    seen: dict[str, int] = {}
+    reader.listen(lambda job, seq, ev: seen.__setitem__(job, max(seq, seen.get(job, 0))))
+    try:
+        assert await terminate_listeners(pg_url) == 2
+        # Written while the reader is (most likely) still reconnecting: its notification
+        # is lost, and the reader must learn of the job from the table instead.
+        job, _ = await writer.submit("o", "t", {}, None, 1)
+        claimed = await writer.claim("w", ["t"], 1, 30)
+        assert [j.id for j in claimed] == [job.id]
+        while seen.get(job.id, 0) < 2:
+            await asyncio.sleep(0.05)
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_events_too_big_to_notify_arrive_as_hints(pg_url: str) -> None:
+    reader, writer = PostgresStore(pg_url), open_store(pg_url)
+    await reader.open()
+    await writer.open()
+    got: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+    reader.listen(lambda job, seq, ev: got.put_nowait((seq, ev)))
+    try:
+        job, _ = await writer.submit("o", "t", {}, None, 1)
+        [claimed] = await writer.claim("w", ["t"], 1, 30)
+        lease = Lease(job.id, "w", claimed.attempt)
+        await writer.report(lease, {"text": "x" * 20_000})
+        await writer.finish(lease, Status.COMPLETED, {"ok": True})
+        received = [await asyncio.wait_for(got.get(), 20) for _ in range(4)]
+    finally:
+        await writer.close()
+        await reader.close()
+    assert [seq for seq, _ in received] == [1, 2, 3, 4]
+    assert received[2][1] is None, "a big event is announced by seq, read from the table"
+    stored = await events_of(pg_url, job.id)
+    assert [ev for _, ev in received if ev is not None] == [stored[0], stored[1], stored[3]]
+
+
+async def events_of(url: str, job: str) -> list[Event]:
+    store = open_store(url)
+    await store.open()
+    try:
+        return await store.events(job, 0)
+    finally:
+        await store.close()
+
+
+async def test_servers_and_migrate_on_a_fresh_schema_at_once(pg_url: str, procs: Any) -> None:
+    servers = [procs("serve", "--db", pg_url, start=False).start(wait=False) for _ in range(2)]
+    migrate = jobwire("migrate", "--db", pg_url)
+    assert migrate.returncode == 0, migrate.stderr
+    for server in servers:
+        server.wait_ready()
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        cur = await conn.execute("SELECT version FROM jobwire_migrations ORDER BY version")
+        assert [r[0] for r in await cur.fetchall()] == list(range(1, len(MIGRATIONS) + 1))
+    c = await guest(servers[0].url)
+    job, created = await c.submit("echo", {"hello": "world"})
+    assert created
+    assert (await c.wait_terminal(job["id"]))["result"] == {"hello": "world"}
+    await c.http.aclose()
