@@ -1,0 +1,223 @@
+"""Progress to the client: one job reports 10,000 item updates while N live WebSocket
+subscribers (spread over client processes) watch it. Events/s delivered to all, and the
+latency from the task's progress call (its wall clock, stamped into the item result)
+to receipt by each subscriber.
+
+Run: .venv/bin/python -m bench.progress [--items N] [--subscribers 1,100,1000] [--reps R]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+from bench.common import fmt, jobwire_server, parser, pg_database, record, stats, table
+
+PROCESSES = 4  # client processes the subscribers are spread over
+DEADLINE = 180.0  # seconds one measurement may take before its subscribers give up
+
+
+async def _subscriber(url: str, token: str, job: str, after: int, ready: asyncio.Event,
+                      lat: list[float], deadline: float) -> tuple[int, int]:
+    """One live subscriber: resumes after a drop like a UI would. Returns (events, drops)."""
+    try:
+        return await _follow(url, token, job, after, ready, lat, deadline)
+    finally:
+        ready.set()  # a subscriber that failed must not hold the others at the gate
+
+
+async def _follow(url: str, token: str, job: str, after: int, ready: asyncio.Event,
+                  lat: list[float], deadline: float) -> tuple[int, int]:
+    import websockets
+
+    seen, drops = after, 0
+    while time.time() < deadline:
+        try:
+            async with websockets.connect(f"{url}/api/ws?token={token}", max_size=None,
+                                          open_timeout=60) as ws:
+                subscribe = {"op": "subscribe", "job": job, "after": seen}
+                await ws.send(orjson.dumps(subscribe).decode())
+                while time.time() < deadline:
+                    raw = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.time()))
+                    now = time.time()
+                    msg = orjson.loads(raw)
+                    if msg.get("op") == "subscribed":
+                        ready.set()
+                        continue
+                    if "op" in msg:
+                        raise RuntimeError(f"server said {msg}")
+                    seen = msg["seq"]
+                    if msg["type"] == "item":
+                        lat.append(now - msg["data"]["result"]["t"])
+                    elif msg["type"] in ("completed", "failed", "cancelled"):
+                        return seen - after, drops
+        except TimeoutError:
+            break
+        except websockets.ConnectionClosed:
+            drops += 1
+    return seen - after, drops
+
+
+def client_process(url: str, token: str, job: str, after: int, count: int,
+                   out: Any) -> None:
+    """`count` subscribers in one process; reports their latencies (s) through `out`."""
+    async def main() -> None:
+        deadline = time.time() + DEADLINE
+        lat: list[float] = []
+        readies = [asyncio.Event() for _ in range(count)]
+        tasks = [asyncio.create_task(_subscriber(url, token, job, after, r, lat, deadline))
+                 for r in readies]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
+        out.put(("ready", os.getpid()))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [repr(r) for r in results if isinstance(r, BaseException)]
+        drops = sum(r[1] for r in results if isinstance(r, tuple))
+        out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), drops, errors[:3],
+                 time.time()))
+
+    asyncio.run(main())
+
+
+def measure(base: str, items: int, subscribers: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        gate = Path(tmp) / "go"
+        client = httpx.Client(base_url=base, timeout=30)
+        token = client.post("/api/sessions").json()["token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        job = client.post("/api/jobs", headers=headers, json={
+            "task": "progress", "input": {"items": items, "gate": str(gate)}}).json()["job"]
+        deadline = time.monotonic() + 60
+        while job["progress"]["total"] < items:  # declared and waiting at the gate
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job never declared its items: {job}")
+            time.sleep(0.05)
+            job = client.get(f"/api/jobs/{job['id']}", headers=headers).json()
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        procs = min(PROCESSES, subscribers)
+        shares = [subscribers // procs + (i < subscribers % procs) for i in range(procs)]
+        ws_url = base.replace("http://", "ws://")
+        workers = [ctx.Process(target=client_process, args=(
+            ws_url, token, job["id"], job["seq"], share, out), daemon=True)
+            for share in shares]
+        for w in workers:
+            w.start()
+        try:
+            for _ in workers:
+                kind, *_ = out.get(timeout=150)
+                assert kind == "ready"
+            gate.touch()
+            t0 = time.time()
+            lat: list[np.ndarray[Any, Any]] = []
+            drops, errors, last = 0, [], t0
+            for _ in workers:
+                _, raw, d, errs, finished = out.get(timeout=DEADLINE + 60)
+                lat.append(np.frombuffer(raw, dtype=np.float64))
+                drops += d
+                errors += errs
+                last = max(last, finished)
+        finally:
+            for w in workers:
+                w.join(10)
+                if w.is_alive():
+                    w.kill()
+        all_lat = np.concatenate(lat) * 1000 if lat else np.zeros(0)
+        delivered = len(all_lat)
+        return {"subscribers": subscribers, "items": items, "delivered": delivered,
+                "expected": items * subscribers,
+                "events_per_s": delivered / max(1e-9, last - t0),
+                "p50_ms": float(np.percentile(all_lat, 50)) if delivered else None,
+                "p99_ms": float(np.percentile(all_lat, 99)) if delivered else None,
+                "max_ms": float(all_lat.max()) if delivered else None,
+                "drops": drops, "errors": errors}
+
+
+ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socket
+
+
+def run_backend(db: str, items: int, counts: list[int], reps: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in counts:
+        runs = []
+        for rep in range(reps):
+            print(f"  {n} subscribers, rep {rep + 1}/{reps} ...", flush=True)
+            with jobwire_server(db, workers=True, env=ENV) as (base, _):
+                runs.append(measure(base, items, n))
+            r = runs[-1]
+            print(f"    {r['delivered']:,}/{r['expected']:,} events, "
+                  f"{r['events_per_s']:,.0f}/s, p99 {r['p99_ms']} ms, drops {r['drops']}"
+                  + (f", errors {r['errors']}" if r["errors"] else ""), flush=True)
+        ok = [r for r in runs if r["delivered"]]
+        rows.append({
+            "subscribers": n, "items": items,
+            "complete": all(r["delivered"] == r["expected"] for r in runs),
+            "delivered": [r["delivered"] for r in runs],
+            "drops": [r["drops"] for r in runs],
+            **{k: stats([r[k] for r in ok]) if ok else None
+               for k in ("events_per_s", "p50_ms", "p99_ms", "max_ms")}})
+    return rows
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--subscribers", default="1,100,1000")
+    p.add_argument("--only", default="", help="sqlite or postgres")
+    args = p.parse_args()
+    counts = [int(c) for c in args.subscribers.split(",")]
+    rows: list[dict[str, Any]] = []
+    for backend in ("SQLite", "PostgreSQL"):
+        if args.only and args.only.lower() not in backend.lower():
+            continue
+        print(f"jobwire ({backend}) ...", flush=True)
+        try:
+            if backend == "SQLite":
+                with tempfile.TemporaryDirectory() as tmp:
+                    got = run_backend(f"sqlite:///{tmp}/bench.db", args.items, counts, args.reps)
+            else:
+                with pg_database("progress") as url:
+                    got = run_backend(url, args.items, counts, args.reps)
+        except Exception as exc:  # report it and go on with the other backend
+            print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"system": f"jobwire ({backend})", "error": repr(exc)})
+            continue
+        rows += [{"system": f"jobwire ({backend})", **r} for r in got]
+    rows += [{"system": name, "note": note} for name, note in PEERS.items()]
+    table(f"{args.items:,} item updates of one job to N WebSocket subscribers, "
+          f"median (min-max) of {args.reps}",
+          ["system", "subscribers", "events/s to all", "p50 ms", "p99 ms", "max ms",
+           "all delivered"],
+          [[r["system"], r["subscribers"], fmt(r["events_per_s"]), fmt(r["p50_ms"], 1),
+            fmt(r["p99_ms"], 1), fmt(r["max_ms"], 1), "yes" if r["complete"] else
+            f"no: {r['delivered']}"] for r in rows if "subscribers" in r])
+    for r in rows:
+        if "note" in r:
+            print(f"{r['system']}: {r['note']}")
+    params = {"items": args.items, "subscribers": counts, "reps": args.reps,
+              "client_processes": PROCESSES}
+    print(f"appended to {record('progress', params, rows)}")
+
+
+# What a UI would use with each peer to follow a job's progress.
+PEERS = {
+    "SAQ": "job.update(progress=...) writes the job and publishes its status on a Redis "
+           "channel; a UI listens (queue.listen) and re-reads the job (job.refresh). "
+           "No per-item events, no replay; not measured here.",
+    "Procrastinate": "no progress reporting and no push at all: a UI polls its own table.",
+    "arq": "no progress reporting: job.info()/status() polling only.",
+    "Celery": "task.update_state(meta=...) into the result backend; a UI polls "
+              "AsyncResult.info (latency = the poll interval). No push.",
+}
+
+
+if __name__ == "__main__":
+    main()
