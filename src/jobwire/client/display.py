@@ -29,27 +29,24 @@ def changes(prev: Snapshot | None, snap: Snapshot) -> list[str]:
     job = f"job {snap.id}"
     p = snap.progress
     counts = f"{p['done']}/{p['total']} done, {p['failed']} failed"
-    if prev is None or snap.event is None:  # first state, or reloaded after a gap
-        return [f"{job} {snap.job['task']}: {snap.status}, {counts}"]
     lines = []
     ev = snap.event
-    if ev["type"] == "item" and ev["data"]["item"] in ("done", "failed"):
-        item = snap.items.get(ev["data"]["ref"], {})
-        if item.get("status") == "failed":
-            lines.append(f"item {item['ref']} failed: {item.get('error')}")
-        elif item:
-            lines.append(f"item {item['ref']} done {_json(item.get('result'))}")
-    if snap.status != prev.status or ev["type"] in ("retrying", "cancel_requested"):
-        if snap.status == "completed":
-            lines.append(f"{job} completed ({counts}): {_json(snap.result)}")
-        elif snap.status == "failed":
-            lines.append(f"{job} failed ({counts}): {snap.error}")
-        elif ev["type"] == "retrying":
-            lines.append(f"{job} retrying: {snap.error}")
-        elif ev["type"] == "cancel_requested":
-            lines.append(f"{job} cancel requested")
-        else:
-            lines.append(f"{job} {snap.status}")
+    if prev is None or ev is None:  # first state, or reloaded after a gap
+        lines.append(f"{job} {snap.job['task']}: {snap.status}, {counts}")
+    elif ev["type"] == "item" and ev["data"]["item"] in ("done", "failed"):
+        item = snap.items[ev["data"]["ref"]]
+        lines.append(f"item {item['ref']} failed: {item.get('error')}"
+                     if item["status"] == "failed"
+                     else f"item {item['ref']} done {_json(item.get('result'))}")
+    elif ev["type"] == "retrying":
+        lines.append(f"{job} retrying: {snap.error}")
+    elif ev["type"] == "cancel_requested":
+        lines.append(f"{job} cancel requested")
+    elif snap.status != prev.status and not snap.terminal:
+        lines.append(f"{job} {snap.status}")
+    if snap.terminal and (prev is None or not prev.terminal):
+        outcome = {"completed": f": {_json(snap.result)}", "failed": f": {snap.error}"}
+        lines.append(f"{job} {snap.status} ({counts}){outcome.get(snap.status, '')}")
     return lines
 
 
