@@ -329,6 +329,7 @@ export class Client {
         resyncing: null, poller: null, gone: false,
       };
       this._entries.set(jobId, entry);
+      this.connect(); // in parallel with reading the job's state
       const seed = this._seeds.get(jobId);
       this._seeds.delete(jobId);
       if (seed) {
