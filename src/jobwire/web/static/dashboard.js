@@ -44,8 +44,10 @@ function addJob(job, { first = false } = {}) {
   else list.append(el);
   $("empty").hidden = true;
   card.unwatch = client.watch(job.id, (snapshot) => {
+    const first = card.latest === null;
     card.latest = snapshot;
-    if (!card.scheduled) {
+    if (first) render(card); // no empty card, not even for a frame
+    else if (!card.scheduled) {
       card.scheduled = true;
       requestAnimationFrame(() => { card.scheduled = false; render(card); });
     }
