@@ -25,6 +25,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 test: $(VENV)/.installed-test services chromium lint
+	node --test tests/js/
 	JOBWIRE_TEST_PG=$${JOBWIRE_TEST_PG:-$(PG_URL)} $(BIN)/pytest $(PYTEST_ARGS)
 
 # PostgreSQL and Redis normally run already; start them if not.

@@ -1,0 +1,152 @@
+// TypeScript declarations for jobwire.js, the browser client of a jobwire server.
+
+export type Status = "queued" | "running" | "completed" | "failed" | "cancelled";
+export type ItemStatus = "pending" | "running" | "done" | "failed";
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+export interface Progress {
+  readonly total: number;
+  readonly done: number;
+  readonly failed: number;
+}
+
+/** A job as the REST API returns it. */
+export interface Job {
+  readonly id: string;
+  readonly task: string;
+  readonly key: string | null;
+  readonly owner: string;
+  readonly status: Status;
+  readonly progress: Progress;
+  readonly result: Json;
+  readonly error: string | null;
+  readonly info: Json;
+  readonly attempt: number;
+  readonly cancel_requested: boolean;
+  /** The seq of the last event folded into this snapshot (1 = created). */
+  readonly seq: number;
+  readonly created_at: string;
+  readonly updated_at: string;
+  readonly finished_at: string | null;
+}
+
+export interface Item {
+  readonly ref: string;
+  readonly status: ItemStatus;
+  readonly result: Json;
+  readonly error: string | null;
+}
+
+/**
+ * What watchers receive: the job and its items at one seq, deeply frozen. `progress`
+ * always equals the counts of `items` by status.
+ */
+export interface JobSnapshot extends Job {
+  readonly items: readonly Item[];
+}
+
+/** One change of one job, as the server sends it. */
+export interface JobEvent {
+  readonly job: string;
+  readonly seq: number;
+  readonly type: "created" | "started" | "items" | "item" | "progress" | "cancel_requested"
+    | "retrying" | "completed" | "failed" | "cancelled";
+  readonly data: { readonly status: Status; readonly progress: Progress; readonly [k: string]: Json | undefined };
+  readonly at?: string;
+}
+
+/** idle: nothing watched yet; live: WebSocket; polling: HTTP long-poll fallback. */
+export type ConnectionState = "idle" | "connecting" | "live" | "reconnecting" | "polling";
+
+export interface ClientOptions {
+  /** Server origin, e.g. "https://jobs.example.com"; default: the page's origin. */
+  url?: string;
+  /** A bearer token; without one the page's session cookie is used (same origin). */
+  token?: string;
+  /** First reconnect delay in ms, doubled per failure (with jitter). Default 250. */
+  backoffMs?: number;
+  /** Longest reconnect delay in ms. Default 8000. */
+  maxBackoffMs?: number;
+  /** Failed sockets in a row before switching to long-polling. Default 2. */
+  fallbackAfter?: number;
+  /** How long a reopened socket must stay up before it counts as healthy, in ms. Default 1000. */
+  stableMs?: number;
+  /** Seconds each long-poll request waits for events. Default 20. */
+  pollWait?: number;
+  /** Alternatives to the global WebSocket and fetch (for tests or other runtimes). */
+  WebSocket?: typeof WebSocket;
+  fetch?: typeof fetch;
+}
+
+export interface WatchOptions {
+  /** Called when the job cannot be followed, e.g. it was deleted (HttpError 404). */
+  onError?: (error: Error) => void;
+}
+
+export interface SubmitResult {
+  readonly created: boolean;
+  readonly job: Job;
+}
+
+export declare class HttpError extends Error {
+  readonly status: number;
+  readonly body: unknown;
+}
+
+export declare class Client {
+  readonly state: ConnectionState;
+  /** Submit a job; an active job of the same task and key comes back with created: false. */
+  submit(task: string, input?: Json, key?: string | null): Promise<SubmitResult>;
+  /**
+   * Follow a job: `onSnapshot` gets its state now and after every change, in seq order,
+   * until it ends or the returned function is called. Watchers of one job share one
+   * server subscription.
+   */
+  watch(jobId: string, onSnapshot: (snapshot: JobSnapshot) => void,
+        options?: WatchOptions): () => void;
+  /** The owner's active jobs (after a reload). Concurrent calls share one request. */
+  recover(): Promise<readonly Job[]>;
+  job(jobId: string): Promise<Job>;
+  jobs(query?: { status?: "active" | Status; limit?: number }): Promise<readonly Job[]>;
+  cancel(jobId: string): Promise<Job>;
+  /** Delete a finished job; rejects with HttpError 409 while it is active. */
+  remove(jobId: string): Promise<void>;
+  /** Call `listener` with the connection state now and on every change. */
+  onState(listener: (state: ConnectionState) => void): () => void;
+  /** Open the WebSocket now (watch() opens it when first needed). */
+  connect(): void;
+  /** Close the socket, stop pollers, drop all watchers. */
+  close(): void;
+}
+
+export declare function createClient(options?: ClientOptions): Client;
+
+// The pure core, for custom transports and tests.
+
+export type Offer = "applied" | "duplicate" | "foreign" | "gap" | "unready";
+export declare const Offer: {
+  readonly APPLIED: "applied"; readonly DUPLICATE: "duplicate"; readonly FOREIGN: "foreign";
+  readonly GAP: "gap"; readonly UNREADY: "unready";
+};
+export declare const ConnectionState: {
+  readonly IDLE: "idle"; readonly CONNECTING: "connecting"; readonly LIVE: "live";
+  readonly RECONNECTING: "reconnecting"; readonly POLLING: "polling";
+};
+export declare const TERMINAL: readonly ["completed", "failed", "cancelled"];
+
+export declare class JobState {
+  constructor(jobId: string);
+  readonly id: string;
+  readonly ready: boolean;
+  readonly seq: number;
+  readonly terminal: boolean;
+  readonly view: JobSnapshot | null;
+  reset(snapshot: Job, items: readonly Item[]): void;
+  offer(event: JobEvent): Offer;
+}
+
+export declare function applyEvent(snapshot: Job, items: ReadonlyMap<string, Item>,
+                                   event: JobEvent): { snapshot: Job; items: Map<string, Item> };
+export declare function countsOf(items: Iterable<Item>): Progress;
+export declare function isTerminal(status: Status): boolean;
+export declare function deepFreeze<T>(value: T): T;
