@@ -284,3 +284,14 @@ test("a job that is gone (404) is reported to its watchers", async () => {
   await until(() => errors.length === 1, "error");
   assert.equal(errors[0].status, 404);
 });
+
+test("createClient() hands every caller in a page the same client until it is closed", () => {
+  const a = createClient({ url: "http://jw.test" });
+  assert.equal(createClient({ url: "http://jw.test/" }), a);
+  const other = createClient({ url: "http://jw.test", token: "other" });
+  assert.notEqual(other, a);
+  other.close();
+  a.close();
+  client = createClient({ url: "http://jw.test" });
+  assert.notEqual(client, a);
+});

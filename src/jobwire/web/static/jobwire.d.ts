@@ -119,6 +119,10 @@ export declare class Client {
   close(): void;
 }
 
+/**
+ * The client for a server and identity (url, token). Calls with the same url and token
+ * return the same open client, so a page has one WebSocket however many components ask.
+ */
 export declare function createClient(options?: ClientOptions): Client;
 
 // The pure core, for custom transports and tests.

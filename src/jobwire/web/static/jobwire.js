@@ -204,9 +204,21 @@ const sleep = (ms, signal) => new Promise((resolve) => {
   signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
 });
 
-/** Create a client. In a page, the defaults use the page's origin and its session cookie. */
+const clients = new Map(); // "url token" -> the open Client for that server and identity
+
+/**
+ * The client for a server: one per page and identity, so components that each call
+ * createClient() still share one WebSocket and one subscription per job. In a page the
+ * defaults use the page's origin and its session cookie.
+ */
 export function createClient(options = {}) {
-  return new Client(options);
+  const client = new Client(options);
+  const key = `${client.base} ${client.token ?? ""}`;
+  const open = clients.get(key);
+  if (open) return open;
+  clients.set(key, client);
+  client._forget = () => clients.get(key) === client && clients.delete(key);
+  return client;
 }
 
 export class Client {
@@ -228,6 +240,7 @@ export class Client {
     this._reconnectTimer = null;
     this._recovering = null;
     this._closed = false;
+    this._forget = () => {};
   }
 
   // -- REST
@@ -575,6 +588,7 @@ export class Client {
   /** Stop everything: socket, pollers, watchers. */
   close() {
     this._closed = true;
+    this._forget();
     clearTimeout(this._reconnectTimer);
     for (const entry of [...this._entries.values()]) this._drop(entry);
     this._socket?.close();
