@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 
 from jobwire.model import now
+from jobwire.store.base import StoreError
 
 ACTIVE_SQL = "('queued', 'running')"
 TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -83,6 +84,10 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
     A second process starting at the same moment waits on the advisory lock, then
     finds the work done. The lock is keyed by schema, so schemas migrate independently.
     """
+    cur = await conn.execute("SELECT current_schema()")
+    if (row := await cur.fetchone()) is None or row[0] is None:
+        raise StoreError("no schema to create tables in: the search_path names none that "
+                         "exists (CREATE SCHEMA it first)")
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                            (_LOCK_CLASS,))

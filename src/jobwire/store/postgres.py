@@ -89,6 +89,11 @@ _WRITE_EVENTS = (
 )
 
 
+def _text(value: str | None) -> str | None:
+    """Error texts come from arbitrary exceptions; PostgreSQL text cannot hold NUL."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
 async def _configure(conn: Conn) -> None:
     set_json_loads(orjson.loads, conn)
 
@@ -175,7 +180,7 @@ class PostgresStore:
                 await migrate(conn)
                 cur = await conn.execute("SELECT current_schema()")
                 row = await cur.fetchone()
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             raise StoreError(f"cannot open the database: {exc}") from exc
         # Channels are per database; naming them by schema keeps deployments that share
         # a database in separate schemas apart. Identifiers stop at 63 bytes.
@@ -331,22 +336,23 @@ class PostgresStore:
         async def submit(conn: Conn) -> tuple[tuple[Job, bool] | None, list[Event]]:
             job_id, at = uuid.uuid4().hex, now()
             # A concurrent insert of the same key makes this wait for it to commit, then
-            # do nothing; the SELECT below (a fresh snapshot) then sees the winner.
-            cur = await conn.execute(
+            # do nothing; the SELECT (sent in the same round trip, run after it with a
+            # fresh snapshot) then sees the winner.
+            inserted = await conn.execute(
                 "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
                 "created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, %s, %s) "
                 f"ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
                 f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}",
                 (job_id, task, key, owner, Json(input, dumps), max_attempts, at, at))
-            row = await cur.fetchone()
+            active = await conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND task = %s AND key = %s "
+                f"AND status IN {ACTIVE_SQL}", (owner, task, key))
+            row = await inserted.fetchone()
             if row is not None:
                 ev = make_event(job_id, 1, EventType.CREATED,
                                 event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
                 return (job_from_row(row, decode=False), True), [ev]
-            cur = await conn.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND task = %s AND key = %s "
-                f"AND status IN {ACTIVE_SQL}", (owner, task, key))
-            row = await cur.fetchone()
+            row = await active.fetchone()
             # None: the active job finished between the two statements; insert again.
             return (None if row is None else (job_from_row(row, decode=False), False)), []
 
@@ -530,7 +536,7 @@ class PostgresStore:
                 "AS u(ref, status, result, error) WHERE job_id = %s AND items.ref = u.ref",
                 ([u.ref for u in last.values()], [u.status.value for u in last.values()],
                  [Json(u.result, dumps) for u in last.values()],
-                 [u.error for u in last.values()], lease.job))
+                 [_text(u.error) for u in last.values()], lease.job))
             await conn.execute(
                 "UPDATE jobs SET seq = %s, done = %s, failed = %s, updated_at = %s "
                 "WHERE id = %s", (seq, done, failed, at, lease.job))
@@ -559,7 +565,7 @@ class PostgresStore:
             seq, _, total, done, failed, cancel = await self._fenced(
                 conn, lease, ", status = %s, result = %s, error = %s, finished_at = %s, "
                 "worker = NULL, lease_until = NULL",
-                (status.value, Json(result, dumps), error, at))
+                (status.value, Json(result, dumps), _text(error), at))
             ev = make_event(lease.job, seq, EventType(status.value),
                             event_data(status, total, done, failed, result=result, error=error),
                             at)
