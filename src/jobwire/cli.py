@@ -85,7 +85,8 @@ async def _run_worker(settings: Settings, jobwire: Jobwire) -> None:
     await store.open()
     worker = Worker(jobwire, store, concurrency=settings.concurrency or 1,
                     lease_seconds=settings.lease_seconds,
-                    retention_seconds=settings.retention_seconds)
+                    retention_seconds=settings.retention_seconds,
+                    max_items=settings.max_items_per_job)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

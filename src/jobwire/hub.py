@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from jobwire.model import Event
 from jobwire.store import Store
 
 PAGE = 1000
 Deliver = Callable[[Event], None]
+# Awaited before each replayed event: lets a slow consumer pace the catch-up from the
+# store (live events are not paced; a consumer that falls behind them is dropped).
+Ready = Callable[[], Awaitable[None]]
 
 
 class Subscription:
-    def __init__(self, channel: Channel, after: int, deliver: Deliver) -> None:
+    def __init__(self, channel: Channel, after: int, deliver: Deliver,
+                 ready: Ready | None = None) -> None:
         self.channel = channel
         self.cursor = max(after, 0)
         self._deliver = deliver
+        self._ready = ready
         self._catch_up: asyncio.Task[None] | None = None
         self.closed = False
 
@@ -52,6 +57,8 @@ class Subscription:
             while not self.closed:
                 events = await store.events(self.channel.job, self.cursor, PAGE)
                 for ev in events:
+                    if self._ready is not None:
+                        await self._ready()
                     if self.closed:
                         return
                     if ev.seq == self.cursor + 1:
@@ -159,13 +166,14 @@ class Hub:
             if ch._filling is not None:
                 ch._filling.cancel()
 
-    async def subscribe(self, job: str, after: int, deliver: Deliver) -> Subscription:
+    async def subscribe(self, job: str, after: int, deliver: Deliver,
+                        ready: Ready | None = None) -> Subscription:
         """Deliver every event of `job` with seq > after, in order, until closed."""
         ch = self._channels.get(job)
         if ch is None:
             ch = self._channels[job] = Channel(self, job)
             ch.starting = asyncio.create_task(ch.start())
-        sub = Subscription(ch, after, deliver)
+        sub = Subscription(ch, after, deliver, ready)
         ch.subs.add(sub)
         try:
             await asyncio.shield(ch.starting)

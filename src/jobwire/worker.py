@@ -21,13 +21,18 @@ class Cancelled(Exception):
     """Raised by `Context.raise_if_cancelled` when the job's owner asked to cancel."""
 
 
+class TooManyItems(Exception):
+    """A task declared more items than the server's per-job limit; the job fails."""
+
+
 class Context:
     """What a running task sees of its job: its input, its items, and cancellation."""
 
-    def __init__(self, job: Job, lease: Lease, store: Store) -> None:
+    def __init__(self, job: Job, lease: Lease, store: Store, max_items: int = 100_000) -> None:
         self.job = job
         self.lease = lease
         self._store = store
+        self._max_items = max_items
         self.cancelled = job.cancel_requested
         self.lost = False  # set when the lease is gone: the task is stopped, nothing recorded
 
@@ -41,9 +46,17 @@ class Context:
     async def declare(self, refs: Sequence[str]) -> list[Item]:
         """Declare the job's items (the progress total). Returns every item with its
         state: on a retry, items finished by an earlier attempt come back done/failed."""
-        written, items = await self._store.declare_items(self.lease, [str(r) for r in refs])
+        refs = list(dict.fromkeys(str(r) for r in refs))
+        self._check_items(len(refs))
+        written, items = await self._store.declare_items(self.lease, refs)
         self._note(written)
+        self._check_items(len(items))  # earlier declare() calls add up
         return items
+
+    def _check_items(self, count: int) -> None:
+        if count > self._max_items:
+            raise TooManyItems(f"the task declared {count} items; the limit is "
+                               f"{self._max_items} per job")
 
     async def _set(self, ref: str, status: ItemStatus, result: JSON = None,
                    error: str | None = None) -> None:
@@ -85,6 +98,7 @@ class Worker:
         poll_seconds: float = 1.0,
         retention_seconds: float = 24 * 3600,
         worker_id: str | None = None,
+        max_items: int = 100_000,
     ) -> None:
         self.jobwire = jobwire
         self.store = store
@@ -93,6 +107,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.retention_seconds = retention_seconds
         self.id = worker_id or uuid.uuid4().hex
+        self.max_items = max_items
         self._running: dict[str, tuple[Context, asyncio.Task[JSON]]] = {}
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -139,7 +154,7 @@ class Worker:
                     log.warning("claim failed: %s", exc)
             for job in jobs:
                 lease = Lease(job.id, self.id, job.attempt)
-                ctx = Context(job, lease, self.store)
+                ctx = Context(job, lease, self.store, self.max_items)
                 inner = asyncio.create_task(self._call(job, ctx))
                 self._running[job.id] = (ctx, inner)
                 outer = asyncio.create_task(self._supervise(job, ctx, inner))

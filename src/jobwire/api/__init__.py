@@ -13,14 +13,19 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from jobwire.api import jobs, live, metrics, pages
+from jobwire.api.limits import BodyLimit, OwnerSlots
 from jobwire.app import InputError
+from jobwire.server import Settings
 from jobwire.store import StoreError
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
 
-def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]]) -> FastAPI:
+def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
+               settings: Settings) -> FastAPI:
     api = FastAPI(title="jobwire", version="0.1.0", lifespan=lifespan)
+    api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    api.state.connections = OwnerSlots(settings.max_connections)
     api.include_router(jobs.router)
     api.include_router(live.router)
     api.include_router(metrics.router)

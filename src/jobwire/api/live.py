@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Header, HTTPException, Query, WebSocket
+from fastapi import APIRouter, Header, HTTPException, Query, Request, WebSocket
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
 from jobwire.api.auth import owner_of
 from jobwire.api.deps import Owner, RuntimeDep, StreamOwner, owned_job, runtime
+from jobwire.api.limits import OwnerSlots
 from jobwire.api.schemas import EventsOut
 from jobwire.hub import Subscription
 from jobwire.model import Event
@@ -26,8 +28,11 @@ from jobwire.model import Event
 router = APIRouter(prefix="/api")
 
 SSE_KEEPALIVE = 15.0
-WS_BUFFER = 10_000  # messages queued for one socket before it counts as too slow
-WS_MAX_SUBSCRIPTIONS = 1_000
+
+
+def connections(conn: HTTPConnection) -> OwnerSlots:
+    slots: OwnerSlots = conn.app.state.connections
+    return slots
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventsOut)
@@ -45,7 +50,7 @@ async def poll_events(job_id: str, rt: RuntimeDep, who: Owner,
 
 @router.get("/jobs/{job_id}/stream", response_class=StreamingResponse,
             responses={204: {"description": "the job ended before the given seq"}})
-async def stream(job_id: str, rt: RuntimeDep, who: StreamOwner,
+async def stream(job_id: str, rt: RuntimeDep, who: StreamOwner, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
     """Server-Sent Events: `id` is the seq; reconnecting with Last-Event-ID resumes."""
@@ -57,22 +62,31 @@ async def stream(job_id: str, rt: RuntimeDep, who: StreamOwner,
             raise HTTPException(422, "Last-Event-ID must be a seq number") from None
     if job.status.terminal and after >= job.seq:
         return Response(status_code=204)  # tells EventSource to stop reconnecting
+    slot = connections(request).acquire(who)
+    if slot is None:
+        raise HTTPException(429, connections(request).refusal())
 
     async def frames() -> AsyncIterator[bytes]:
-        async with rt.hub.stream(job_id, after) as queue:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
-                except TimeoutError:
-                    yield b": keepalive\n\n"
-                    continue
-                if ev is None:
-                    return  # fell behind: the client reconnects with Last-Event-ID
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.seq, ev.type.encode(), ev.wire)
-                if ev.terminal:
-                    return
+        try:
+            async with rt.hub.stream(job_id, after) as queue:
+                while True:
+                    try:
+                        ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                    except TimeoutError:
+                        yield b": keepalive\n\n"
+                        continue
+                    if ev is None:
+                        return  # fell behind: the client reconnects with Last-Event-ID
+                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                        ev.seq, ev.type.encode(), ev.wire)
+                    if ev.terminal:
+                        return
+        finally:
+            slot.release()
 
-    return StreamingResponse(frames(), media_type="text/event-stream",
+    body = frames()
+    slot.tie_to(body)
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -85,18 +99,30 @@ class SocketSession:
         self.rt = runtime(ws)
         self.subs: dict[str, Subscription] = {}
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queued = 0  # bytes in `out`, bounded by settings.ws_buffer_bytes
         self.overflowed = False
+        self.drained = asyncio.Event()  # set while `out` is at most half full
+        self.drained.set()
 
     def send(self, message: bytes) -> None:
         if self.overflowed:
             return
-        if self.out.qsize() >= WS_BUFFER:
-            # The client does not read: drop it instead of growing without bound.
-            # It reconnects and resumes from the last seq it saw.
+        if self.queued + len(message) > self.rt.settings.ws_buffer_bytes:
+            # The client does not read: drop it instead of growing without bound, and
+            # stop fanning events out to it. It reconnects and resumes from its last seq.
             self.overflowed = True
+            self.close()
             self.out.put_nowait(None)
             return
+        self.queued += len(message)
         self.out.put_nowait(message)
+        if self.queued > self.rt.settings.ws_buffer_bytes // 2:
+            self.drained.clear()
+
+    async def ready(self) -> None:
+        """Paces replays from the store to what the client reads, so catching up on a
+        long log never counts as too slow."""
+        await self.drained.wait()
 
     def reply(self, **fields: Any) -> None:
         self.send(orjson.dumps(fields))
@@ -115,6 +141,8 @@ class SocketSession:
         return sub is not None
 
     async def handle(self, raw: str) -> None:
+        if self.overflowed:
+            return  # closing: the client must reconnect first
         try:
             msg = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -139,18 +167,24 @@ class SocketSession:
     async def subscribe(self, job: str, after: int) -> None:
         if job in self.subs:
             self.drop(job)  # a re-subscribe moves the cursor
-        if len(self.subs) >= WS_MAX_SUBSCRIPTIONS:
+        limit = self.rt.settings.max_subscriptions
+        if len(self.subs) >= limit:
             self.reply(op="error", job=job, code=429,
-                       error=f"at most {WS_MAX_SUBSCRIPTIONS} subscriptions per connection")
+                       error=f"too many subscriptions: at most {limit} per connection; "
+                             "unsubscribe first")
             return
         if await self.rt.store.get_job(job, self.who) is None:
             self.reply(op="error", job=job, code=404, error="job not found")
             return
         self.reply(op="subscribed", job=job, after=after)
-        self.subs[job] = await self.rt.hub.subscribe(job, after, self.deliver_to(job))
+        self.subs[job] = await self.rt.hub.subscribe(job, after, self.deliver_to(job),
+                                                     self.ready)
 
     async def pump(self) -> None:
         while (message := await self.out.get()) is not None:
+            self.queued -= len(message)
+            if self.queued <= self.rt.settings.ws_buffer_bytes // 2:
+                self.drained.set()
             await self.ws.send_text(message.decode())
         await self.ws.close(code=1013, reason="too slow: reconnect and resume from your seq")
 
@@ -169,6 +203,10 @@ async def websocket(ws: WebSocket) -> None:
         who = await owner_of(ws, rt.store, allow_query=True)
     except HTTPException as exc:
         await ws.close(code=4401, reason=str(exc.detail))
+        return
+    slot = connections(ws).acquire(who)
+    if slot is None:
+        await ws.close(code=4429, reason=connections(ws).refusal())
         return
     session = SocketSession(ws, who)
     pump = asyncio.create_task(session.pump())
@@ -189,6 +227,7 @@ async def websocket(ws: WebSocket) -> None:
     except (WebSocketDisconnect, RuntimeError):
         pass  # the peer went away mid-send
     finally:
+        slot.release()
         session.close()
         pump.cancel()
         with contextlib.suppress(BaseException):

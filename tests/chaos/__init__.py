@@ -1,0 +1,1 @@
+"""Faults, load and hostile input: crashes, database trouble, limits, access control, fuzzing."""
