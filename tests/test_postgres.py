@@ -256,3 +256,29 @@ async def test_servers_and_migrate_on_a_fresh_schema_at_once(pg_url: str, procs:
     assert created
     assert (await c.wait_terminal(job["id"]))["result"] == {"hello": "world"}
     await c.http.aclose()
+
+
+async def test_concurrent_claims_and_expiries_take_each_job_once(pg_url: str) -> None:
+    stores = [open_store(pg_url) for _ in range(4)]
+    for s in stores:
+        await s.open()
+    try:
+        jobs = {(await stores[0].submit("o", "t", {}, None, 3))[0].id for _ in range(120)}
+
+        async def drain(k: int) -> list[str]:
+            taken: list[str] = []
+            while batch := await stores[k].claim(f"w{k}", ["t"], 7, 0.2):
+                taken += [j.id for j in batch]
+            return taken
+
+        claimed = [j for taken in await asyncio.gather(*map(drain, range(4))) for j in taken]
+        assert sorted(claimed) == sorted(jobs), "every job claimed exactly once"
+        await asyncio.sleep(0.3)  # every lease (0.2 s) has run out
+        expired = await asyncio.gather(*(s.expire_leases() for s in stores))
+        assert sum(expired) == len(jobs), "every expired lease requeued exactly once"
+        for job in list(jobs)[:10]:
+            kinds = [e.type for e in await stores[1].events(job, 0)]
+            assert kinds == ["created", "started", "retrying"]
+    finally:
+        for s in stores:
+            await s.close()
