@@ -1,5 +1,5 @@
 """The dashboard in headless Chromium: live progress across reloads, second runs, two tabs,
-shared subscriptions, a lost WebSocket, cancel and delete, and a screenshot."""
+shared subscriptions, a lost WebSocket, a killed server, cancel and delete, and a screenshot."""
 
 from __future__ import annotations
 
@@ -160,6 +160,30 @@ def test_lost_websocket_falls_back_to_polling_and_progress_has_no_gap(
     assert_moves_forward(dash.job_renders(job))
     final = dash.job_renders(job)[-1]
     assert final["done"] == final["total"] == 400
+
+
+def test_server_killed_mid_job_the_page_reconnects_and_resumes(
+        app: Proc, context: BrowserContext) -> None:
+    dash = Dashboard(context.new_page(), app.url).open()
+    job = dash.start_tracks(400)
+    dash.page.evaluate("""id => {
+      window.seqs = [];
+      window.jobwire.watch(id, (s) => window.seqs.push(s.seq));
+    }""", job)
+    dash.wait_job(job, "d.done >= 10")
+
+    app.kill()  # SIGKILL: sockets drop, the job's worker dies with it
+    dash.wait_connection("reconnecting", "polling")
+    app.start()  # same port and database; the job is retried once its lease expires
+    dash.wait_job(job, "d.status === 'completed'")
+    dash.wait_connection("live")
+
+    seqs: list[int] = dash.page.evaluate("window.seqs")
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "resumed after the last seq seen"
+    final = dash.job_renders(job)[-1]
+    assert final["done"] == final["total"] == 400
+    assert dash.card(job).get_by_test_id("counts").inner_text().count("attempt 2") == 1
+    assert_moves_forward(dash.job_renders(job))
 
 
 def test_cancel_and_delete_from_the_ui(app: Proc, context: BrowserContext) -> None:
