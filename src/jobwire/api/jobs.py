@@ -6,11 +6,19 @@ from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from jobwire.api.auth import COOKIE, new_session
+from jobwire.api.auth import COOKIE, hash_token, new_session
 from jobwire.api.deps import Owner, RuntimeDep, owned_job
-from jobwire.api.schemas import ItemsOut, JobOut, SessionOut, SubmitOut, SubmitRequest
+from jobwire.api.schemas import (
+    ClaimOut,
+    ClaimRequest,
+    ItemsOut,
+    JobOut,
+    SessionOut,
+    SubmitOut,
+    SubmitRequest,
+)
 from jobwire.model import ACTIVE, Status
-from jobwire.store import JobActive
+from jobwire.store import JobActive, OwnerConflict
 
 router = APIRouter(prefix="/api")
 
@@ -24,6 +32,24 @@ async def create_session(rt: RuntimeDep, response: Response) -> dict[str, str]:
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
                         max_age=int(rt.settings.guest_ttl_seconds))
     return {"token": token, "owner": who}
+
+
+@router.post("/sessions/claim", response_model=ClaimOut, responses={
+    403: {"description": "the caller is not a user"},
+    404: {"description": "no such guest session, or it expired"},
+    409: {"description": "an active job of each side has the same task and key"}})
+async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+    """Move a guest session's jobs to the calling user (the user's token authorizes, the
+    guest's token is in the body), all or none; the guest token then stops working."""
+    if not who.startswith("user:"):
+        raise HTTPException(403, "only a user can claim a guest session: send a user's token")
+    try:
+        moved = await rt.store.claim_session(hash_token(body.token), who)
+    except OwnerConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    if moved is None:
+        raise HTTPException(404, "guest session not found or expired")
+    return {"owner": who, "moved": moved}
 
 
 @router.post("/jobs", status_code=201, response_model=SubmitOut,

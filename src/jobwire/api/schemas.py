@@ -49,6 +49,17 @@ class SessionOut(BaseModel):
     owner: str
 
 
+class ClaimRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=500, description="the guest session's token")
+
+
+class ClaimOut(BaseModel):
+    owner: str
+    moved: int
+
+
 class ItemOut(BaseModel):
     ref: str
     status: Literal["pending", "running", "done", "failed"]

@@ -36,6 +36,10 @@ class UnknownItem(StoreError):
     """A task named an item it never declared."""
 
 
+class OwnerConflict(StoreError):
+    """Moving jobs to another owner would give it two active jobs with one dedup key."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lease:
     """A worker's claim on one attempt of a job; every write a worker makes is fenced by it."""
@@ -69,6 +73,12 @@ class Store(Protocol):
 
     async def session_owner(self, token_hash: str) -> str | None:
         """The owner of an unexpired session, or None."""
+
+    async def claim_session(self, token_hash: str, owner: str) -> int | None:
+        """Give an unexpired guest session's jobs to `owner` and end the session, in one
+        transaction; the number of jobs moved, or None if there is no such guest session.
+        OwnerConflict, changing nothing, if an active job of the guest and one of `owner`
+        share task and key."""
 
     # -- the API's side
     async def submit(

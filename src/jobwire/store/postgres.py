@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import orjson
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg.types.json import Json, set_json_loads
 from psycopg_pool import AsyncConnectionPool
@@ -47,6 +47,7 @@ from jobwire.store.base import (
     JobActive,
     Lease,
     LeaseLost,
+    OwnerConflict,
     StoreError,
     UnknownItem,
     Written,
@@ -54,9 +55,11 @@ from jobwire.store.base import (
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    clash_error,
     dumps,
     event_data,
     expiry_outcome,
+    guest_clashes_sql,
     item_from_row,
     job_from_row,
     lease_expired_error,
@@ -72,7 +75,10 @@ Steps = Callable[[Conn], Awaitable[tuple[T, list[Event]]]]
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
 NOTE_LIMIT = 7000  # bytes; PostgreSQL refuses NOTIFY payloads of 8000 or more
-PING_SECONDS = 5.0  # how often an idle listening connection proves it is alive
+# The listening connection only reads, so a peer that vanished is noticed by TCP
+# keepalives (within about 25 s) rather than by a query that could miss notifications.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3}
 # On a listener reconnect, jobs finished up to this long before the connection was last
 # known alive are re-announced too: covers commits in flight and clock skew between hosts.
 RESYNC_MARGIN = 60.0
@@ -228,8 +234,9 @@ class PostgresStore:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT),
-                        application_name=f"{self._app_name}/listen"[:63]) as conn:
+                        make_conninfo(self.url, application_name=f"{self._app_name}/listen"[:63],
+                                      connect_timeout=int(CONNECT_TIMEOUT), **KEEPALIVES),
+                        autocommit=True) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     if alive_at is not None:
                         await self._resync(alive_at - RESYNC_MARGIN)
@@ -237,12 +244,13 @@ class PostgresStore:
                     if not ready.done():
                         ready.set_result(None)
                     delay = 0.5
-                    while True:
+                    alive_at = now()
+                    # Our own notifications come back too, so on a busy system this
+                    # moment stays recent; TCP keepalives end a silently dead connection.
+                    async for note in conn.notifies():
                         alive_at = now()
-                        async for note in conn.notifies(timeout=PING_SECONDS):
-                            self._on_note(note.payload)
-                        await asyncio.wait_for(conn.execute("SELECT 1"), PING_SECONDS)
-            except (psycopg.Error, StoreError, TimeoutError) as exc:
+                        self._on_note(note.payload)
+            except (psycopg.Error, StoreError) as exc:
                 if not ready.done():
                     ready.set_exception(StoreError(f"cannot listen for events: {exc}"))
                     return
@@ -328,6 +336,27 @@ class PostgresStore:
             "SELECT owner FROM sessions WHERE token_hash = %s "
             "AND (expires_at IS NULL OR expires_at > %s)", (token_hash, now()))
         return str(rows[0][0]) if rows else None
+
+    async def claim_session(self, token_hash: str, owner: str) -> int | None:
+        async def claim(conn: Conn) -> tuple[int | None, list[Event]]:
+            cur = await conn.execute(
+                "SELECT owner FROM sessions WHERE token_hash = %s "
+                "AND (expires_at IS NULL OR expires_at > %s) FOR UPDATE", (token_hash, now()))
+            row = await cur.fetchone()
+            if row is None or not str(row[0]).startswith("guest:"):
+                return None, []
+            guest = str(row[0])
+            cur = await conn.execute(guest_clashes_sql("%s"), (owner, guest))
+            clashes = [r[0] for r in await cur.fetchall()]
+            if clashes:
+                raise OwnerConflict(clash_error(clashes))
+            cur = await conn.execute("UPDATE jobs SET owner = %s WHERE owner = %s RETURNING id",
+                                     (owner, guest))
+            moved = len(await cur.fetchall())  # rowcount is not known yet in pipeline mode
+            await conn.execute("DELETE FROM sessions WHERE owner = %s", (guest,))
+            return moved, []
+
+        return await self._transact(claim)
 
     # -- the API's side
 

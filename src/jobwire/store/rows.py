@@ -52,6 +52,20 @@ def make_event(job: str, seq: int, type: EventType, data: Mapping[str, JSON], at
     return Event(job=job, seq=seq, type=type.value, data=dict(data), at=at)
 
 
+def guest_clashes_sql(param: str) -> str:
+    """Active keyed jobs of a guest (2nd parameter) that an active job of the new owner
+    (1st parameter) shares task and key with; `param` is the driver's placeholder."""
+    return (f"SELECT g.id FROM jobs g JOIN jobs u ON u.owner = {param} AND u.task = g.task "
+            "AND u.key = g.key AND u.status IN ('queued', 'running') "
+            f"WHERE g.owner = {param} AND g.key IS NOT NULL "
+            "AND g.status IN ('queued', 'running')")
+
+
+def clash_error(job_ids: Sequence[str]) -> str:
+    return (f"active jobs with the same task and key on both sides: {', '.join(job_ids)}; "
+            "wait for them to finish or cancel them, then claim again")
+
+
 def lease_expired_error(attempt: int, max_attempts: int) -> str:
     return f"worker lost: lease expired during attempt {attempt} of {max_attempts}"
 

@@ -36,15 +36,18 @@ from jobwire.store.base import (
     JobActive,
     Lease,
     LeaseLost,
+    OwnerConflict,
     StoreError,
     UnknownItem,
     Written,
 )
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    clash_error,
     dumps,
     event_data,
     expiry_outcome,
+    guest_clashes_sql,
     item_from_row,
     job_from_row,
     lease_expired_error,
@@ -288,6 +291,23 @@ class SQLiteStore:
                 "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now())).fetchone()
             return None if row is None else str(row[0])
         return await self._run(get)
+
+    async def claim_session(self, token_hash: str, owner: str) -> int | None:
+        def claim(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT owner FROM sessions WHERE token_hash = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now())).fetchone()
+            if row is None or not str(row[0]).startswith("guest:"):
+                return None
+            guest = str(row[0])
+            clashes = [r[0] for r in conn.execute(guest_clashes_sql("?"), (owner, guest))]
+            if clashes:
+                raise OwnerConflict(clash_error(clashes))
+            moved = conn.execute("UPDATE jobs SET owner = ? WHERE owner = ?",
+                                 (owner, guest)).rowcount
+            conn.execute("DELETE FROM sessions WHERE owner = ?", (guest,))
+            return int(moved)
+        return await self._run(self._write, claim)
 
     # -- the API's side
 
