@@ -25,6 +25,8 @@ from jobwire.client import (
     Snapshot,
     SyncClient,
 )
+from jobwire.client.backoff import Backoff
+from jobwire.client.feed import Feed
 from jobwire.model import counts_of
 from tests.conftest import Proc, free_port
 
@@ -103,8 +105,10 @@ async def test_twenty_watchers_share_one_subscription(client: Client, server: Pr
     watchers = [asyncio.create_task(collect(client, job["id"], ev)) for ev in started]
     await asyncio.gather(*(ev.wait() for ev in started))
 
-    assert await metric(server.url, "jobwire_subscriptions") == 1
+    # The subscription follows the first state (loaded over HTTP) once the socket is up.
+    await eventually(lambda: _metric_is(server.url, "jobwire_subscriptions", 1))
     assert client.feeds[job["id"]].watchers == 20
+    assert await metric(server.url, "jobwire_subscriptions") == 1
     gate.touch()
     seen = await asyncio.gather(*watchers)
 
@@ -274,6 +278,50 @@ async def test_second_job_sees_none_of_the_first_jobs_state(client: Client) -> N
         assert snap.progress["failed"] == 0 and snap.progress["total"] in (0, 2)
     assert second_states[-1].status == "completed"
     assert second_states[-1].progress == {"total": 2, "done": 2, "failed": 0}
+
+
+class RecordingLink:
+    """Stands in for the connection so the test alone decides what a feed receives."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[int] = []
+
+    def subscribe(self, feed: Feed) -> None:
+        self.subscribed.append(feed.seq)
+
+    def unsubscribe(self, feed: Feed) -> None:
+        pass
+
+
+async def test_feed_applies_events_in_seq_order_and_resyncs_on_a_gap(
+        client: Client, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job, _ = await client.submit("steps", {"n": 3, "gate": str(gate)})
+    other, _ = await client.submit("steps", {"n": 3})
+    while "items" not in [e["type"] for e in await client.api.events(job["id"], 0, wait=1)]:
+        pass  # the job declared its items and now waits at the gate
+    link = RecordingLink()
+    feed = Feed(job["id"], client.api, link, Backoff, lambda _: None)
+    queue = feed.attach()
+    feed.start()
+    first = await queue.get()
+    assert isinstance(first, Snapshot) and link.subscribed == [first.seq]
+    gate.touch()
+    await client.wait(job["id"])
+    await client.wait(other["id"])
+    log = {e["seq"]: e for e in await client.api.events(job["id"], 0)}
+    foreign = await client.api.events(other["id"], 0)
+
+    feed.deliver([log[first.seq + 1]])
+    feed.deliver([log[first.seq + 1], log[first.seq - 1], *foreign])  # old, dup, other job
+    feed.deliver([log[first.seq + 3]])  # seq + 2 is missing: reload from the server
+    states = [await queue.get() for _ in range(3)]
+    assert isinstance(states[0], Snapshot) and states[0].seq == first.seq + 1
+    assert isinstance(states[1], Snapshot) and states[1].event is None  # the reload
+    assert states[1].seq == max(log) and states[1].status == "completed"
+    assert states[1].items == {it["ref"]: it for it in (await client.api.request(
+        "GET", f"/api/jobs/{job['id']}/items")).json()["items"]}
+    assert states[2] is None and feed.closed  # terminal: the feed ends its watchers
 
 
 async def test_job_calls_and_typed_errors(client: Client, server: Proc) -> None:
