@@ -127,7 +127,7 @@ async def test_dedup_storm_split_across_servers(cluster: Cluster, on_b: Client) 
 
 
 async def test_sigkilled_worker_process_job_finishes_on_another(
-        pg_url: str, procs: Any, tmp_path: Path) -> None:
+        pg_url: str, procs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     api: Proc = procs("serve", "--db", pg_url, "--no-workers")
     first: Proc = procs("worker", "--db", pg_url, "--lease", "2")
     c = await guest(api.url)
@@ -135,7 +135,8 @@ async def test_sigkilled_worker_process_job_finishes_on_another(
     job, _ = await c.submit("steps", spec)
     while (await c.job(job["id"]))["status"] != "running":
         await c.events(job["id"], after=1, wait=1)
-    second: Proc = procs("worker", "--db", pg_url, "--lease", "2")
+    monkeypatch.setenv("JOBWIRE_DB", pg_url)  # the database, named the other way
+    second: Proc = procs("worker", "--lease", "2")
     first.kill()
     gate.touch()
     ended = await c.wait_terminal(job["id"], timeout=60)
