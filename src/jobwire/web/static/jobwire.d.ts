@@ -51,7 +51,7 @@ export interface JobEvent {
   readonly seq: number;
   readonly type: "created" | "started" | "items" | "item" | "progress" | "cancel_requested"
     | "retrying" | "completed" | "failed" | "cancelled";
-  readonly data: { readonly status: Status; readonly progress: Progress; readonly [k: string]: Json | undefined };
+  readonly data: { readonly status: Status; readonly progress: Progress; readonly [k: string]: unknown };
   readonly at?: string;
 }
 
@@ -111,6 +111,9 @@ export declare class Client {
   cancel(jobId: string): Promise<Job>;
   /** Delete a finished job; rejects with HttpError 409 while it is active. */
   remove(jobId: string): Promise<void>;
+  /** Any other API call: JSON in and out, the client's auth, HttpError on a non-2xx answer. */
+  request<T = unknown>(method: string, path: string, body?: unknown,
+                       signal?: AbortSignal): Promise<T>;
   /** Call `listener` with the connection state now and on every change. */
   onState(listener: (state: ConnectionState) => void): () => void;
   /** Open the WebSocket now (watch() opens it when first needed). */
