@@ -295,3 +295,30 @@ test("createClient() hands every caller in a page the same client until it is cl
   client = createClient({ url: "http://jw.test" });
   assert.notEqual(client, a);
 });
+
+test("a watcher that arrives after the job is gone hears so too", async () => {
+  const log = running(1);
+  setup(log, { [`/api/jobs/${log.id}`]: () => [404, { detail: "job not found" }] });
+  const first = [];
+  client.watch(log.id, () => {}, { onError: (e) => first.push(e) });
+  await until(() => first.length === 1, "first error");
+  const late = [];
+  client.watch(log.id, () => assert.fail("no snapshot"), { onError: (e) => late.push(e) });
+  await until(() => late.length === 1, "late error");
+  assert.equal(late[0].status, 404);
+});
+
+test("a subscription the server refuses is long-polled instead, not retried in a loop", async () => {
+  const log = running(2);
+  const fetch = setup(log);
+  const w = recorder();
+  client.watch(log.id, w);
+  const ws = FakeSocket.last;
+  ws.open();
+  await until(() => ws.ops("subscribe").length === 1, "subscribe");
+  ws.message({ op: "error", job: log.id, code: 429, error: "at most 1000 subscriptions" });
+  log.item("i0", "done");
+  await until(() => w.seen.at(-1).seq === 4, "polled event");
+  assert.equal(ws.ops("subscribe").length, 1);
+  assert.ok(fetch.calls.some((c) => c.path.startsWith(`/api/jobs/${log.id}/events?after=3`)));
+});

@@ -339,7 +339,7 @@ export class Client {
         id: jobId, state: new JobState(jobId), watchers: new Set([watcher]),
         subscribed: false, // a subscribe was sent on the current socket
         confirmed: false, // ...and the server answered it
-        resyncing: null, poller: null, gone: false,
+        resyncing: null, poller: null, gone: null, // gone: the error that ended following
       };
       this._entries.set(jobId, entry);
       this.connect(); // in parallel with reading the job's state
@@ -354,8 +354,12 @@ export class Client {
       }
     } else {
       entry.watchers.add(watcher);
-      const view = entry.state.view;
-      if (view) queueMicrotask(() => entry.watchers.has(watcher) && onSnapshot(view));
+      const { view } = entry.state;
+      queueMicrotask(() => {
+        if (!entry.watchers.has(watcher)) return;
+        if (entry.gone) onError?.(entry.gone);
+        else if (view) onSnapshot(view);
+      });
     }
     return () => {
       entry.watchers.delete(watcher);
@@ -371,7 +375,7 @@ export class Client {
   }
 
   _fail(entry, error) {
-    entry.gone = true;
+    entry.gone = error;
     this._stopFollowing(entry);
     for (const w of [...entry.watchers]) w.onError?.(error);
   }
@@ -533,8 +537,14 @@ export class Client {
       entry.confirmed = true;
       this._stopPoller(entry); // the socket carries this job again
     } else if (msg.op === "error" && entry?.subscribed) {
-      if (msg.code === 404) this._fail(entry, new HttpError(404, msg));
-      else this._resync(entry);
+      if (msg.code === 404) {
+        this._fail(entry, new HttpError(404, msg));
+      } else {
+        // Refused (e.g. too many subscriptions): long-poll this job instead of retrying
+        // the socket in a loop; the next socket subscribes it again.
+        entry.subscribed = false;
+        this._startPoller(entry);
+      }
     }
   }
 
