@@ -44,9 +44,9 @@ function addJob(job, { first = false } = {}) {
   else list.append(el);
   $("empty").hidden = true;
   card.unwatch = client.watch(job.id, (snapshot) => {
-    const first = card.latest === null;
+    const initial = card.latest === null;
     card.latest = snapshot;
-    if (first) render(card); // no empty card, not even for a frame
+    if (initial) render(card); // no empty card, not even for a frame
     else if (!card.scheduled) {
       card.scheduled = true;
       requestAnimationFrame(() => { card.scheduled = false; render(card); });
