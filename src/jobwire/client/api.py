@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from jobwire.client.errors import Unavailable, api_error
+from jobwire.client.errors import JobwireError, Unavailable, api_error
 from jobwire.client.snapshot import JSON, Snapshot
 
 # Given the token the server rejected (None: there is none yet), returns one to use.
@@ -63,9 +63,17 @@ class Api:
             return r
         raise AssertionError("unreachable")  # the loop returns or raises
 
+    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = await self.request(method, path, **kwargs)
+        try:
+            return r.json()
+        except ValueError:
+            raise JobwireError(f"{self.http.base_url} did not answer like a jobwire server "
+                               f"({method} {path}: {r.status_code}, not JSON)") from None
+
     async def new_session(self) -> tuple[str, str]:
         """A fresh guest session: (token, owner)."""
-        data = (await self.request("POST", "/api/sessions", auth=False)).json()
+        data = await self.json("POST", "/api/sessions", auth=False)
         self.http.cookies.clear()  # the header carries the token, not the browser cookie
         return str(data["token"]), str(data["owner"])
 
@@ -73,30 +81,30 @@ class Api:
         body: dict[str, JSON] = {"task": task, "input": input}
         if key is not None:
             body["key"] = key
-        data = (await self.request("POST", "/api/jobs", json=body)).json()
+        data = await self.json("POST", "/api/jobs", json=body)
         return data["job"], bool(data["created"])
 
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, JSON]]:
         params: dict[str, JSON] = {"limit": limit}
         if status is not None:
             params["status"] = status
-        jobs: list[dict[str, JSON]] = (await self.request("GET", "/api/jobs", params=params)).json()
+        jobs: list[dict[str, JSON]] = await self.json("GET", "/api/jobs", params=params)
         return jobs
 
     async def job(self, job_id: str) -> dict[str, JSON]:
-        job: dict[str, JSON] = (await self.request("GET", f"/api/jobs/{job_id}")).json()
+        job: dict[str, JSON] = await self.json("GET", f"/api/jobs/{job_id}")
         return job
 
     async def events(self, job_id: str, after: int, wait: float = 0) -> list[dict[str, JSON]]:
         """Events with seq > after; with `wait`, a long-poll held up to that many seconds."""
-        r = await self.request("GET", f"/api/jobs/{job_id}/events",
-                               params={"after": after, "wait": wait},
-                               timeout=httpx.Timeout(wait + 10.0))
-        events: list[dict[str, JSON]] = r.json()["events"]
+        got = await self.json("GET", f"/api/jobs/{job_id}/events",
+                              params={"after": after, "wait": wait},
+                              timeout=httpx.Timeout(wait + 10.0))
+        events: list[dict[str, JSON]] = got["events"]
         return events
 
     async def cancel(self, job_id: str) -> dict[str, JSON]:
-        job: dict[str, JSON] = (await self.request("POST", f"/api/jobs/{job_id}/cancel")).json()
+        job: dict[str, JSON] = await self.json("POST", f"/api/jobs/{job_id}/cancel")
         return job
 
     async def delete(self, job_id: str) -> None:
@@ -108,7 +116,7 @@ class Api:
         events in between, so both describe the same seq."""
         while True:
             job = await self.job(job_id)
-            got = (await self.request("GET", f"/api/jobs/{job_id}/items")).json()
+            got = await self.json("GET", f"/api/jobs/{job_id}/items")
             snap = Snapshot(job, {})
             while snap.seq < got["seq"]:
                 events = await self.events(job_id, snap.seq)

@@ -124,5 +124,7 @@ def run(args: argparse.Namespace) -> int:
         message = f"job {getattr(args, 'id', '')} not found".replace("  ", " ")
     except JobwireError as exc:
         message = str(exc)
+    except OSError as exc:  # the session file could not be written
+        message = f"cannot keep the session in {default_path()}: {exc}"
     print(f"jobwire: {message}", file=sys.stderr)
     return EXIT_ERROR

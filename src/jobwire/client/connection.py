@@ -109,10 +109,15 @@ class Connection:
                 log.debug("cannot open %s (%s): long-polling", self.url, exc)
                 self._start_polling()
             else:
-                await self._use(ws)
+                if not await self._use(ws):
+                    # Closed before saying anything (e.g. 4429: too many connections,
+                    # or a proxy that drops upgrades): as good as not opened.
+                    self._start_polling()
             await asyncio.sleep(self._backoff.next())
 
-    async def _use(self, ws: ClientConnection) -> None:
+    async def _use(self, ws: ClientConnection) -> bool:
+        """Serves the socket until it closes; False if nothing ever came through it."""
+        worked = False
         self._ws = ws
         self._stop_polling()
         self._outbox = asyncio.Queue()
@@ -122,6 +127,7 @@ class Connection:
         try:
             async with ws:
                 async for raw in ws:
+                    worked = True
                     self._backoff.reset()  # it works: the next drop retries quickly
                     self._dispatch(raw)
         except ConnectionClosed:
@@ -133,6 +139,7 @@ class Connection:
             for feed in list(self.feeds.values()):
                 feed.fail(Unauthorized(401, ws.close_reason or "invalid or expired token"))
         log.debug("socket closed (%s): reconnecting", ws.close_code)
+        return worked
 
     @staticmethod
     async def _write(ws: ClientConnection, outbox: asyncio.Queue[bytes]) -> None:
@@ -154,6 +161,8 @@ class Connection:
         op = msg.get("op")
         if op is None:
             feed.deliver([msg])
+        elif op == "error" and msg.get("code") == 429:
+            self._poll(feed)  # this socket carries no more jobs: poll this one instead
         elif op == "error":
             feed.fail(api_error(int(msg.get("code", 400)), str(msg.get("error"))))
 
