@@ -230,6 +230,31 @@ async def forward(port: int, target: int) -> AsyncIterator[None]:
         proxy.close()
 
 
+async def test_server_limits_push_jobs_to_polling(procs: Any, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One subscription per socket and one socket per owner: what does not fit is polled."""
+    monkeypatch.setenv("JOBWIRE_MAX_SUBSCRIPTIONS", "1")
+    monkeypatch.setenv("JOBWIRE_MAX_CONNECTIONS", "1")
+    server: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'limits.db'}")
+    gate = tmp_path / "gate"
+    async with Client(server.url, backoff=FAST, poll_wait=5) as first:
+        jobs = [(await first.submit("steps", {"n": 2, "gate": str(gate)}))[0] for _ in range(2)]
+        watching = [asyncio.create_task(first.wait(j["id"])) for j in jobs]
+        await eventually(lambda: _true(len(first.connection.pollers) == 1))
+        assert first.connection.mode == "socket"  # one job on the socket, one polled
+        gate.touch()
+        assert await asyncio.gather(*watching) == [{"ran": 2}, {"ran": 2}]
+
+        async with Client(server.url, first.token, backoff=FAST, poll_wait=5) as second:
+            gate2 = tmp_path / "gate2"
+            job, _ = await second.submit("steps", {"n": 2, "gate": str(gate2)})
+            waiting = asyncio.create_task(second.wait(job["id"]))
+            # The owner's one socket is taken: the server closes the second with 4429.
+            await eventually(lambda: _true(second.connection.mode == "polling"))
+            gate2.touch()
+            assert await waiting == {"ran": 2}
+
+
 async def test_concurrent_recover_is_one_request(client: Client, server: Proc) -> None:
     jobs = [(await client.submit("block", {}))[0] for _ in range(3)]
     counting = Counting()
