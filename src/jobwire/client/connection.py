@@ -34,8 +34,9 @@ class Connection:
     One background task owns the socket. While it is up, subscribing sends
     {"op": "subscribe", "after": <feed's seq>}; after any reconnect every live feed is
     subscribed again from its own seq, so nothing is lost or repeated. When opening
-    the socket fails (refused, or a proxy rejects the upgrade) each feed gets a
-    poller until a later attempt succeeds; the socket is retried with backoff.
+    the socket fails (refused, a proxy rejects the upgrade, or it closes before any
+    message, as with the server's 4429) each feed gets a poller until a later socket
+    delivers its first message; the socket is retried with backoff.
     """
 
     def __init__(self, url: str, api: Api, backoff: Callable[[], Backoff],
@@ -119,7 +120,6 @@ class Connection:
         """Serves the socket until it closes; False if nothing ever came through it."""
         worked = False
         self._ws = ws
-        self._stop_polling()
         self._outbox = asyncio.Queue()
         for feed in self.feeds.values():
             self._send(op="subscribe", job=feed.job_id, after=feed.seq)
@@ -127,8 +127,10 @@ class Connection:
         try:
             async with ws:
                 async for raw in ws:
-                    worked = True
-                    self._backoff.reset()  # it works: the next drop retries quickly
+                    if not worked:  # pollers stop only once the socket proves it works
+                        worked = True
+                        self._stop_polling()
+                        self._backoff.reset()  # the next drop retries quickly
                     self._dispatch(raw)
         except ConnectionClosed:
             pass
