@@ -15,6 +15,20 @@ from tests.conftest import Proc
 pytestmark = pytest.mark.browser
 
 
+# A component of the page's own: records each snapshot's seq and done count, and whether
+# it is frozen with counts that agree with its items.
+WATCH_AND_CHECK = """id => {
+  window.seen = [];
+  window.jobwire.watch(id, (s) => {
+    const count = (state) => s.items.filter((i) => i.status === state).length;
+    const agree = s.items.length === s.progress.total && count("done") === s.progress.done
+      && count("failed") === s.progress.failed;
+    window.seen.push([s.seq, s.progress.done,
+                      agree && Object.isFrozen(s) && s.items.every(Object.isFrozen)]);
+  });
+}"""
+
+
 def states(renders: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     return [(r["seq"], r["done"], r["total"]) for r in renders]
 
@@ -135,10 +149,7 @@ def test_lost_websocket_falls_back_to_polling_and_progress_has_no_gap(
     page.route_web_socket("**/api/ws", route)
     dash = Dashboard(page, app.url).open()
     job = dash.start_tracks(400)
-    page.evaluate("""id => {
-      window.seqs = [];
-      window.jobwire.watch(id, (s) => window.seqs.push([s.seq, s.progress.done]));
-    }""", job)
+    page.evaluate(WATCH_AND_CHECK, job)
     dash.wait_job(job, "d.done >= 10")
 
     blocked = True
@@ -152,10 +163,11 @@ def test_lost_websocket_falls_back_to_polling_and_progress_has_no_gap(
     dash.wait_job(job, "d.status === 'completed'")
     dash.wait_connection("live")
 
-    seen: list[list[int]] = page.evaluate("window.seqs")
-    seqs = [s for s, _ in seen]
+    seen: list[list[int]] = page.evaluate("window.seen")
+    seqs = [s for s, _, _ in seen]
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), "every event once, in order"
-    assert [d for _, d in seen] == sorted(d for _, d in seen)
+    assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
+    assert [s for s in seen if not s[2]] == [], "every snapshot frozen, counts agreeing with items"
     assert "reconnecting" in dash.connection_renders() or "polling" in dash.connection_renders()
     assert_moves_forward(dash.job_renders(job))
     final = dash.job_renders(job)[-1]
@@ -166,10 +178,7 @@ def test_server_killed_mid_job_the_page_reconnects_and_resumes(
         app: Proc, context: BrowserContext) -> None:
     dash = Dashboard(context.new_page(), app.url).open()
     job = dash.start_tracks(400)
-    dash.page.evaluate("""id => {
-      window.seqs = [];
-      window.jobwire.watch(id, (s) => window.seqs.push(s.seq));
-    }""", job)
+    dash.page.evaluate(WATCH_AND_CHECK, job)
     dash.wait_job(job, "d.done >= 10")
 
     app.kill()  # SIGKILL: sockets drop, the job's worker dies with it
@@ -178,8 +187,10 @@ def test_server_killed_mid_job_the_page_reconnects_and_resumes(
     dash.wait_job(job, "d.status === 'completed'")
     dash.wait_connection("live")
 
-    seqs: list[int] = dash.page.evaluate("window.seqs")
+    seen: list[list[int]] = dash.page.evaluate("window.seen")
+    seqs = [s for s, _, _ in seen]
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), "resumed after the last seq seen"
+    assert [s for s in seen if not s[2]] == []
     final = dash.job_renders(job)[-1]
     assert final["done"] == final["total"] == 400
     assert dash.card(job).get_by_test_id("counts").inner_text().count("attempt 2") == 1
