@@ -125,6 +125,21 @@ async def _metric_is(url: str, name: str, value: float) -> bool:
     return await metric(url, name) == value
 
 
+async def test_a_watcher_far_behind_skips_to_newer_states(server: Proc, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    async with Client(server.url, backoff=FAST, backlog=3) as client:
+        job, _ = await client.submit("steps", {"n": 10, "gate": str(gate)})
+        slow = client.watch(job["id"])
+        first = await anext(slow)  # then it does not read while the job runs
+        gate.touch()
+        assert await client.wait(job["id"]) == {"ran": 10}
+        final = await client.job(job["id"])
+        rest = [s async for s in slow]
+    assert len(rest) == 3
+    assert [s.seq for s in rest] == sorted({s.seq for s in rest}) and rest[0].seq > first.seq
+    assert_gap_free(rest[-1:], final)  # the last state it gets is the final one
+
+
 async def test_last_watcher_leaving_unsubscribes(client: Client, server: Proc) -> None:
     job, _ = await client.submit("block", {})
 

@@ -27,14 +27,15 @@ class Client:
     creates one on first use (and saves it). With `state_file` it also records which
     jobs it watches, so `recover()` in a restarted process resumes them.
     `ws_url`, `poll_wait`, `backoff` (base, cap seconds) and the httpx `transport` tune
-    how it talks to the server.
+    how it talks to the server. A watcher that falls more than `backlog` states behind
+    skips its oldest ones (it always gets the latest and the terminal state).
     """
 
     def __init__(self, url: str, token: str | None = None, *,
                  state_file: str | os.PathLike[str] | None = None,
                  ws_url: str | None = None, poll_wait: float = 25.0,
                  backoff: tuple[float, float] = (0.2, 10.0),
-                 timeout: float = 30.0,
+                 timeout: float = 30.0, backlog: int = 256,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.session = SessionFile(state_file, self.url) if state_file is not None else None
@@ -50,6 +51,7 @@ class Client:
         self.connection = Connection(ws_url or ws_url_of(self.url), self.api,
                                      self._new_backoff, poll_wait)
         self.feeds: dict[str, Feed] = {}
+        self.backlog = backlog
 
     @property
     def token(self) -> str | None:
@@ -98,7 +100,8 @@ class Client:
         feed = self.feeds.get(job_id)
         if feed is None:
             feed = self.feeds[job_id] = Feed(job_id, self.api, self.connection,
-                                             self._new_backoff, self._feed_closed)
+                                             self._new_backoff, self._feed_closed,
+                                             self.backlog)
             if self.session is not None:
                 self.session.add_job(job_id)
             feed.start()

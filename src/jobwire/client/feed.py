@@ -37,8 +37,9 @@ class Feed:
     """
 
     def __init__(self, job_id: str, api: Api, link: Link, backoff: Callable[[], Backoff],
-                 on_close: Callable[[Feed], None]) -> None:
+                 on_close: Callable[[Feed], None], backlog: int = 256) -> None:
         self.job_id = job_id
+        self.backlog = backlog
         self.api = api
         self.link = link
         self.state: Snapshot | None = None
@@ -101,6 +102,10 @@ class Feed:
     def _publish(self, snap: Snapshot) -> None:
         self.state = snap
         for queue in self._queues:
+            if queue.qsize() >= self.backlog:
+                # A watcher this far behind skips its oldest state rather than hold an
+                # unbounded number of them; it still gets the latest and the last.
+                queue.get_nowait()
             queue.put_nowait(snap)
         if snap.terminal:
             self.close()
