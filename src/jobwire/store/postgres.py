@@ -7,12 +7,11 @@ Every job write locks the job row first (a guarded UPDATE, or SELECT … FOR NO 
 UPDATE), and item rows are only written under that lock, so counts and items agree.
 Claims, lease expiry and pruning skip rows another transaction holds, so many workers
 never wait on each other. Events are inserted and NOTIFYed in one statement at the end
-of the transaction; PostgreSQL delivers the notifications at commit.
+of the transaction; PostgreSQL delivers the notifications at commit (to pg_listen).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -21,7 +20,6 @@ from typing import Any, TypeVar
 
 import orjson
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg.types.json import Json, set_json_loads
@@ -52,6 +50,7 @@ from jobwire.store.base import (
     UnknownItem,
     Written,
 )
+from jobwire.store.pg_listen import Listener, channel_of
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
     JOB_COLUMNS,
@@ -74,14 +73,6 @@ Steps = Callable[[Conn], Awaitable[tuple[T, list[Event]]]]
 
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
-NOTE_LIMIT = 7000  # bytes; PostgreSQL refuses NOTIFY payloads of 8000 or more
-# The listening connection only reads, so a peer that vanished is noticed by TCP
-# keepalives (within about 25 s) rather than by a query that could miss notifications.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-              "keepalives_count": 3}
-# On a listener reconnect, jobs finished up to this long before the connection was last
-# known alive are re-announced too: covers commits in flight and clock skew between hosts.
-RESYNC_MARGIN = 60.0
 
 # Leases are set and compared on the database clock, so hosts with skewed clocks
 # never expire each other's leases early.
@@ -100,6 +91,10 @@ def _text(value: str | None) -> str | None:
     return None if value is None else value.replace("\x00", "\ufffd")
 
 
+def _lease_lost(lease: Lease) -> LeaseLost:
+    return LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+
+
 async def _configure(conn: Conn) -> None:
     set_json_loads(orjson.loads, conn)
 
@@ -111,9 +106,7 @@ class PostgresStore:
         self.url = url
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._hints: list[Hint] = []
-        self._origin = uuid.uuid4().hex[:12]  # tags our notifications: we publish ours directly
-        self._channel = "jobwire"
-        self._listener: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
         name = conninfo_to_dict(url).get("application_name")
         self._app_name = str(name) if name else "jobwire"
 
@@ -123,6 +116,11 @@ class PostgresStore:
     def pool(self) -> AsyncConnectionPool[Conn]:
         assert self._pool is not None, "store is not open"
         return self._pool
+
+    @property
+    def listener(self) -> Listener:
+        assert self._listener is not None, "store is not open"
+        return self._listener
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -152,15 +150,9 @@ class PostgresStore:
                 await conn.execute(_WRITE_EVENTS, (
                     [e.job for e in events], [e.seq for e in events], [e.type for e in events],
                     [Json(e.data, dumps) for e in events], [e.at for e in events],
-                    self._channel, [self._note(e) for e in events]))
+                    self.listener.channel, [self.listener.note(e) for e in events]))
         self._publish(events)
         return value
-
-    def _note(self, ev: Event) -> str:
-        """The NOTIFY payload: the whole event when it fits, else just where to read it."""
-        note: dict[str, JSON] = {"o": self._origin, "job": ev.job, "seq": ev.seq}
-        full = orjson.dumps({**note, "type": ev.type, "data": ev.data, "at": ev.at})
-        return (full if len(full) < NOTE_LIMIT else orjson.dumps(note)).decode()
 
     def _publish(self, events: Sequence[Event]) -> None:
         for ev in events:
@@ -188,10 +180,6 @@ class PostgresStore:
                 row = await cur.fetchone()
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the database: {exc}") from exc
-        # Channels are per database; naming them by schema keeps deployments that share
-        # a database in separate schemas apart. Identifiers stop at 63 bytes.
-        schema = str(row[0]) if row else "public"
-        self._channel = f"jobwire:{schema}".encode()[:63].decode(errors="ignore")
         self._pool = AsyncConnectionPool(
             self.url, min_size=1, max_size=POOL_SIZE, open=False, configure=_configure,
             kwargs={"autocommit": True, "application_name": self._app_name},
@@ -200,19 +188,21 @@ class PostgresStore:
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except psycopg.OperationalError as exc:
             await self._pool.close()
+            self._pool = None
             raise StoreError(f"cannot open the database: {exc}") from exc
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._listener = asyncio.create_task(self._listen(ready))
+        self._listener = Listener(
+            make_conninfo(self.url, application_name=f"{self._app_name}/listen"[:63],
+                          connect_timeout=int(CONNECT_TIMEOUT)),
+            channel_of(str(row[0]) if row else "public"), self._call_hints, self._resync)
         try:
-            await ready
+            await self._listener.start()
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await self._listener.stop()
             self._listener = None
         if self._pool is not None:
             await self._pool.close()
@@ -220,59 +210,8 @@ class PostgresStore:
 
     # -- cross-process events
 
-    async def _listen(self, ready: asyncio.Future[None]) -> None:
-        """Deliver other processes' events from a dedicated LISTEN connection, forever.
-
-        A notification sent while this connection was down is lost, so after a
-        reconnect every job that may have changed meanwhile (still active, or finished
-        since the connection was last known alive) gets a hint without an event: the
-        hub then reads its channels' missing events from the table by seq, and
-        workers look for work. This needs nothing beyond the Store protocol.
-        """
-        alive_at: float | None = None
-        delay = 0.5
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                        make_conninfo(self.url, application_name=f"{self._app_name}/listen"[:63],
-                                      connect_timeout=int(CONNECT_TIMEOUT), **KEEPALIVES),
-                        autocommit=True) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                    if alive_at is not None:
-                        await self._resync(alive_at - RESYNC_MARGIN)
-                        log.info("listening for events again")
-                    if not ready.done():
-                        ready.set_result(None)
-                    delay = 0.5
-                    alive_at = now()
-                    # Our own notifications come back too, so on a busy system this
-                    # moment stays recent; TCP keepalives end a silently dead connection.
-                    async for note in conn.notifies():
-                        alive_at = now()
-                        self._on_note(note.payload)
-            except (psycopg.Error, StoreError) as exc:
-                if not ready.done():
-                    ready.set_exception(StoreError(f"cannot listen for events: {exc}"))
-                    return
-                log.warning("event listener lost its connection (%s); retrying in %.1fs",
-                            exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    def _on_note(self, payload: str) -> None:
-        try:
-            note = orjson.loads(payload)
-            if note["o"] == self._origin:
-                return  # ours: already handed to local listeners at commit
-            job, seq = str(note["job"]), int(note["seq"])
-            ev = (Event(job=job, seq=seq, type=note["type"], data=note["data"], at=note["at"])
-                  if "type" in note else None)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("ignoring a malformed notification: %.200s", payload)
-            return
-        self._call_hints(job, seq, ev)
-
     async def _resync(self, since: float) -> None:
+        """After the listener reconnects: hint every job that may have changed meanwhile."""
         rows = await self._query(
             f"SELECT id, seq FROM jobs WHERE status IN {ACTIVE_SQL} OR finished_at >= %s",
             (since,))
@@ -293,7 +232,7 @@ class PostgresStore:
             (now(), *params, lease.job, lease.worker, lease.attempt))
         row = await cur.fetchone()
         if row is None:
-            raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+            raise _lease_lost(lease)
         return row[0], row[1], row[2], row[3], row[4], row[5]
 
     @staticmethod
@@ -309,7 +248,7 @@ class PostgresStore:
         row = await job_cur.fetchone()
         items = await items_cur.fetchall()
         if row is None:
-            raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+            raise _lease_lost(lease)
         return (row[0], row[1], row[2], row[3], row[4], row[5]), items
 
     @staticmethod
