@@ -283,3 +283,21 @@ async def test_concurrent_claims_and_expiries_take_each_job_once(pg_url: str) ->
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_nul_characters_never_break_a_lookup_or_a_failure(pg_url: str) -> None:
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        assert await store.get_job("no\x00such", "o") is None
+        assert await store.job_with_items("no\x00such") is None
+        job, _ = await store.submit("o", "t", {"text": "a\x00b"}, None, 1)
+        [claimed] = await store.claim("w", ["t"], 1, 30)
+        await store.finish(Lease(job.id, "w", claimed.attempt), Status.FAILED,
+                           error="ValueError: bad byte \x00 in input")
+        ended = await store.get_job(job.id)
+        assert ended is not None and ended.status == Status.FAILED
+        assert ended.input == {"text": "a\x00b"}
+        assert ended.error is not None and ended.error.startswith("ValueError: bad byte")
+    finally:
+        await store.close()

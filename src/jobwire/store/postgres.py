@@ -86,9 +86,14 @@ _WRITE_EVENTS = (
 )
 
 
+# PostgreSQL text cannot hold NUL: error texts (from arbitrary exceptions) get it
+# replaced, and an id containing it names no job rather than failing the lookup.
 def _text(value: str | None) -> str | None:
-    """Error texts come from arbitrary exceptions; PostgreSQL text cannot hold NUL."""
     return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _storable(text: str) -> bool:
+    return "\x00" not in text
 
 
 def _lease_lost(lease: Lease) -> LeaseLost:
@@ -254,6 +259,8 @@ class PostgresStore:
     @staticmethod
     async def _find(conn: Conn, job_id: str, owner: str | None, lock: bool = False
                     ) -> Job | None:
+        if not _storable(job_id):
+            return None
         query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s"
         params: tuple[str, ...] = (job_id,)
         if owner is not None:
@@ -346,6 +353,8 @@ class PostgresStore:
 
     async def job_with_items(self, job_id: str, owner: str | None = None
                              ) -> tuple[Job, list[Item]] | None:
+        if not _storable(job_id):
+            return None
         # One statement is one snapshot: the items agree with the job row's seq.
         query = (
             f"SELECT {JOB_COLUMNS}, (SELECT coalesce(json_agg(json_build_array("
