@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -26,6 +27,10 @@ def _detail(r: httpx.Response) -> str:
             for d in detail if isinstance(d, dict)
         ) or str(detail)
     return str(detail)
+
+
+def _path(job_id: str, rest: str = "") -> str:
+    return f"/api/jobs/{quote(job_id, safe='')}{rest}"  # an id never escapes its route
 
 
 class Api:
@@ -92,23 +97,23 @@ class Api:
         return jobs
 
     async def job(self, job_id: str) -> dict[str, JSON]:
-        job: dict[str, JSON] = await self.json("GET", f"/api/jobs/{job_id}")
+        job: dict[str, JSON] = await self.json("GET", _path(job_id))
         return job
 
     async def events(self, job_id: str, after: int, wait: float = 0) -> list[dict[str, JSON]]:
         """Events with seq > after; with `wait`, a long-poll held up to that many seconds."""
-        got = await self.json("GET", f"/api/jobs/{job_id}/events",
+        got = await self.json("GET", _path(job_id, "/events"),
                               params={"after": after, "wait": wait},
                               timeout=httpx.Timeout(wait + 10.0))
         events: list[dict[str, JSON]] = got["events"]
         return events
 
     async def cancel(self, job_id: str) -> dict[str, JSON]:
-        job: dict[str, JSON] = await self.json("POST", f"/api/jobs/{job_id}/cancel")
+        job: dict[str, JSON] = await self.json("POST", _path(job_id, "/cancel"))
         return job
 
     async def delete(self, job_id: str) -> None:
-        await self.request("DELETE", f"/api/jobs/{job_id}")
+        await self.request("DELETE", _path(job_id))
 
     async def state(self, job_id: str) -> Snapshot:
         """The job and its items at one seq. Items are read consistently with the counts;
@@ -116,7 +121,7 @@ class Api:
         events in between, so both describe the same seq."""
         while True:
             job = await self.job(job_id)
-            got = await self.json("GET", f"/api/jobs/{job_id}/items")
+            got = await self.json("GET", _path(job_id, "/items"))
             snap = Snapshot(job, {})
             while snap.seq < got["seq"]:
                 events = await self.events(job_id, snap.seq)
