@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,8 @@ async def on_b(cluster: Cluster) -> AsyncIterator[Client]:
 
 
 async def ws_follow(base: str, token: str, job: str, after: int,
-                    on_event: Any = None) -> list[dict[str, Any]]:
+                    on_event: Callable[[dict[str, Any]], bool] | None = None
+                    ) -> list[dict[str, Any]]:
     """Subscribe and return events until the terminal one; `on_event(event)` may return
     True to drop the socket right there."""
     got: list[dict[str, Any]] = []
