@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException
+from fastapi import Depends, HTTPException, Path
 from starlette.requests import HTTPConnection
 
 from jobwire.api.auth import owner_of
+from jobwire.api.schemas import NO_NUL
 from jobwire.model import Job
 from jobwire.server import Runtime
 
@@ -29,6 +30,7 @@ async def stream_owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
     return await owner_of(conn, rt.store, allow_query=True)
 
 
+JobId = Annotated[str, Path(max_length=200, pattern=NO_NUL)]
 Owner = Annotated[str, Depends(owner)]
 StreamOwner = Annotated[str, Depends(stream_owner)]
 

@@ -7,20 +7,22 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from jobwire.api.auth import COOKIE, hash_token, new_session
-from jobwire.api.deps import Owner, RuntimeDep, owned_job
+from jobwire.api.deps import JobId, Owner, RuntimeDep, owned_job
 from jobwire.api.schemas import (
     ClaimOut,
     ClaimRequest,
+    ErrorOut,
     ItemsOut,
     JobOut,
     SessionOut,
     SubmitOut,
     SubmitRequest,
+    errors,
 )
 from jobwire.model import ACTIVE, Status
 from jobwire.store import JobActive, OwnerConflict
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", responses=errors(503))
 
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
@@ -35,9 +37,11 @@ async def create_session(rt: RuntimeDep, response: Response) -> dict[str, str]:
 
 
 @router.post("/sessions/claim", response_model=ClaimOut, responses={
-    403: {"description": "the caller is not a user"},
-    404: {"description": "no such guest session, or it expired"},
-    409: {"description": "an active job of each side has the same task and key"}})
+    **errors(400, 401, 413),
+    403: {"model": ErrorOut, "description": "the caller is not a user"},
+    404: {"model": ErrorOut, "description": "no such guest session, or it expired"},
+    409: {"model": ErrorOut,
+          "description": "an active job of each side has the same task and key"}})
 async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[str, object]:
     """Move a guest session's jobs to the calling user (the user's token authorizes, the
     guest's token is in the body), all or none; the guest token then stops working."""
@@ -53,7 +57,8 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
 
 
 @router.post("/jobs", status_code=201, response_model=SubmitOut,
-             responses={200: {"model": SubmitOut, "description": "an active job with this key"}})
+             responses={200: {"model": SubmitOut, "description": "an active job with this key"},
+                        **errors(400, 401, 413)})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner,
                  response: Response) -> dict[str, object]:
     spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
@@ -63,7 +68,7 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner,
     return {"created": created, "job": job.snapshot()}
 
 
-@router.get("/jobs", response_model=list[JobOut])
+@router.get("/jobs", response_model=list[JobOut], responses=errors(401))
 async def list_jobs(rt: RuntimeDep, who: Owner, status: StatusFilter | None = None,
                     limit: int = Query(50, ge=1, le=500)) -> list[dict[str, object]]:
     """The caller's jobs, newest first. `status=active` is queued and running only."""
@@ -71,13 +76,13 @@ async def list_jobs(rt: RuntimeDep, who: Owner, status: StatusFilter | None = No
     return [j.snapshot() for j in await rt.store.list_jobs(who, statuses, limit)]
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))
+async def get_job(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
     return (await owned_job(rt, job_id, who)).snapshot()
 
 
-@router.get("/jobs/{job_id}/items", response_model=ItemsOut)
-async def get_items(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+@router.get("/jobs/{job_id}/items", response_model=ItemsOut, responses=errors(401, 404))
+async def get_items(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
     """The job's items at one seq: their states agree with the job's counts at that seq."""
     found = await rt.store.job_with_items(job_id, who)
     if found is None:
@@ -86,8 +91,8 @@ async def get_items(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object
     return {"job": job.id, "seq": job.seq, "items": [i.as_dict() for i in items]}
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-async def cancel(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 404))
+async def cancel(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
     """Cancel a queued job at once, or ask a running one to stop. Idempotent."""
     job = await rt.store.request_cancel(job_id, who)
     if job is None:
@@ -96,8 +101,8 @@ async def cancel(job_id: str, rt: RuntimeDep, who: Owner) -> dict[str, object]:
 
 
 @router.delete("/jobs/{job_id}", status_code=204,
-               responses={409: {"description": "the job is still active"}})
-async def delete(job_id: str, rt: RuntimeDep, who: Owner) -> Response:
+               responses=errors(401, 404, 409))
+async def delete(job_id: JobId, rt: RuntimeDep, who: Owner) -> Response:
     try:
         deleted = await rt.store.delete_job(job_id, who)
     except JobActive as exc:

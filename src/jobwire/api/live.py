@@ -19,13 +19,14 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
 from jobwire.api.auth import owner_of
-from jobwire.api.deps import Owner, RuntimeDep, StreamOwner, owned_job, runtime
+from jobwire.api.deps import JobId, Owner, RuntimeDep, StreamOwner, owned_job, runtime
 from jobwire.api.limits import OwnerSlots
-from jobwire.api.schemas import EventsOut
+from jobwire.api.schemas import EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
+from jobwire.store import StoreError
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", responses=errors(503))
 
 SSE_KEEPALIVE = 15.0
 
@@ -35,8 +36,8 @@ def connections(conn: HTTPConnection) -> OwnerSlots:
     return slots
 
 
-@router.get("/jobs/{job_id}/events", response_model=EventsOut)
-async def poll_events(job_id: str, rt: RuntimeDep, who: Owner,
+@router.get("/jobs/{job_id}/events", response_model=EventsOut, responses=errors(401, 404))
+async def poll_events(job_id: JobId, rt: RuntimeDep, who: Owner,
                       after: int = Query(0, ge=0),
                       wait: float = Query(0, ge=0, le=60)) -> Response:
     """Events with seq > after; with `wait`, hold the request up to that many seconds
@@ -49,8 +50,9 @@ async def poll_events(job_id: str, rt: RuntimeDep, who: Owner,
 
 
 @router.get("/jobs/{job_id}/stream", response_class=StreamingResponse,
-            responses={204: {"description": "the job ended before the given seq"}})
-async def stream(job_id: str, rt: RuntimeDep, who: StreamOwner, request: Request,
+            responses={204: {"description": "the job ended before the given seq"},
+                       **errors(401, 404, 429)})
+async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
     """Server-Sent Events: `id` is the seq; reconnecting with Last-Event-ID resumes."""
@@ -173,12 +175,15 @@ class SocketSession:
                        error=f"too many subscriptions: at most {limit} per connection; "
                              "unsubscribe first")
             return
-        if await self.rt.store.get_job(job, self.who) is None:
-            self.reply(op="error", job=job, code=404, error="job not found")
-            return
-        self.reply(op="subscribed", job=job, after=after)
-        self.subs[job] = await self.rt.hub.subscribe(job, after, self.deliver_to(job),
-                                                     self.ready)
+        try:
+            if "\x00" in job or await self.rt.store.get_job(job, self.who) is None:
+                self.reply(op="error", job=job, code=404, error="job not found")
+                return
+            self.reply(op="subscribed", job=job, after=after)
+            self.subs[job] = await self.rt.hub.subscribe(job, after, self.deliver_to(job),
+                                                         self.ready)
+        except StoreError as exc:  # the database is down: say so, keep the socket
+            self.reply(op="error", job=job, code=503, error=str(exc))
 
     async def pump(self) -> None:
         while (message := await self.out.get()) is not None:
@@ -203,6 +208,9 @@ async def websocket(ws: WebSocket) -> None:
         who = await owner_of(ws, rt.store, allow_query=True)
     except HTTPException as exc:
         await ws.close(code=4401, reason=str(exc.detail))
+        return
+    except StoreError:
+        await ws.close(code=1011, reason="the database is unavailable; retry later")
         return
     slot = connections(ws).acquire(who)
     if slot is None:

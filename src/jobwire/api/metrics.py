@@ -10,9 +10,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from jobwire.api.deps import RuntimeDep
+from jobwire.api.schemas import errors
 from jobwire.model import Status
 
-router = APIRouter()
+router = APIRouter(responses=errors(503))
 
 
 class _Values(Collector):

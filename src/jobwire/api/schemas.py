@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NO_NUL = "^[^\x00]*$"  # PostgreSQL text cannot hold NUL, so neither backend accepts it
 
 
 class SubmitRequest(BaseModel):
@@ -13,6 +16,39 @@ class SubmitRequest(BaseModel):
     task: str = Field(min_length=1, max_length=200)
     input: Any = None
     key: str | None = Field(default=None, min_length=1, max_length=500)
+
+    @field_validator("task", "input", "key")
+    @classmethod
+    def storable(cls, value: Any) -> Any:
+        """Text both databases can store: valid Unicode without NUL."""
+        try:
+            encoded = orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            raise ValueError("must be valid Unicode (no lone surrogates)") from None
+        if b"\\u0000" in encoded:
+            raise ValueError("must not contain NUL (\\u0000)")
+        return value
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+ERRORS = {
+    400: "the body is not valid JSON",
+    401: "no token, or an invalid or expired one",
+    403: "the caller is not allowed to do this",
+    404: "no such job (a job of another owner answers the same)",
+    409: "the job's state does not allow this",
+    413: "the request body is over the size limit",
+    429: "too many live connections for this owner",
+    503: "the database is unavailable; retry later",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses, each answered as {"detail": "..."}."""
+    return {code: {"model": ErrorOut, "description": ERRORS[code]} for code in codes}
 
 
 class ProgressOut(BaseModel):
