@@ -10,6 +10,7 @@ from jobwire.client.errors import (
     JobFailed,
     JobNotFound,
     JobwireError,
+    ServerUnavailable,
     Unauthorized,
     Unavailable,
 )
@@ -18,6 +19,6 @@ from jobwire.client.sync import SyncClient
 
 __all__ = [
     "ApiError", "Client", "InvalidRequest", "JobActive", "JobCancelled", "JobEnded",
-    "JobFailed", "JobNotFound", "JobwireError", "Snapshot", "SyncClient", "Unauthorized",
-    "Unavailable",
+    "JobFailed", "JobNotFound", "JobwireError", "ServerUnavailable", "Snapshot", "SyncClient",
+    "Unauthorized", "Unavailable",
 ]

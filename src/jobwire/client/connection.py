@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from jobwire.client.api import Api
 from jobwire.client.backoff import Backoff
-from jobwire.client.errors import Unauthorized, api_error
+from jobwire.client.errors import Unauthorized, Unavailable, api_error
 from jobwire.client.feed import Feed
 from jobwire.client.poller import Poller
 
@@ -163,10 +163,14 @@ class Connection:
         op = msg.get("op")
         if op is None:
             feed.deliver([msg])
-        elif op == "error" and msg.get("code") == 429:
-            self._poll(feed)  # this socket carries no more jobs: poll this one instead
         elif op == "error":
-            feed.fail(api_error(int(msg.get("code", 400)), str(msg.get("error"))))
+            error = api_error(int(msg.get("code", 400)), str(msg.get("error")))
+            if isinstance(error, Unavailable) or error.status == 429:
+                # The socket cannot carry this job now (its database is down, or no more
+                # subscriptions fit): poll it, retrying, until the next socket takes it.
+                self._poll(feed)
+            else:
+                feed.fail(error)
 
     async def aclose(self) -> None:
         self._stop_polling()

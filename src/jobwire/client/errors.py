@@ -38,6 +38,10 @@ class InvalidRequest(ApiError):
     """422: an unknown task or a bad input; the message names the field."""
 
 
+class ServerUnavailable(ApiError, Unavailable):
+    """502/503/504: the server (or its database) cannot answer now; retrying may work."""
+
+
 class JobEnded(JobwireError):
     """A job reached a terminal state other than completed."""
 
@@ -57,6 +61,7 @@ class JobCancelled(JobEnded):
 
 _BY_STATUS: dict[int, type[ApiError]] = {
     401: Unauthorized, 404: JobNotFound, 409: JobActive, 422: InvalidRequest,
+    502: ServerUnavailable, 503: ServerUnavailable, 504: ServerUnavailable,
 }
 
 
