@@ -204,3 +204,16 @@ async def test_metrics_and_health(shared_server: Proc) -> None:
 
 def ws_url(server: Proc, token: str) -> str:
     return server.url.replace("http://", "ws://") + f"/api/ws?token={token}"
+
+
+async def test_items_in_flight_when_a_job_ends_are_not_left_running(client: Client) -> None:
+    job, _ = await client.submit("steps", {"n": 3, "delay": 5})
+    while not any(e["type"] == "item" for e in await client.events(job["id"])):
+        await asyncio.sleep(0.02)
+    await client.http.post(f"/api/jobs/{job['id']}/cancel")
+    ended = await client.wait_terminal(job["id"])
+    assert ended["status"] == "cancelled"
+    items = (await client.http.get(f"/api/jobs/{job['id']}/items")).json()["items"]
+    assert [i["status"] for i in items] == ["pending"] * 3
+    last = (await client.events(job["id"]))[-1]
+    assert last["type"] == "cancelled" and last["data"]["reset"] == ["i0"]

@@ -210,16 +210,19 @@ class Item:
 
 def apply_event(
     snapshot: Mapping[str, JSON], items: Mapping[str, Mapping[str, JSON]], event: Mapping[str, JSON]
-) -> tuple[dict[str, JSON], dict[str, dict[str, JSON]]]:
+) -> tuple[dict[str, JSON], dict[str, Mapping[str, JSON]]]:
     """Fold one event (wire form) into a snapshot and its items, returning new copies.
 
     The caller guarantees `event["seq"] == snapshot["seq"] + 1`; this is the single
     definition of how events change state, shared by the Python client and mirrored
-    by jobwire.js.
+    by jobwire.js. The snapshot must have been loaded once (GET /api/jobs/{id}): the
+    `created` event does not carry the id, owner or timestamps.
+    Item mappings are shared between the old and new state and never mutated, so an
+    event costs one shallow copy, not a copy of every item.
     """
     data = event["data"]
     snap = dict(snapshot)
-    new_items = {ref: dict(it) for ref, it in items.items()}
+    new_items: dict[str, Mapping[str, JSON]] = dict(items)
     snap["seq"] = event["seq"]
     snap["status"] = data["status"]
     snap["progress"] = dict(data["progress"])
@@ -243,13 +246,14 @@ def apply_event(
         snap["cancel_requested"] = True
     elif kind == EventType.RETRYING:
         snap["error"] = data.get("error")
-        for ref in data.get("reset", []):
-            if ref in new_items:
-                new_items[ref]["status"] = "pending"
     elif kind in TERMINAL_EVENTS:
         snap["result"] = data.get("result")
         snap["error"] = data.get("error")
         snap["finished_at"] = event.get("at")
+    # Items a stopped attempt left running never finished: they are pending again.
+    for ref in data.get("reset", ()):
+        if ref in new_items:
+            new_items[ref] = {**new_items[ref], "status": ItemStatus.PENDING.value}
     return snap, new_items
 
 

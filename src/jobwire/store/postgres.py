@@ -100,6 +100,13 @@ def _lease_lost(lease: Lease) -> LeaseLost:
     return LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
 
 
+async def _reset_running(conn: Conn, job_id: str) -> list[str]:
+    """Items a stopped attempt left running never finished: they go back to pending."""
+    cur = await conn.execute("UPDATE items SET status = 'pending' WHERE job_id = %s "
+                             "AND status = 'running' RETURNING ref", (job_id,))
+    return [r[0] for r in await cur.fetchall()]
+
+
 async def _configure(conn: Conn) -> None:
     set_json_loads(orjson.loads, conn)
 
@@ -543,9 +550,10 @@ class PostgresStore:
                 conn, lease, ", status = %s, result = %s, error = %s, finished_at = %s, "
                 "worker = NULL, lease_until = NULL",
                 (status.value, Json(result, dumps), _text(error), at))
+            reset = await _reset_running(conn, lease.job)  # under the job row's lock
             ev = make_event(lease.job, seq, EventType(status.value),
-                            event_data(status, total, done, failed, result=result, error=error),
-                            at)
+                            event_data(status, total, done, failed, result=result, error=error,
+                                       reset=reset), at)
             return Written([ev], cancel), [ev]
 
         return await self._transact(finish)
@@ -564,15 +572,12 @@ class PostgresStore:
             for job_id, attempt, max_attempts, cancel in await cur.fetchall():
                 outcome = expiry_outcome(attempt, max_attempts, cancel)
                 error = lease_expired_error(attempt, max_attempts)
-                reset_cur = await conn.execute(
-                    "UPDATE items SET status = 'pending' WHERE job_id = %s "
-                    "AND status = 'running' RETURNING ref", (job_id,))
+                reset = await _reset_running(conn, job_id)
                 job_cur = await conn.execute(
                     "UPDATE jobs SET status = %s, error = %s, worker = NULL, lease_until = NULL, "
                     "seq = seq + 1, updated_at = %s, finished_at = %s WHERE id = %s "
                     "RETURNING seq, total, done, failed",
                     (outcome.value, error, at, at if outcome.terminal else None, job_id))
-                reset = [r[0] for r in await reset_cur.fetchall()]
                 row = await job_cur.fetchone()
                 assert row is not None  # locked above
                 seq, total, done, failed = row

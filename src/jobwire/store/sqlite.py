@@ -276,6 +276,13 @@ class SQLiteStore:
             raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
         return row[0], row[1], row[2], row[3], row[4], bool(row[5])
 
+    @staticmethod
+    def _reset_running(conn: sqlite3.Connection, job_id: str) -> list[str]:
+        """Items a stopped attempt left running never finished: they go back to pending."""
+        return [r[0] for r in conn.execute(
+            "UPDATE items SET status = 'pending' WHERE job_id = ? AND status = 'running' "
+            "RETURNING ref", (job_id,))]
+
     # -- sessions
 
     async def add_session(self, token_hash: str, owner: str, expires_at: float | None) -> None:
@@ -544,9 +551,10 @@ class SQLiteStore:
             seq, _, total, done, failed, cancel = self._fenced(
                 conn, lease, ", status = ?, result = ?, error = ?, finished_at = ?, "
                 "worker = NULL, lease_until = NULL", (status.value, dumps(result), error, at))
+            reset = self._reset_running(conn, lease.job)
             ev = self._add_event(conn, lease.job, seq, EventType(status.value),
                                  event_data(status, total, done, failed, result=result,
-                                            error=error), at)
+                                            error=error, reset=reset), at)
             return Written([ev], cancel), [ev]
         return await self._transact(finish)
 
@@ -562,9 +570,7 @@ class SQLiteStore:
             for job_id, attempt, max_attempts, cancel in rows:
                 outcome = expiry_outcome(attempt, max_attempts, bool(cancel))
                 error = lease_expired_error(attempt, max_attempts)
-                reset = [r[0] for r in conn.execute(
-                    "UPDATE items SET status = 'pending' WHERE job_id = ? AND status = 'running' "
-                    "RETURNING ref", (job_id,))]
+                reset = self._reset_running(conn, job_id)
                 finished = at if outcome.terminal else None
                 seq, total, done, failed = conn.execute(
                     "UPDATE jobs SET status = ?, error = ?, worker = NULL, lease_until = NULL, "

@@ -64,9 +64,6 @@ export function applyEvent(snapshot, items, event) {
       break;
     case "retrying":
       snap.error = data.error ?? null;
-      for (const ref of data.reset ?? []) {
-        if (next.has(ref)) next.set(ref, { ...next.get(ref), status: "pending" });
-      }
       break;
     default:
       if (TERMINAL_EVENTS.has(event.type)) {
@@ -74,6 +71,10 @@ export function applyEvent(snapshot, items, event) {
         snap.error = data.error ?? null;
         snap.finished_at = event.at ?? null;
       }
+  }
+  // Items a stopped attempt left running never finished: they are pending again.
+  for (const ref of data.reset ?? []) {
+    if (next.has(ref)) next.set(ref, { ...next.get(ref), status: "pending" });
   }
   return { snapshot: snap, items: next };
 }
@@ -169,7 +170,7 @@ export class JobState {
 function countsAfter(state, items, event) {
   const before = state.snapshot.progress;
   const d = event.data;
-  const refs = event.type === "item" ? [d.ref] : event.type === "retrying" ? (d.reset ?? []) : [];
+  const refs = event.type === "item" ? [d.ref] : (d.reset ?? []);
   let { done, failed } = before;
   for (const ref of refs) {
     const old = state.items.get(ref)?.status;
