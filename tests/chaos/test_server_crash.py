@@ -1,0 +1,152 @@
+"""Server crashes: the API server is SIGKILLed and restarted several times while 50
+clients watch jobs over WebSocket, SSE and the Python client. Every watcher resumes
+from the last seq it saw and ends with exactly the job's event log: every event once,
+in order (the raw watchers fail on the first duplicate or gap they are sent)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, WebSocketException
+
+from jobwire.client import Client as JobwireClient
+from tests.chaos.conftest import APP, Serve
+from tests.chaos.wire import check_log, parse_sse, ws_url
+from tests.conftest import guest
+
+pytestmark = pytest.mark.timeout(300)
+
+TERMINAL = ("completed", "failed", "cancelled")
+JOBS = 10
+WS_WATCHERS, SSE_WATCHERS, CLIENT_WATCHERS = 25, 20, 5
+RESTARTS = 3
+Log = list[dict[str, Any]]
+
+
+def take(log: Log, ev: dict[str, Any]) -> None:
+    """Append the next event; the server must never send a duplicate or skip one."""
+    expected = log[-1]["seq"] + 1 if log else 1
+    assert ev["seq"] == expected, f"job {ev['job']}: got seq {ev['seq']}, expected {expected}"
+    log.append(ev)
+
+
+async def ws_watch(base: str, token: str, jobs: list[str]) -> dict[str, Log]:
+    logs: dict[str, Log] = {j: [] for j in jobs}
+    open_jobs = set(jobs)
+    while open_jobs:
+        try:
+            async with connect(ws_url(base, token), open_timeout=5) as ws:
+                for j in open_jobs:
+                    after = logs[j][-1]["seq"] if logs[j] else 0
+                    await ws.send(orjson.dumps({"op": "subscribe", "job": j,
+                                                "after": after}).decode())
+                async for raw in ws:
+                    msg = orjson.loads(raw)
+                    if "op" in msg:
+                        assert msg["op"] == "subscribed", msg
+                        continue
+                    take(logs[msg["job"]], msg)
+                    if msg["type"] in TERMINAL:
+                        open_jobs.discard(msg["job"])
+                        if not open_jobs:
+                            return logs
+        except (OSError, WebSocketException, InvalidHandshake, TimeoutError):
+            pass  # the server is down: retry from the last seq seen
+        await asyncio.sleep(0.2)
+    return logs
+
+
+async def sse_watch(base: str, token: str, job: str) -> Log:
+    log: Log = []
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(30, connect=5),
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        while True:
+            headers = {"Last-Event-ID": str(log[-1]["seq"])} if log else {}
+            try:
+                async with http.stream("GET", f"/api/jobs/{job}/stream",
+                                       headers=headers) as r:
+                    if r.status_code == 204:  # ended and we are caught up
+                        return log
+                    assert r.status_code == 200, r.status_code
+                    rest = b""
+                    async for chunk in r.aiter_bytes():
+                        events, rest = parse_sse(rest + chunk)
+                        for ev in events:
+                            take(log, ev)
+                        if log and log[-1]["type"] in TERMINAL:
+                            return log
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+
+
+async def client_watch(base: str, token: str, job: str) -> list[int]:
+    """The Python client's states: their seqs, in the order it yielded them."""
+    seqs: list[int] = []
+    client = JobwireClient(base, token, backoff=(0.1, 1.0), poll_wait=5)
+    try:
+        async for state in client.watch(job):
+            seqs.append(state.seq)
+    finally:
+        await client.aclose()
+    return seqs
+
+
+async def test_sigkill_server_while_50_clients_watch(serve: Serve, procs: Any,
+                                                     db_url: str) -> None:
+    srv = serve("--no-workers", db=db_url, max_connections=1000)
+    for _ in range(2):
+        procs("worker", "--db", db_url, "--app", APP, "--lease", "2", "--concurrency", "10")
+    c = await guest(srv.url)
+    jobs = [(await c.submit("crunch", {"n": 200, "delay": 0.1}))[0]["id"] for _ in range(JOBS)]
+
+    watchers: list[asyncio.Task[Any]] = []
+    for k in range(WS_WATCHERS):
+        watchers.append(asyncio.create_task(
+            ws_watch(srv.url, c.token, [jobs[k % JOBS], jobs[(k + 3) % JOBS]])))
+    for k in range(SSE_WATCHERS):
+        watchers.append(asyncio.create_task(sse_watch(srv.url, c.token, jobs[k % JOBS])))
+    for k in range(CLIENT_WATCHERS):
+        watchers.append(asyncio.create_task(client_watch(srv.url, c.token, jobs[k % JOBS])))
+
+    for _ in range(RESTARTS):
+        await asyncio.sleep(1.5)
+        active = (await c.http.get("/api/jobs", params={"status": "active"})).json()
+        assert active, "the jobs ended before the crash: the test would prove nothing"
+        srv.kill()
+        await asyncio.sleep(0.5)  # down for a while: the workers keep writing events
+        await asyncio.to_thread(srv.start)
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*watchers), 180)
+    finally:
+        for w in watchers:
+            w.cancel()
+            with contextlib.suppress(BaseException):
+                await w
+
+    truth = {}
+    for j in jobs:
+        job = await c.wait_terminal(j, timeout=60)
+        truth[j] = await c.events(j)
+        check_log(truth[j], j)
+        assert truth[j][-1]["seq"] == job["seq"] and job["status"] == "completed"
+    compare = ("seq", "type", "data")
+    ws_results = results[:WS_WATCHERS]
+    sse_results = results[WS_WATCHERS:WS_WATCHERS + SSE_WATCHERS]
+    for logs in ws_results:
+        for j, log in logs.items():
+            assert [{k: e[k] for k in compare} for e in log] == [
+                {k: e[k] for k in compare} for e in truth[j]]
+    for k, log in enumerate(sse_results):
+        assert [{x: e[x] for x in compare} for e in log] == [
+            {x: e[x] for x in compare} for e in truth[jobs[k % JOBS]]]
+    for k, seqs in enumerate(results[WS_WATCHERS + SSE_WATCHERS:]):
+        assert seqs == sorted(set(seqs)) and seqs[-1] == truth[jobs[k % JOBS]][-1]["seq"]
+    await c.http.aclose()
