@@ -1,4 +1,5 @@
-"""The `jobwire` command: run servers and workers, migrate, manage users."""
+"""The `jobwire` command: run servers and workers, migrate, manage users, and (through
+jobwire.client.cli) submit, watch, list, cancel and delete jobs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from jobwire.app import Jobwire, load
 from jobwire.client import cli as client_cli
-from jobwire.server import Settings, serve
+from jobwire.settings import Settings
 from jobwire.store import StoreError, open_store
 
 
@@ -125,6 +126,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings.host, settings.port = args.host, args.port
         if args.no_workers:
             settings.concurrency = 0
+        from jobwire.server import serve  # uvicorn and FastAPI load only for serving
+
         serve(settings, jobwire)
     elif args.command == "worker":
         settings, jobwire = _settings(args)

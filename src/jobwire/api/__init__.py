@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from jobwire.api import jobs, live, metrics, pages
 from jobwire.api.limits import BodyLimit, OwnerSlots
 from jobwire.app import InputError
-from jobwire.server import Settings
+from jobwire.settings import Settings
 from jobwire.store import StoreError
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"

@@ -1,0 +1,31 @@
+"""What one jobwire process is configured with (kept light: the client CLI imports it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+def _env_limit(name: str, default: int) -> int:
+    """A limit's default, overridable by the environment variable JOBWIRE_<NAME>."""
+    return dataclasses.field(
+        default_factory=lambda: int(os.environ.get(f"JOBWIRE_{name.upper()}", default)))
+
+
+@dataclasses.dataclass
+class Settings:
+    db: str = "sqlite:///jobwire.db"
+    app: str = "jobwire.demo:jobwire"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    concurrency: int = 10  # jobs run at once by this process's worker; 0 runs none
+    lease_seconds: float = 30.0
+    retention_seconds: float = 24 * 3600.0
+    guest_ttl_seconds: float = 30 * 24 * 3600.0
+    # Limits on what one client may use (docs/guarantees.md); each refusal says which.
+    max_body_bytes: int = _env_limit("max_body_bytes", 1 << 20)
+    max_items_per_job: int = _env_limit("max_items_per_job", 100_000)
+    max_subscriptions: int = _env_limit("max_subscriptions", 1_000)  # per WebSocket
+    max_connections: int = _env_limit("max_connections", 100)  # WS + SSE per owner
+    ws_buffer_bytes: int = _env_limit("ws_buffer_bytes", 4 << 20)  # queued for one socket
+    ws_max_frame_bytes: int = _env_limit("ws_max_frame_bytes", 64 << 10)
