@@ -28,6 +28,21 @@ test: $(VENV)/.installed-test services chromium lint
 	node --test tests/js/
 	JOBWIRE_TEST_PG=$${JOBWIRE_TEST_PG:-$(PG_URL)} $(BIN)/pytest $(PYTEST_ARGS)
 
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+# The benchmarks beside the peers, then charts (bench/README.md). A quick look:
+# make bench BENCH_JOBS=2000 BENCH_ARGS="--reps 1"
+BENCH_JOBS ?= 20000
+bench: $(VENV)/.installed-bench services
+	$(BIN)/python -m bench.throughput --jobs $(BENCH_JOBS) $(BENCH_ARGS)
+	$(BIN)/python -m bench.progress $(BENCH_ARGS)
+	$(BIN)/python -m bench.dedup $(BENCH_ARGS)
+	$(BIN)/python -m bench.idle $(BENCH_ARGS)
+	$(BIN)/python -m bench.growth $(BENCH_ARGS)
+	$(BIN)/python -m bench.charts
+
 # PostgreSQL and Redis normally run already; start them if not.
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
