@@ -38,7 +38,7 @@ SQLITE_FILL = [
 PG_FILL = [
     """INSERT INTO jobs (id, task, key, owner, status, input, result, attempt, max_attempts, seq,
                          created_at, updated_at, finished_at)
-    SELECT 'old' || x, 'noop', 'k' || x, 'owner' || (x % 1000), 'completed', 'null', 'null',
+    SELECT 'old' || x, 'noop', 'k' || x, 'owner' || mod(x, 1000), 'completed', 'null', 'null',
            1, 1, 3, {ts}, {ts}, {ts} FROM generate_series(%s::bigint, %s::bigint) AS x""",
     """INSERT INTO events (job_id, seq, type, data, at)
     SELECT 'old' || x, s.seq, s.type, '{{}}', {ts} FROM generate_series(%s::bigint, %s::bigint) x,
