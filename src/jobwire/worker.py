@@ -185,6 +185,13 @@ class Worker:
             self._running.pop(job.id, None)
             return
         except Exception as exc:
+            if type(exc) is StoreError:
+                # The database failed under the task (connection dropped, disk full), not
+                # the task (its subclasses are the task's mistakes): record nothing; the
+                # lease runs out and the job is retried, keeping its finished items.
+                log.warning("job %s: database failed under the task: %s", job.id, exc)
+                self._running.pop(job.id, None)
+                return
             log.exception("job %s (%s) failed", job.id, job.task)
             status, error = Status.FAILED, f"{type(exc).__name__}: {exc}"
         try:

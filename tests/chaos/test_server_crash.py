@@ -10,56 +10,18 @@ import contextlib
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidHandshake, WebSocketException
 
 from jobwire.client import Client as JobwireClient
 from tests.chaos.conftest import APP, Serve
-from tests.chaos.wire import check_log, parse_sse, ws_url
+from tests.chaos.wire import TERMINAL, Log, check_log, parse_sse, take, ws_watch
 from tests.conftest import guest
 
 pytestmark = pytest.mark.timeout(300)
 
-TERMINAL = ("completed", "failed", "cancelled")
 JOBS = 10
 WS_WATCHERS, SSE_WATCHERS, CLIENT_WATCHERS = 25, 20, 5
 RESTARTS = 3
-Log = list[dict[str, Any]]
-
-
-def take(log: Log, ev: dict[str, Any]) -> None:
-    """Append the next event; the server must never send a duplicate or skip one."""
-    expected = log[-1]["seq"] + 1 if log else 1
-    assert ev["seq"] == expected, f"job {ev['job']}: got seq {ev['seq']}, expected {expected}"
-    log.append(ev)
-
-
-async def ws_watch(base: str, token: str, jobs: list[str]) -> dict[str, Log]:
-    logs: dict[str, Log] = {j: [] for j in jobs}
-    open_jobs = set(jobs)
-    while open_jobs:
-        try:
-            async with connect(ws_url(base, token), open_timeout=5) as ws:
-                for j in open_jobs:
-                    after = logs[j][-1]["seq"] if logs[j] else 0
-                    await ws.send(orjson.dumps({"op": "subscribe", "job": j,
-                                                "after": after}).decode())
-                async for raw in ws:
-                    msg = orjson.loads(raw)
-                    if "op" in msg:
-                        assert msg["op"] == "subscribed", msg
-                        continue
-                    take(logs[msg["job"]], msg)
-                    if msg["type"] in TERMINAL:
-                        open_jobs.discard(msg["job"])
-                        if not open_jobs:
-                            return logs
-        except (OSError, WebSocketException, InvalidHandshake, TimeoutError):
-            pass  # the server is down: retry from the last seq seen
-        await asyncio.sleep(0.2)
-    return logs
 
 
 async def sse_watch(base: str, token: str, job: str) -> Log:

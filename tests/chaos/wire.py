@@ -3,9 +3,15 @@ client would; the chaos tests compare what they saw with the server's event log.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, WebSocketException
+
+TERMINAL = ("completed", "failed", "cancelled")
+Log = list[dict[str, Any]]
 
 
 def ws_url(base: str, token: str | None = None) -> str:
@@ -28,3 +34,36 @@ def parse_sse(buffer: bytes) -> tuple[list[dict[str, Any]], bytes]:
             if line.startswith(b"data: "):
                 events.append(orjson.loads(line[6:]))
     return events, rest
+
+
+def take(log: Log, ev: dict[str, Any]) -> None:
+    """Append the next event; the server must never send a duplicate or skip one."""
+    expected = log[-1]["seq"] + 1 if log else 1
+    assert ev["seq"] == expected, f"job {ev['job']}: got seq {ev['seq']}, expected {expected}"
+    log.append(ev)
+
+
+async def ws_watch(base: str, token: str, jobs: list[str]) -> dict[str, Log]:
+    logs: dict[str, Log] = {j: [] for j in jobs}
+    open_jobs = set(jobs)
+    while open_jobs:
+        try:
+            async with connect(ws_url(base, token), open_timeout=5) as ws:
+                for j in open_jobs:
+                    after = logs[j][-1]["seq"] if logs[j] else 0
+                    await ws.send(orjson.dumps({"op": "subscribe", "job": j,
+                                                "after": after}).decode())
+                async for raw in ws:
+                    msg = orjson.loads(raw)
+                    if "op" in msg:
+                        assert msg["op"] == "subscribed", msg
+                        continue
+                    take(logs[msg["job"]], msg)
+                    if msg["type"] in TERMINAL:
+                        open_jobs.discard(msg["job"])
+                        if not open_jobs:
+                            return logs
+        except (OSError, WebSocketException, InvalidHandshake, TimeoutError):
+            pass  # the server is down: retry from the last seq seen
+        await asyncio.sleep(0.2)
+    return logs

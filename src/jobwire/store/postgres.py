@@ -195,7 +195,9 @@ class PostgresStore:
         self._pool = AsyncConnectionPool(
             self.url, min_size=1, max_size=POOL_SIZE, open=False, configure=_configure,
             kwargs={"autocommit": True, "application_name": self._app_name},
-            name="jobwire")
+            # A pooled connection the server dropped (restart, pg_terminate_backend) is
+            # replaced when taken rather than failing the next request with it.
+            check=AsyncConnectionPool.check_connection, name="jobwire")
         try:
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except psycopg.OperationalError as exc:

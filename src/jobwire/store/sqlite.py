@@ -57,6 +57,11 @@ from jobwire.store.rows import (
 
 T = TypeVar("T")
 
+# How long a write waits for another process's lock before failing with a clear error.
+# Writers hold the lock for milliseconds; much longer means something is wrong, and an
+# API caller should hear so (503 "database is locked") before its HTTP timeout.
+BUSY_SECONDS = 5.0
+
 _ACTIVE_SQL = "('queued', 'running')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
 
@@ -164,10 +169,13 @@ class SQLiteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             out = fn(conn, *args)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A failed COMMIT (disk full, I/O error) may leave the transaction open;
+            # left so, every later BEGIN on this connection would fail.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return out
 
     async def _transact(self, fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
@@ -192,11 +200,11 @@ class SQLiteStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=30)
+                               timeout=BUSY_SECONDS)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
         self._conn = conn
         self._write(self._migrate)
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
