@@ -54,5 +54,9 @@ def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
 
 
 def serve(settings: Settings, jobwire: Jobwire) -> None:
+    # No permessage-deflate: its per-socket zlib state costs ~150 KB per WebSocket and a
+    # compression of every event for every subscriber (bench/README.md: 2.5x the memory of
+    # 10,000 idle sockets, half the fan-out rate), for events of a few hundred bytes.
     uvicorn.run(create_server(settings, jobwire), host=settings.host, port=settings.port,
-                log_level="info", ws_max_size=settings.ws_max_frame_bytes)
+                log_level="info", ws_max_size=settings.ws_max_frame_bytes,
+                ws_per_message_deflate=False)
