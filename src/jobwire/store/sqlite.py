@@ -9,6 +9,7 @@ Events written by other processes are noticed through `PRAGMA data_version`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import sqlite3
 import uuid
@@ -56,6 +57,14 @@ from jobwire.store.rows import (
 )
 
 T = TypeVar("T")
+# A write waiting for the store thread: fn(conn, *args) -> (value, events), and its caller.
+_Write = tuple[Callable[..., tuple[Any, list[Event]]], tuple[Any, ...], "asyncio.Future[Any]"]
+# (succeeded, (value, events) or the exception) per write of a batch, in order.
+_Outcome = tuple[bool, Any]
+
+# Writes that queue up while the store thread is busy share one transaction, up to this
+# many, so the write lock is held for a few milliseconds at most.
+MAX_BATCH = 64
 
 # How long a write waits for another process's lock before failing with a clear error.
 # Writers hold the lock for milliseconds; much longer means something is wrong, and an
@@ -147,6 +156,8 @@ class SQLiteStore:
         self._watch: asyncio.Task[None] | None = None
         self._data_version = 0
         self._watermark = 0
+        self._writes: collections.deque[_Write] = collections.deque()
+        self._batch: asyncio.Future[list[_Outcome]] | None = None  # on the store thread now
 
     # -- plumbing
 
@@ -155,8 +166,15 @@ class SQLiteStore:
         try:
             return await loop.run_in_executor(self._thread, fn, *args)
         except (sqlite3.DatabaseError, OSError) as exc:
-            # Locked, full, unreadable or unreachable: a clear error, never a traceback.
-            raise StoreError(f"database error ({self.path}): {exc}") from exc
+            raise self._error(exc) from exc
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """Locked, full, unreadable or unreachable: a clear error, never a traceback."""
+        if isinstance(exc, sqlite3.DatabaseError | OSError):
+            error = StoreError(f"database error ({self.path}): {exc}")
+            error.__cause__ = exc
+            return error
+        return exc
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -179,12 +197,61 @@ class SQLiteStore:
         return out
 
     async def _transact(self, fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
-        """Run fn(conn) -> (value, events) in one transaction; publish the events after commit."""
-        value: T
-        events: list[Event]
-        value, events = await self._run(self._write, fn, *args)
-        self._publish(events)
-        return value
+        """Run fn(conn) -> (value, events) in one transaction; publish the events after commit.
+
+        Writes that arrive while the store thread is busy wait and then go together: one
+        transaction, one commit and one hop back to the event loop for the lot (the hops
+        and commits, not SQL, are most of a small write's cost). Each runs inside its own
+        savepoint, so one that fails undoes only itself, exactly as if run alone."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writes.append((fn, args, done))
+        self._next_batch()
+        return await done
+
+    def _next_batch(self) -> None:
+        if self._batch is not None or not self._writes:
+            return
+        batch = [self._writes.popleft() for _ in range(min(len(self._writes), MAX_BATCH))]
+        self._batch = asyncio.get_running_loop().run_in_executor(
+            self._thread, self._write_batch, [(fn, args) for fn, args, _ in batch])
+        self._batch.add_done_callback(lambda ran: self._settle(batch, ran))
+
+    def _write_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+                     ) -> list[_Outcome]:
+        if len(batch) == 1:
+            fn, args = batch[0]
+            return [(True, self._write(fn, *args))]
+
+        def each(conn: sqlite3.Connection) -> list[_Outcome]:
+            outcomes: list[_Outcome] = []
+            for fn, args in batch:
+                conn.execute("SAVEPOINT one_write")
+                try:
+                    outcomes.append((True, fn(conn, *args)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO one_write")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE one_write")
+            return outcomes
+        return self._write(each)
+
+    def _settle(self, batch: list[_Write], ran: asyncio.Future[list[_Outcome]]) -> None:
+        """On the event loop: publish each committed write's events, then wake its caller."""
+        self._batch = None
+        try:
+            outcomes = ran.result()
+        except BaseException as exc:  # nothing of the batch was committed
+            outcomes = [(False, exc if len(batch) == 1 else self._error(exc))
+                        for _ in batch]
+        for (_, _, done), (ok, out) in zip(batch, outcomes, strict=True):
+            if ok:
+                value, events = out
+                self._publish(events)
+                if not done.done():
+                    done.set_result(value)
+            elif not done.done():
+                done.set_exception(self._error(out))
+        self._next_batch()
 
     def _publish(self, events: Sequence[Event]) -> None:
         for ev in events:
@@ -229,6 +296,9 @@ class SQLiteStore:
         if self._watch:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
+        while self._batch is not None:  # let queued writes commit and reach their callers
+            await asyncio.gather(self._batch, return_exceptions=True)
+            await asyncio.sleep(0)
         if self._conn is not None:
             await self._run(self.conn.close)
             self._conn = None
