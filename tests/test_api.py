@@ -48,6 +48,7 @@ async def test_same_key_for_another_owner_is_another_job(client: Client,
     ({"task": "steps", "input": {}}, ["body", "input", "n"]),
     ({"task": "steps", "input": {"n": 1}, "key": ""}, ["body", "key"]),
     ({"task": "steps", "input": {"n": 1}, "key": "x" * 501}, ["body", "key"]),
+    ({"task": "steps", "input": {"n": 1}, "key": "a\u0000b"}, ["body", "key"]),
     ({"task": "steps", "input": {"n": 1}, "colour": "red"}, ["body", "colour"]),
 ])
 async def test_bad_bodies_are_422_naming_the_field(client: Client, body: dict[str, Any],

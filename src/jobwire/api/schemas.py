@@ -15,7 +15,9 @@ class SubmitRequest(BaseModel):
 
     task: str = Field(min_length=1, max_length=200)
     input: Any = None
-    key: str | None = Field(default=None, min_length=1, max_length=500)
+    # No control characters: PostgreSQL text cannot hold NUL, and a key is an identifier.
+    key: str | None = Field(default=None, min_length=1, max_length=500,
+                            pattern=r"^[^\x00-\x1f\x7f]+$")
 
     @field_validator("task", "input", "key")
     @classmethod
