@@ -21,7 +21,7 @@ PAGE = 1000
 Deliver = Callable[[Event], None]
 # Awaited before each replayed event: lets a slow consumer pace the catch-up from the
 # store (live events are not paced; a consumer that falls behind them is dropped).
-Ready = Callable[[], Awaitable[None]]
+Ready = Callable[[], Awaitable[object]]
 
 
 class Subscription:
@@ -136,6 +136,34 @@ class Channel:
             self.hub._drop(self)
 
 
+class EventQueue(asyncio.Queue[Event | None]):
+    """A stream's buffer, bounded in bytes of encoded events rather than in events."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.held = 0
+        self.drained = asyncio.Event()  # set while at most half full
+        self.drained.set()
+
+    def fits(self, ev: Event) -> bool:
+        # An event bigger than the whole buffer still goes through, alone.
+        return self.held == 0 or self.held + len(ev.wire) <= self.limit
+
+    def _put(self, item: Event | None) -> None:
+        super()._put(item)
+        self.held += 0 if item is None else len(item.wire)
+        if self.held > self.limit // 2:
+            self.drained.clear()
+
+    def _get(self) -> Event | None:
+        item = super()._get()
+        self.held -= 0 if item is None else len(item.wire)
+        if self.held <= self.limit // 2:
+            self.drained.set()
+        return item
+
+
 class Hub:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -186,20 +214,21 @@ class Hub:
         return sub
 
     @contextlib.asynccontextmanager
-    async def stream(self, job: str, after: int, buffer: int = 10_000
-                     ) -> AsyncIterator[asyncio.Queue[Event | None]]:
-        """A bounded queue of the job's events; None in it means the consumer fell
-        `buffer` events behind and must resume from its last seq."""
-        queue: asyncio.Queue[Event | None] = asyncio.Queue(buffer + 1)
+    async def stream(self, job: str, after: int, buffer_bytes: int = 4 << 20
+                     ) -> AsyncIterator[EventQueue]:
+        """A queue of the job's events holding at most `buffer_bytes` of them (encoded);
+        None in it means the consumer fell behind live events and must resume from its
+        last seq. Replays from the store wait for the consumer instead."""
+        queue = EventQueue(buffer_bytes)
 
         def deliver(ev: Event) -> None:
-            if queue.qsize() >= buffer:
+            if queue.fits(ev):
+                queue.put_nowait(ev)
+            else:
                 sub.close()
                 queue.put_nowait(None)
-            else:
-                queue.put_nowait(ev)
 
-        sub = await self.subscribe(job, after, deliver)
+        sub = await self.subscribe(job, after, deliver, queue.drained.wait)
         try:
             yield queue
         finally:

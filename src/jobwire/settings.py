@@ -27,5 +27,5 @@ class Settings:
     max_items_per_job: int = _env_limit("max_items_per_job", 100_000)
     max_subscriptions: int = _env_limit("max_subscriptions", 1_000)  # per WebSocket
     max_connections: int = _env_limit("max_connections", 100)  # WS + SSE per owner
-    ws_buffer_bytes: int = _env_limit("ws_buffer_bytes", 4 << 20)  # queued for one socket
+    buffer_bytes: int = _env_limit("buffer_bytes", 4 << 20)  # queued for one WS or SSE
     ws_max_frame_bytes: int = _env_limit("ws_max_frame_bytes", 64 << 10)

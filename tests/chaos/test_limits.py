@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.chaos.conftest import Serve
-from tests.chaos.wire import check_log, ws_url
+from tests.chaos.wire import check_log, parse_sse, ws_url
 from tests.conftest import Client, guest
 
 pytestmark = pytest.mark.timeout(180)
@@ -186,7 +186,7 @@ def rss_kib(pid: int) -> int:
 async def test_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
     """A subscriber that stops reading while its job writes 64 MB of events: the server
     keeps at most its buffer for it, then closes with 1013; it resumes by seq later."""
-    srv = serve(ws_buffer_bytes=256 * 1024)
+    srv = serve(buffer_bytes=256 * 1024)
     assert srv.proc is not None
     c = await guest(srv.url)
     warm, _ = await c.submit("chatter", {"n": 200, "size": 16_000})  # warm caches first
@@ -235,4 +235,45 @@ async def test_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
                 seen.append(msg)
     check_log(seen, job["id"])
     assert seen[-1]["seq"] == done["seq"]
+    await c.http.aclose()
+
+
+async def test_sse_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
+    """The same for Server-Sent Events: a stream that is not read holds at most its buffer
+    (then ends, to be resumed with Last-Event-ID); a stream that is read gets a long
+    replay whole, paced to the reader."""
+    srv = serve(buffer_bytes=256 * 1024)
+    assert srv.proc is not None
+    c = await guest(srv.url)
+    warm, _ = await c.submit("chatter", {"n": 200, "size": 16_000})
+    await c.wait_terminal(warm["id"])
+    before = rss_kib(srv.proc.pid)
+
+    gate = tmp_path / "go"
+    job, _ = await c.submit("chatter", {"n": 4000, "size": 16_000, "gate": str(gate)})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", srv.port or 0))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)  # never read
+    writer.write(f"GET /api/jobs/{job['id']}/stream HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {c.token}\r\n\r\n".encode())
+    while await subscriptions(c) == 0:
+        await asyncio.sleep(0.05)
+    gate.touch()
+    done = await c.wait_terminal(job["id"], timeout=120)
+    while await subscriptions(c) > 0:  # dropped for falling behind
+        await asyncio.sleep(0.1)
+    grown_mib = (rss_kib(srv.proc.pid) - before) / 1024
+    assert grown_mib < 32, f"server RSS grew {grown_mib:.0f} MiB for a stream nobody reads"
+    writer.close()
+
+    seen: list[dict[str, Any]] = []
+    async with c.http.stream("GET", f"/api/jobs/{job['id']}/stream") as r:
+        rest = b""
+        async for chunk in r.aiter_bytes():
+            events, rest = parse_sse(rest + chunk)
+            seen.extend(events)
+    check_log(seen, job["id"])
+    assert seen[-1]["seq"] == done["seq"]  # 64 MB in one stream: never too slow
     await c.http.aclose()

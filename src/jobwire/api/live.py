@@ -70,7 +70,7 @@ async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Reque
 
     async def frames() -> AsyncIterator[bytes]:
         try:
-            async with rt.hub.stream(job_id, after) as queue:
+            async with rt.hub.stream(job_id, after, rt.settings.buffer_bytes) as queue:
                 while True:
                     try:
                         ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
@@ -101,7 +101,7 @@ class SocketSession:
         self.rt = runtime(ws)
         self.subs: dict[str, Subscription] = {}
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.queued = 0  # bytes in `out`, bounded by settings.ws_buffer_bytes
+        self.queued = 0  # bytes in `out`, bounded by settings.buffer_bytes
         self.overflowed = False
         self.drained = asyncio.Event()  # set while `out` is at most half full
         self.drained.set()
@@ -109,7 +109,8 @@ class SocketSession:
     def send(self, message: bytes) -> None:
         if self.overflowed:
             return
-        if self.queued + len(message) > self.rt.settings.ws_buffer_bytes:
+        # (A message bigger than the whole buffer still goes through, alone.)
+        if self.queued and self.queued + len(message) > self.rt.settings.buffer_bytes:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
             self.overflowed = True
@@ -118,7 +119,7 @@ class SocketSession:
             return
         self.queued += len(message)
         self.out.put_nowait(message)
-        if self.queued > self.rt.settings.ws_buffer_bytes // 2:
+        if self.queued > self.rt.settings.buffer_bytes // 2:
             self.drained.clear()
 
     async def ready(self) -> None:
@@ -188,7 +189,7 @@ class SocketSession:
     async def pump(self) -> None:
         while (message := await self.out.get()) is not None:
             self.queued -= len(message)
-            if self.queued <= self.rt.settings.ws_buffer_bytes // 2:
+            if self.queued <= self.rt.settings.buffer_bytes // 2:
                 self.drained.set()
             await self.ws.send_text(message.decode())
         await self.ws.close(code=1013, reason="too slow: reconnect and resume from your seq")
