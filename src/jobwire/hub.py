@@ -15,9 +15,10 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from jobwire.model import Event
-from jobwire.store import Store
+from jobwire.store import Store, StoreError
 
 PAGE = 1000
+RETRY_SECONDS = 0.5  # after a failed read: the database is away, the events are not lost
 Deliver = Callable[[Event], None]
 # Awaited before each replayed event: lets a slow consumer pace the catch-up from the
 # store (live events are not paced; a consumer that falls behind them is dropped).
@@ -55,7 +56,11 @@ class Subscription:
         store = self.channel.hub.store
         try:
             while not self.closed:
-                events = await store.events(self.channel.job, self.cursor, PAGE)
+                try:
+                    events = await store.events(self.channel.job, self.cursor, PAGE)
+                except StoreError:
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
                 for ev in events:
                     if self._ready is not None:
                         await self._ready()
@@ -122,7 +127,12 @@ class Channel:
         try:
             while self._dirty and self.subs:
                 self._dirty = False
-                events = await self.hub.store.events(self.job, self.head, PAGE)
+                try:
+                    events = await self.hub.store.events(self.job, self.head, PAGE)
+                except StoreError:
+                    self._dirty = True
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
                 for ev in events:
                     if ev.seq == self.head + 1:
                         self._emit(ev)
