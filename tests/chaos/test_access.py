@@ -5,6 +5,7 @@ hashed; a guest session can be claimed into a user and its jobs follow."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -197,4 +198,21 @@ async def test_guest_session_claimed_into_a_user(serve: Serve, db_url: str) -> N
     assert r.status_code == 404
     await alice.http.post(f"/api/jobs/{keyed['id']}/cancel")
     for c in (g, alice):
+        await c.http.aclose()
+
+
+async def test_racing_claims_move_the_jobs_once(serve: Serve, db_url: str) -> None:
+    """Two users claiming one guest session at once: one gets its jobs, the other 404."""
+    srv = serve(db=db_url)
+    g = await guest(srv.url)
+    jobs = [(await g.submit("echo", k))[0]["id"] for k in range(5)]
+    claimers = [await as_user(srv.url, add_user(db_url, name)) for name in ("ann", "bob")]
+    answers = await asyncio.gather(*(u.http.post("/api/sessions/claim", json={"token": g.token})
+                                     for u in claimers))
+    assert sorted(r.status_code for r in answers) == [200, 404]
+    winner = claimers[[r.status_code for r in answers].index(200)]
+    assert answers[[r.status_code for r in answers].index(200)].json()["moved"] == 5
+    for job_id in jobs:
+        assert (await winner.http.get(f"/api/jobs/{job_id}")).status_code == 200
+    for c in (g, *claimers):
         await c.http.aclose()
