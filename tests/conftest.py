@@ -75,6 +75,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m jobwire ARGS` as a user runs it (output captured)."""
+    return subprocess.run([sys.executable, "-m", "jobwire", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
 class Proc:
     """A jobwire process (`serve` or `worker`) that tests can start, SIGKILL and restart."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Proc, free_port
+from tests.conftest import ROOT, Proc, cli, free_port
 
 
 @pytest.fixture
@@ -37,8 +37,7 @@ def env(tmp_path: Path, url: str) -> dict[str, str]:
 
 
 def jobwire(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "jobwire", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return cli(*args, env=env)
 
 
 def job_id_of(first_line: str) -> str:
@@ -144,6 +143,18 @@ def test_commands_share_the_saved_session(env: dict[str, str], url: str,
     assert watched.stdout.splitlines()[-1].startswith(f"job {job} cancelled")
     assert jobwire(env, "rm", job).stdout.strip() == f"job {job} deleted"
     assert jobwire(env, "jobs").stdout == ""
+
+
+def test_login_moves_the_guest_jobs_to_the_user(env: dict[str, str], tmp_path: Path) -> None:
+    job = job_id_of(jobwire(env, "submit", "block", "--input", "{}").stdout.strip())
+    user_token = jobwire(env, "users", "add", "dave", "--db",
+                         f"sqlite:///{tmp_path / 'cli.db'}").stdout.strip()
+    done = jobwire(env, "login", user_token)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "logged in; 1 job(s) of the guest session now belong to the user"
+    listed = jobwire(env, "jobs", "--status", "active")  # as the user now
+    assert listed.stdout.split("\t")[:2] == [job, "block"]
+    assert jobwire(env, "cancel", job).returncode == 0
 
 
 @pytest.mark.parametrize(("args", "message", "code"), [

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.conftest import ROOT, Proc
+from tests.conftest import Proc, cli
 
-
-def jobwire(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "jobwire", *args], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+jobwire = cli
 
 
 def test_users_add_prints_a_working_token(procs: Any, db_url: str) -> None:

@@ -399,3 +399,24 @@ def test_sync_client(server: Proc) -> None:
         assert states[-1].status == "completed"
         assert client.wait(job["id"]) == {"ran": 3}
         assert [j["id"] for j in client.jobs()] == [job["id"]]
+
+
+async def test_login_brings_the_guest_jobs_to_the_user(server: Proc, db_url: str,
+                                                       tmp_path: Path) -> None:
+    from tests.test_cli_server import jobwire
+
+    user_token = jobwire("users", "add", "carol", "--db", db_url).stdout.strip()
+    async with Client(server.url, state_file=tmp_path / "state.json") as client:
+        job, _ = await client.submit("block", {})
+        guest = client.token
+        assert await client.login(user_token) == 1
+        mine = await client.jobs(status="active")
+        assert [j["id"] for j in mine] == [job["id"]] and mine[0]["owner"] == "user:carol"
+        await client.cancel(job["id"])
+        with pytest.raises(JobCancelled):
+            await client.wait(job["id"])
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.get("/api/jobs", headers={"Authorization": f"Bearer {guest}"})
+        assert r.status_code == 401, "the claimed guest session is gone"
+    async with Client(server.url, state_file=tmp_path / "state.json") as again:
+        assert again.token == user_token, "the session file now holds the user's token"

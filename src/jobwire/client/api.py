@@ -82,6 +82,13 @@ class Api:
         self.http.cookies.clear()  # the header carries the token, not the browser cookie
         return str(data["token"]), str(data["owner"])
 
+    async def claim(self, user_token: str, guest_token: str) -> tuple[str, int]:
+        """Move the guest session's jobs to the user: (the user's owner id, jobs moved)."""
+        data = await self.json("POST", "/api/sessions/claim", auth=False,
+                               json={"token": guest_token},
+                               headers={"Authorization": f"Bearer {user_token}"})
+        return str(data["owner"]), int(data["moved"])
+
     async def submit(self, task: str, input: JSON, key: str | None) -> tuple[dict[str, JSON], bool]:
         body: dict[str, JSON] = {"task": task, "input": input}
         if key is not None:

@@ -47,6 +47,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("id")
     p = client_parser("rm", "delete an ended job")
     p.add_argument("id")
+    p = client_parser("login", "use a user's token from now on; your guest jobs move to the user")
+    p.add_argument("user_token", help="printed by `jobwire users add NAME`")
 
 
 async def _follow(client: Client, job_id: str) -> int:
@@ -106,9 +108,15 @@ async def _rm(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _login(client: Client, args: argparse.Namespace) -> int:
+    moved = await client.login(args.user_token)
+    print(f"logged in; {moved} job(s) of the guest session now belong to the user")
+    return 0
+
+
 Command = Callable[[Client, argparse.Namespace], Awaitable[int]]
 COMMANDS: dict[str, Command] = {"submit": _submit, "watch": _watch, "jobs": _jobs,
-                                "cancel": _cancel, "rm": _rm}
+                                "cancel": _cancel, "rm": _rm, "login": _login}
 
 
 async def _run(args: argparse.Namespace) -> int:

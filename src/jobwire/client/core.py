@@ -71,6 +71,19 @@ class Client:
             self.session.save_token(token, owner)
         return token
 
+    async def login(self, user_token: str) -> int:
+        """Switch to a user's token (from `jobwire users add`), bringing this client's guest
+        jobs along: the server moves them to the user in one transaction, and the guest
+        token stops working. Returns how many jobs moved."""
+        guest, owner, moved = self.api.token, "user", 0
+        if guest is not None and guest != user_token:
+            owner, moved = await self.api.claim(user_token, guest)
+        self.api.renew = None  # a user's token is not ours to replace with a guest one
+        self.api.authorize(user_token)
+        if self.session is not None:
+            self.session.save_token(user_token, owner, keep_jobs=True)
+        return moved
+
     # --- jobs -------------------------------------------------------------------------
 
     async def submit(self, task: str, input: JSON = None, key: str | None = None

@@ -71,8 +71,9 @@ class SessionFile:
                 os.unlink(tmp)
             raise
 
-    def save_token(self, token: str, owner: str) -> None:
-        self._update(token=token, owner=owner, jobs=[])  # a new owner has none of the old jobs
+    def save_token(self, token: str, owner: str, keep_jobs: bool = False) -> None:
+        # A new owner has none of the old jobs, unless they were claimed along with it.
+        self._update(token=token, owner=owner, **({} if keep_jobs else {"jobs": []}))
 
     def add_job(self, job_id: str) -> None:
         jobs = self.jobs

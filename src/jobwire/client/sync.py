@@ -40,6 +40,9 @@ class SyncClient:
                ) -> tuple[dict[str, JSON], bool]:
         return self._run(self.client.submit(task, input, key))
 
+    def login(self, user_token: str) -> int:
+        return self._run(self.client.login(user_token))
+
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, JSON]]:
         return self._run(self.client.jobs(status, limit))
 
