@@ -56,6 +56,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh PostgreSQL schema, for tests of that backend alone."""
+    with fresh_db("postgres", tmp_path) as url:
+        yield url
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Proc]:

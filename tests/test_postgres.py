@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,11 @@ from jobwire.model import Event, Status
 from jobwire.store import Lease, open_store
 from jobwire.store.pg_schema import MIGRATIONS
 from jobwire.store.postgres import PostgresStore
-from tests.conftest import Client, Proc, guest, pg_base_url
-from tests.pg import fresh_schema_url
+from tests.conftest import Client, Proc, guest
 from tests.test_cli_server import jobwire
 from tests.test_live import TERMINAL, assert_complete, ws_url
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    base = pg_base_url()
-    if base is None:
-        pytest.skip("PostgreSQL tests need CI=1 or JOBWIRE_TEST_PG=postgresql://…")
-    with fresh_schema_url(base) as url:
-        yield url
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import pytest
 
 from tests.chaos.conftest import APP, Serve
 from tests.chaos.wire import check_log, ws_watch
-from tests.conftest import Client, guest, pg_base_url
+from tests.conftest import Client, guest
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -149,17 +149,6 @@ async def test_sqlite_server_killed_mid_write(serve: Serve, tmp_path: Path) -> N
     srv.stop()
     assert integrity(db) == "ok"
     await c.http.aclose()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    base = pg_base_url()
-    if base is None:
-        pytest.skip("PostgreSQL tests need CI=1 or JOBWIRE_TEST_PG=postgresql://…")
-    from tests.pg import fresh_schema_url
-
-    with fresh_schema_url(base) as url:
-        yield url
 
 
 def terminate_backends(url: str) -> int:
