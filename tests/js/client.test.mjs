@@ -56,6 +56,16 @@ function running(n) {
   return log;
 }
 
+// Watch `log`'s job with one recorder, and wait until the socket has asked to subscribe.
+async function watchOne(log) {
+  const w = recorder();
+  const stop = client.watch(log.id, w);
+  const ws = FakeSocket.last;
+  ws.open();
+  await until(() => ws.ops("subscribe").length === 1, "subscribe");
+  return { w, ws, stop };
+}
+
 test("many watchers of one job share one subscription and see the same snapshots", async () => {
   const log = running(2);
   setup(log);
@@ -78,11 +88,7 @@ test("many watchers of one job share one subscription and see the same snapshots
 test("duplicate, old and foreign messages never reach a watcher", async () => {
   const log = running(3);
   setup(log);
-  const w = recorder();
-  client.watch(log.id, w);
-  const ws = FakeSocket.last;
-  ws.open();
-  await until(() => ws.ops("subscribe").length === 1, "subscribe");
+  const { w, ws } = await watchOne(log);
   ws.message({ op: "subscribed", job: log.id, after: log.seq });
   const e4 = log.item("i0", "done");
   ws.message(e4);
@@ -98,11 +104,7 @@ test("duplicate, old and foreign messages never reach a watcher", async () => {
 test("a gap makes the client resync from REST at one seq, then resubscribe after it", async () => {
   const log = running(4);
   const fetch = setup(log);
-  const w = recorder();
-  client.watch(log.id, w);
-  const ws = FakeSocket.last;
-  ws.open();
-  await until(() => ws.ops("subscribe").length === 1, "subscribe");
+  const { w, ws } = await watchOne(log);
   ws.message({ op: "subscribed", job: log.id, after: 3 });
   log.item("i0", "done");
   log.item("i1", "done");
@@ -150,11 +152,7 @@ test("a resync that reads items at a later seq than the job folds the job forwar
 test("the terminal event ends the subscription without the client asking", async () => {
   const log = running(1);
   setup(log);
-  const w = recorder();
-  const stop = client.watch(log.id, w);
-  const ws = FakeSocket.last;
-  ws.open();
-  await until(() => ws.ops("subscribe").length === 1, "subscribe");
+  const { w, ws, stop } = await watchOne(log);
   ws.message({ op: "subscribed", job: log.id, after: 3 });
   ws.message(log.item("i0", "done"));
   ws.message(log.finish());
@@ -311,11 +309,7 @@ test("a watcher that arrives after the job is gone hears so too", async () => {
 test("a subscription the server refuses is long-polled instead, not retried in a loop", async () => {
   const log = running(2);
   const fetch = setup(log);
-  const w = recorder();
-  client.watch(log.id, w);
-  const ws = FakeSocket.last;
-  ws.open();
-  await until(() => ws.ops("subscribe").length === 1, "subscribe");
+  const { w, ws } = await watchOne(log);
   ws.message({ op: "error", job: log.id, code: 429, error: "at most 1000 subscriptions" });
   log.item("i0", "done");
   await until(() => w.seen.at(-1).seq === 4, "polled event");
