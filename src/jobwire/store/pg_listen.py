@@ -28,6 +28,9 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
 RESYNC_MARGIN = 60.0
 
 
+STOP_SECONDS = 5.0
+
+
 def channel_of(schema: str) -> str:
     """Channels are per database; naming them by schema keeps deployments that share a
     database in separate schemas apart. Identifiers stop at 63 bytes."""
@@ -67,7 +70,9 @@ class Listener:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Closing a connection mid-LISTEN can wait on a cancel request that never
+            # returns (psycopg#1335); a closing store does not wait for it forever.
+            await asyncio.wait({self._task}, timeout=STOP_SECONDS)
             self._task = None
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
