@@ -5,6 +5,7 @@ lost listening connections, and migrate a fresh schema concurrently."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
@@ -17,8 +18,9 @@ import pytest
 import websockets
 from psycopg.conninfo import conninfo_to_dict
 
+from jobwire.hub import Hub
 from jobwire.model import Event, Status
-from jobwire.store import Lease, open_store
+from jobwire.store import Lease, StoreError, open_store
 from jobwire.store.pg_schema import MIGRATIONS
 from jobwire.store.postgres import PostgresStore
 from tests.conftest import Client, Proc, guest
@@ -292,3 +294,35 @@ async def test_nul_characters_never_break_a_lookup_or_a_failure(pg_url: str) -> 
         assert ended.error is not None and ended.error.startswith("ValueError: bad byte")
     finally:
         await store.close()
+
+
+async def test_failure_after_commit_still_reaches_local_subscribers(pg_url: str) -> None:
+    """The event committed, then the connection failed on its way back to the pool: the
+    write reports the error, and this process's subscribers still get the event."""
+    store = open_store(pg_url)
+    await store.open()
+    hub = Hub(store)
+    job, _ = await store.submit("o", "t", {}, None, 1)
+    [claimed] = await store.claim("w", ["t"], 1, 30)
+    got: list[int] = []
+    sub = await hub.subscribe(job.id, claimed.seq, lambda ev: got.append(ev.seq))
+    await asyncio.sleep(0.5)  # its catch-up from the store is over: only live events now
+    healthy = store._connection  # type: ignore[attr-defined]
+
+    @contextlib.asynccontextmanager
+    async def fails_after_commit() -> Any:
+        async with healthy() as conn:
+            yield conn
+        raise StoreError("connection lost after commit")
+
+    store._connection = fails_after_commit  # type: ignore[attr-defined]
+    with pytest.raises(StoreError):
+        await store.finish(Lease(job.id, "w", claimed.attempt), Status.COMPLETED, {"ok": 1})
+    store._connection = healthy  # type: ignore[attr-defined]
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.02)
+    assert got == [claimed.seq + 1], "the committed terminal event reached the subscriber"
+    sub.close()
+    await store.close()

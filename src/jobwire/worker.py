@@ -225,9 +225,9 @@ class Worker:
                 continue
             for lease in leases:
                 if lease.job not in held:
-                    log.warning("lost the lease of job %s; stopping it", lease.job)
                     running = self._running.get(lease.job)
-                    if running is not None:
+                    if running is not None:  # else it finished while we asked
+                        log.warning("lost the lease of job %s; stopping it", lease.job)
                         running[0].lost = True
                         running[1].cancel()
                 elif held[lease.job]:

@@ -156,13 +156,22 @@ class PostgresStore:
     async def _transact(self, steps: Steps[T]) -> T:
         """Run steps(conn) -> (value, events) in one transaction, writing and notifying
         the events last; hand them to local listeners after commit."""
-        async with self._connection() as conn, conn.pipeline(), conn.transaction():
-            value, events = await steps(conn)
-            if events:
-                await conn.execute(_WRITE_EVENTS, (
-                    [e.job for e in events], [e.seq for e in events], [e.type for e in events],
-                    [Json(e.data, dumps) for e in events], [e.at for e in events],
-                    self.listener.channel, [self.listener.note(e) for e in events]))
+        events: list[Event] = []
+        try:
+            async with self._connection() as conn, conn.pipeline(), conn.transaction():
+                value, events = await steps(conn)
+                if events:
+                    await conn.execute(_WRITE_EVENTS, (
+                        [e.job for e in events], [e.seq for e in events],
+                        [e.type for e in events], [Json(e.data, dumps) for e in events],
+                        [e.at for e in events],
+                        self.listener.channel, [self.listener.note(e) for e in events]))
+        except BaseException:
+            # The commit may have landed before the failure, and our own listener skips
+            # our notifications: hint without the event, so listeners read the store.
+            for ev in events:
+                self._call_hints(ev.job, ev.seq, None)
+            raise
         self._publish(events)
         return value
 
