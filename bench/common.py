@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -30,6 +30,7 @@ PG_BASE = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "9"))  # a database number of its own
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 PYTHON = sys.executable
+T = TypeVar("T")
 PEERS = ("jobwire", "procrastinate", "saq", "arq", "celery", "redis", "psycopg", "uvicorn",
          "websockets", "orjson")
 
@@ -137,6 +138,56 @@ def redis_flush() -> None:
 
 # -- bounded waiting
 
+async def on_redis(run: Callable[[str], Awaitable[T]]) -> T:
+    """run(redis url) on our Redis database, flushed before and after."""
+    redis_flush()
+    try:
+        return await run(REDIS_URL)
+    finally:
+        redis_flush()
+
+
+async def on_postgres_for_saq(run: Callable[[str], Awaitable[T]]) -> T:
+    """run(url) on a throwaway PostgreSQL database, in the URL scheme SAQ expects."""
+    with pg_database("saq") as url:
+        return await run(url.replace("postgresql://", "postgres://"))
+
+
+@contextlib.asynccontextmanager
+async def procrastinate_app() -> AsyncIterator[tuple[Any, Any]]:
+    """A Procrastinate app on a throwaway database with its schema and a no-op task
+    `noop` on queue "bench"; yields (app, noop)."""
+    import procrastinate
+
+    with pg_database("procrastinate") as url:
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+        @app.task(name="noop", queue="bench")
+        async def noop() -> None:
+            return None
+
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+            yield app, noop
+
+
+async def procrastinate_count(app: Any, where: str = "") -> int:
+    async with app.connector.pool.connection() as conn:
+        row = await (await conn.execute(f"SELECT count(*) FROM procrastinate_jobs {where}")
+                     ).fetchone()
+    return int(row[0])
+
+
+def stop_process(proc: subprocess.Popen[Any], seconds: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `seconds`."""
+    proc.terminate()
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float,
                      interval: float = 0.02) -> None:
     """Poll `check` until it holds; TimeoutError after `seconds`."""
@@ -190,10 +241,5 @@ def jobwire_server(db: str, *, workers: bool, port: int | None = None,
             time.sleep(0.1)
         yield url, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()

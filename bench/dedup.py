@@ -16,11 +16,14 @@ import httpx
 
 from bench.common import (
     REDIS_DB,
-    REDIS_URL,
     fmt,
     jobwire_server,
+    on_postgres_for_saq,
+    on_redis,
     parser,
     pg_database,
+    procrastinate_app,
+    procrastinate_count,
     record,
     redis_flush,
     stats,
@@ -95,31 +98,19 @@ def _postgres(run: Callable[[str, int], Awaitable[Outcome]]) -> Callable[[int], 
 
 async def procrastinate_pg(n: int) -> Outcome:
     """queueing_lock: a second job with the same lock is refused while one is queued."""
-    import procrastinate
     from procrastinate.exceptions import AlreadyEnqueued
 
-    with pg_database("procrastinate") as url:
-        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+    async with procrastinate_app() as (app, noop):
 
-        @app.task(name="noop", queue="bench")
-        async def noop() -> None:
-            return None
+        async def submit() -> bool:
+            try:
+                await noop.configure(queueing_lock=KEY).defer_async()
+            except AlreadyEnqueued:
+                return False
+            return True
 
-        async with app.open_async():
-            await app.schema_manager.apply_schema_async()
-
-            async def submit() -> bool:
-                try:
-                    await noop.configure(queueing_lock=KEY).defer_async()
-                except AlreadyEnqueued:
-                    return False
-                return True
-
-            wall, created = await _storm(n, submit)
-            async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-                row = await (await conn.execute("SELECT count(*) FROM procrastinate_jobs")
-                             ).fetchone()
-    return wall, created, row[0]
+        wall, created = await _storm(n, submit)
+        return wall, created, await procrastinate_count(app)
 
 
 async def saq_run(url: str, n: int) -> Outcome:
@@ -140,16 +131,11 @@ async def saq_run(url: str, n: int) -> Outcome:
 
 
 async def saq_redis(n: int) -> Outcome:
-    redis_flush()
-    try:
-        return await saq_run(REDIS_URL, n)
-    finally:
-        redis_flush()
+    return await on_redis(lambda url: saq_run(url, n))
 
 
 async def saq_pg(n: int) -> Outcome:
-    with pg_database("saq") as url:
-        return await saq_run(url.replace("postgresql://", "postgres://"), n)
+    return await on_postgres_for_saq(lambda url: saq_run(url, n))
 
 
 async def arq_redis(n: int) -> Outcome:

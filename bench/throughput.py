@@ -29,11 +29,16 @@ from bench.common import (
     REDIS_URL,
     ROOT,
     fmt,
+    on_postgres_for_saq,
+    on_redis,
     parser,
     pg_database,
+    procrastinate_app,
+    procrastinate_count,
     record,
     redis_flush,
     stats,
+    stop_process,
     table,
 )
 
@@ -138,32 +143,18 @@ async def jobwire_postgres(n: int) -> Rates:
 
 
 async def procrastinate_pg(n: int) -> Rates:
-    import procrastinate
+    async with procrastinate_app() as (app, noop):
+        enqueue = await _timed(n, _each(n, noop.defer_async))
+        processed = await _timed(n, app.run_worker_async(
+            queues=["bench"], concurrency=CONCURRENCY, wait=False,
+            install_signal_handlers=False))
+        _check("procrastinate", n, await procrastinate_count(app, "WHERE status = 'succeeded'"))
 
-    with pg_database("procrastinate") as url:
-        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+        async def batches() -> None:
+            for start in range(0, n, BATCH):
+                await noop.batch_defer_async(*[{}] * min(BATCH, n - start))
 
-        @app.task(name="noop", queue="bench")
-        async def noop() -> None:
-            return None
-
-        async with app.open_async():
-            await app.schema_manager.apply_schema_async()
-            enqueue = await _timed(n, _each(n, noop.defer_async))
-            processed = await _timed(n, app.run_worker_async(
-                queues=["bench"], concurrency=CONCURRENCY, wait=False,
-                install_signal_handlers=False))
-            async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-                row = await (await conn.execute(
-                    "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
-                )).fetchone()
-            _check("procrastinate", n, row[0])
-
-            async def batches() -> None:
-                for start in range(0, n, BATCH):
-                    await noop.batch_defer_async(*[{}] * min(BATCH, n - start))
-
-            enqueue_batch = await _timed(n, batches())
+        enqueue_batch = await _timed(n, batches())
     return {"enqueue": enqueue, "enqueue_batch": enqueue_batch, "processed": processed}
 
 
@@ -204,16 +195,11 @@ async def saq_run(url: str, n: int) -> Rates:
 
 
 async def saq_redis(n: int) -> Rates:
-    redis_flush()
-    try:
-        return await saq_run(REDIS_URL, n)
-    finally:
-        redis_flush()
+    return await on_redis(lambda url: saq_run(url, n))
 
 
 async def saq_pg(n: int) -> Rates:
-    with pg_database("saq") as url:
-        return await saq_run(url.replace("postgresql://", "postgres://"), n)
+    return await on_postgres_for_saq(lambda url: saq_run(url, n))
 
 
 async def arq_redis(n: int) -> Rates:
@@ -272,12 +258,7 @@ async def celery_redis(n: int) -> Rates:
         processed = await _timed(n, drain())
         _check("celery", n, int(r.get(COUNTER) or 0))
     finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, 20)
         redis_flush()
     return {"enqueue": enqueue, "enqueue_batch": None, "processed": processed}
 
