@@ -10,7 +10,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import Client, Proc, guest
+from tests.conftest import Client, Proc, cli, guest
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -218,3 +218,32 @@ async def test_items_in_flight_when_a_job_ends_are_not_left_running(client: Clie
     assert [i["status"] for i in items] == ["pending"] * 3
     last = (await client.events(job["id"]))[-1]
     assert last["type"] == "cancelled" and last["data"]["reset"] == ["i0"]
+
+
+async def test_claimed_guest_token_fails_at_once_even_mid_storm(server: Proc,
+                                                                 db_url: str) -> None:
+    """Concurrent requests with one token share session lookups; a request sent after the
+    claim answered must still be refused, never served by a lookup made before it."""
+    user = cli("users", "add", "dora", "--db", db_url).stdout.strip()
+    g = await guest(server.url)
+    job, _ = await g.submit("block", {}, key="k")
+    body = {"task": "block", "input": {}, "key": "k"}
+    stop = asyncio.Event()
+
+    async def storm() -> None:
+        while not stop.is_set():
+            r = await g.http.post("/api/jobs", json=body)
+            assert r.status_code in (200, 201, 401), r.text
+
+    storms = [asyncio.create_task(storm()) for _ in range(20)]
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(base_url=server.url,
+                                 headers={"Authorization": f"Bearer {user}"}) as u:
+        r = await u.post("/api/sessions/claim", json={"token": g.token})
+        assert r.status_code == 200 and r.json()["moved"] == 1, r.text
+        after = await asyncio.gather(*(g.http.post("/api/jobs", json=body) for _ in range(50)))
+        assert {r.status_code for r in after} == {401}
+        stop.set()
+        await asyncio.gather(*storms)
+        assert (await u.post(f"/api/jobs/{job['id']}/cancel")).status_code == 200
+    await g.http.aclose()

@@ -8,11 +8,15 @@ import secrets
 from fastapi import HTTPException
 from starlette.requests import HTTPConnection
 
+from jobwire.api.coalesce import Coalescer
 from jobwire.model import now
 from jobwire.store import Store
 
 COOKIE = "jobwire_token"
 GUEST_TTL = 30 * 24 * 3600.0
+
+# Concurrent requests with one token share one lookup that started after they arrived.
+_lookups: Coalescer[tuple[Store, str], str | None] = Coalescer()
 
 
 def hash_token(token: str) -> str:
@@ -44,7 +48,8 @@ async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False
     token = token_of(conn, allow_query)
     if not token:
         raise HTTPException(401, "missing token: send Authorization: Bearer <token>")
-    owner = await store.session_owner(hash_token(token))
+    token_hash = hash_token(token)
+    owner, _ = await _lookups.run((store, token_hash), lambda: store.session_owner(token_hash))
     if owner is None:
         raise HTTPException(401, "invalid or expired token")
     return owner

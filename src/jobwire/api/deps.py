@@ -18,7 +18,13 @@ def runtime(conn: HTTPConnection) -> Runtime:
     return rt
 
 
-RuntimeDep = Annotated[Runtime, Depends(runtime)]
+async def _runtime(conn: HTTPConnection) -> Runtime:
+    """`runtime` as a dependency: async, since FastAPI runs a plain function in a worker
+    thread (a thread hand-over per request, ~10% of a small request's cost)."""
+    return runtime(conn)
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
 async def owner(conn: HTTPConnection, rt: RuntimeDep) -> str:

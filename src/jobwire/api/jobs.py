@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Literal
 
+import orjson
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from jobwire.api.auth import COOKIE, hash_token, new_session
+from jobwire.api.coalesce import Coalescer
 from jobwire.api.deps import JobId, Owner, RuntimeDep, owned_job
 from jobwire.api.schemas import (
     ClaimOut,
@@ -19,10 +22,15 @@ from jobwire.api.schemas import (
     SubmitRequest,
     errors,
 )
-from jobwire.model import ACTIVE, Status
-from jobwire.store import JobActive, OwnerConflict
+from jobwire.model import ACTIVE, Job, Status
+from jobwire.store import JobActive, OwnerConflict, Store
 
 router = APIRouter(prefix="/api", responses=errors(503))
+
+# Concurrent submits of one (owner, task, key) share one store submit that started after
+# they all arrived: its caller gets what it answered, the others join its job, which is what
+# the dedup index would have answered each of them, for one transaction instead of one each.
+_submits: Coalescer[tuple[Store, str, str, str], tuple[Job, bool]] = Coalescer()
 
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
@@ -59,13 +67,21 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
 @router.post("/jobs", status_code=201, response_model=SubmitOut,
              responses={200: {"model": SubmitOut, "description": "an active job with this key"},
                         **errors(400, 401, 413)})
-async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner,
-                 response: Response) -> dict[str, object]:
+async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
     spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
-    job, created = await rt.store.submit(who, body.task, value, key, spec.max_attempts)
-    if not created:
-        response.status_code = 200
-    return {"created": created, "job": job.snapshot()}
+    store = rt.store
+
+    def call() -> Awaitable[tuple[Job, bool]]:
+        return store.submit(who, body.task, value, key, spec.max_attempts)
+
+    if key is None:
+        job, created = await call()
+    else:
+        (job, created), own = await _submits.run((store, who, body.task, key), call)
+        created = created and own
+    # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
+    return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
+                    status_code=201 if created else 200, media_type="application/json")
 
 
 @router.get("/jobs", response_model=list[JobOut], responses=errors(401))
