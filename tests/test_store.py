@@ -106,6 +106,44 @@ async def test_lease_expiry_fails_after_max_attempts(store: Store) -> None:
     assert failed.error is not None and "attempt 1 of 1" in failed.error
 
 
+async def test_jobs_finishing_together_each_end_once_in_their_own_way(store: Store) -> None:
+    """Finishes that arrive at once are written together (one statement on PostgreSQL):
+    each job gets its own end and event, and one caller's mistake or stale lease fails
+    that caller alone."""
+    jobs = [(await store.submit("o", "t", {}, None, 2))[0] for _ in range(8)]
+    claimed = {j.id: j for j in await store.claim("w", ["t"], 8, 30)}
+    leases = [Lease(j.id, "w", claimed[j.id].attempt) for j in jobs]
+    await store.declare_items(leases[0], ["a", "b"])
+    await store.update_items(leases[0], [ItemUpdate("a", ItemStatus.RUNNING)])
+    stale = Lease(jobs[1].id, "w", claimed[jobs[1].id].attempt + 1)
+    ends = [
+        store.finish(leases[0], Status.COMPLETED, {"n": 0}),
+        store.finish(stale, Status.COMPLETED, {"n": 1}),
+        store.finish(leases[2], Status.COMPLETED, {"bad": object()}),  # not JSON
+        store.finish(leases[3], Status.FAILED, None, "boom"),
+        store.finish(leases[4], Status.CANCELLED),
+        *(store.finish(lease, Status.COMPLETED, {"n": k}) for k, lease in
+          enumerate(leases[5:], 5)),
+    ]
+    outcomes = await asyncio.gather(*ends, return_exceptions=True)
+    assert isinstance(outcomes[1], LeaseLost)
+    assert isinstance(outcomes[2], TypeError)
+    expected = {0: ("completed", {"n": 0}, None), 3: ("failed", None, "boom"),
+                4: ("cancelled", None, None),
+                **{k: ("completed", {"n": k}, None) for k in range(5, 8)}}
+    for k, (status, result, error) in expected.items():
+        [ev] = outcomes[k].events  # type: ignore[union-attr]
+        assert (ev.type, ev.data["result"], ev.data["error"]) == (status, result, error)
+        assert await store.events(jobs[k].id, ev.seq - 1) == [ev], "what was sent is stored"
+        snap, _ = await replay(store, jobs[k].id)
+        assert (snap["status"], snap["result"], snap["seq"]) == (status, result, ev.seq)
+    assert outcomes[0].events[0].data["reset"] == ["a"]  # type: ignore[union-attr]
+    for k in (1, 2):  # still running, untouched, finishable by their real lease
+        job = await store.get_job(jobs[k].id)
+        assert job is not None and job.status == Status.RUNNING
+        await store.finish(leases[k], Status.COMPLETED)
+
+
 def _storm(url: str, n: int, barrier: Any, out: Any) -> None:
     async def main() -> None:
         store = open_store(url)

@@ -9,6 +9,7 @@ After commit the store hands the new events to the listeners registered with
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
@@ -17,6 +18,9 @@ from jobwire.model import JSON, Event, Item, Job, Status
 # Called on the event loop with (job id, seq, the event if the backend has it at hand).
 # A hint may repeat or skip seqs; listeners catch up from `events()` by seq.
 Hint = Callable[[str, int, Event | None], None]
+# The seq of a hint about a job that may have changed when the write's outcome is
+# unknown (it failed after its commit, say): listeners read whatever the store has.
+UNKNOWN_SEQ = sys.maxsize
 
 
 class StoreError(Exception):

@@ -61,6 +61,15 @@ class Listener:
         full = orjson.dumps({**note, "type": ev.type, "data": ev.data, "at": ev.at})
         return (full if len(full) < NOTE_LIMIT else orjson.dumps(note)).decode()
 
+    def note_sql(self, job: str, seq: str, type: str, data: str, at: str) -> str:
+        """`note` as a PostgreSQL text expression of SQL expressions, for a statement that
+        writes and notifies its events itself."""
+        short = f"json_build_object('o', '{self.origin}', 'job', {job}, 'seq', {seq})"
+        full = (f"json_build_object('o', '{self.origin}', 'job', {job}, 'seq', {seq}, "
+                f"'type', {type}, 'data', {data}, 'at', {at})::text")
+        return (f"(SELECT CASE WHEN octet_length(full_note) < {NOTE_LIMIT} THEN full_note "
+                f"ELSE {short}::text END FROM (SELECT {full} AS full_note) AS note)")
+
     async def start(self) -> None:
         """Return once listening; StoreError if the first connection fails."""
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()

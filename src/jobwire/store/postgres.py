@@ -13,6 +13,8 @@ of the transaction; PostgreSQL delivers the notifications at commit (to pg_liste
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -40,6 +42,7 @@ from jobwire.model import (
     now,
 )
 from jobwire.store.base import (
+    UNKNOWN_SEQ,
     Hint,
     ItemUpdate,
     JobActive,
@@ -50,6 +53,7 @@ from jobwire.store.base import (
     UnknownItem,
     Written,
 )
+from jobwire.store.batch import Batcher
 from jobwire.store.pg_listen import Listener, channel_of
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
@@ -57,6 +61,7 @@ from jobwire.store.rows import (
     clash_error,
     dumps,
     event_data,
+    event_data_sql,
     expiry_outcome,
     guest_clashes_sql,
     item_from_row,
@@ -84,6 +89,14 @@ _WRITE_EVENTS = (
     "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::json[], %s::float8[])) "
     "SELECT count(pg_notify(%s, note)) FROM unnest(%s::text[]) AS note"
 )
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Finish:
+    lease: Lease
+    status: Status
+    result: JSON
+    encoded: str  # the result as JSON text
+    error: str | None
 
 
 # PostgreSQL text cannot hold NUL: error texts (from arbitrary exceptions) get it
@@ -121,6 +134,7 @@ class PostgresStore:
         self._listener: Listener | None = None
         name = conninfo_to_dict(url).get("application_name")
         self._app_name = str(name) if name else "jobwire"
+        self._finishes = Batcher(self._finish_many)
 
     # -- plumbing
 
@@ -442,23 +456,30 @@ class PostgresStore:
         if not tasks or limit <= 0:
             return []
 
-        async def claim(conn: Conn) -> tuple[list[Job], list[Event]]:
-            at = now()
-            cur = await conn.execute(
-                "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
-                "AND task = ANY(%s) ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED) "
-                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = %s, "
-                f"lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
-                f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}",
-                (list(tasks), limit, worker, lease_seconds, at))
-            jobs = [job_from_row(r, decode=False) for r in await cur.fetchall()]
-            events = [make_event(job.id, job.seq, EventType.STARTED,
-                                 event_data(Status.RUNNING, job.progress.total, job.progress.done,
-                                            job.progress.failed, attempt=job.attempt), at)
-                      for job in jobs]
-            return jobs, events
+        at = now()
+        rows = await self._query(self._claim_sql, (
+            list(tasks), limit, worker, lease_seconds, at, self.listener.channel))
+        jobs = [job_from_row(row, decode=False) for row in rows]
+        self._publish([Event(job=job.id, seq=job.seq, type=EventType.STARTED.value,
+                             data=row[-1], at=at) for job, row in zip(jobs, rows, strict=True)])
+        return jobs
 
-        return await self._transact(claim)
+    @functools.cached_property
+    def _claim_sql(self) -> str:
+        """Claims, writes each claimed job's `started` event and notifies it, all in one
+        statement: one round trip per claim, however many jobs it takes."""
+        data = event_data_sql("'running'", "total", "done", "failed", attempt="attempt")
+        note = self.listener.note_sql("id", "seq", "'started'", "data", "updated_at")
+        return (
+            "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
+            "AND task = ANY(%s) ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED), "
+            "claimed AS (UPDATE jobs SET status = 'running', attempt = attempt + 1, "
+            f"worker = %s, lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
+            f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}), "
+            f"started AS (SELECT claimed.*, {data} AS data FROM claimed), "
+            "written AS (INSERT INTO events (job_id, seq, type, data, at) "
+            "SELECT id, seq, 'started', data, updated_at FROM started) "
+            f"SELECT {JOB_COLUMNS}, pg_notify(%s, {note}), data FROM started")
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         if not leases:
@@ -554,20 +575,65 @@ class PostgresStore:
         check_job_transition(Status.RUNNING, status)
         if status.active:
             raise IllegalTransition("finish() takes a terminal status")
+        # Encoded here so a result that is not JSON fails its own call, not the batch.
+        return await self._finishes(_Finish(lease, status, result, dumps(result), _text(error)))
 
-        async def finish(conn: Conn) -> tuple[Written, list[Event]]:
-            at = now()
-            seq, _, total, done, failed, cancel = await self._fenced(
-                conn, lease, ", status = %s, result = %s, error = %s, finished_at = %s, "
-                "worker = NULL, lease_until = NULL",
-                (status.value, Json(result, dumps), _text(error), at))
-            reset = await _reset_running(conn, lease.job)  # under the job row's lock
-            ev = make_event(lease.job, seq, EventType(status.value),
-                            event_data(status, total, done, failed, result=result, error=error,
-                                       reset=reset), at)
-            return Written([ev], cancel), [ev]
+    async def _finish_many(self, finishes: list[_Finish]) -> list[Written | LeaseLost]:
+        """The ends of jobs that finished together: one statement, one round trip."""
+        at = now()
+        try:
+            rows = await self._query(self._finish_sql, (
+                at, at, [f.lease.job for f in finishes], [f.lease.worker for f in finishes],
+                [f.lease.attempt for f in finishes], [f.status.value for f in finishes],
+                [f.encoded for f in finishes], [f.error for f in finishes],
+                self.listener.channel))
+        except BaseException:
+            # It may have committed, and our own listener skips our notifications.
+            for f in finishes:
+                self._call_hints(f.lease.job, UNKNOWN_SEQ, None)
+            raise
+        ended = {row[0]: row for row in rows}
+        outcomes: list[Written | LeaseLost] = []
+        events: list[Event] = []
+        for f in finishes:
+            row = ended.pop(f.lease.job, None)  # (the same lease twice: only once)
+            if row is None:
+                outcomes.append(_lease_lost(f.lease))
+                continue
+            job, seq, cancel, _, data = row
+            ev = Event(job=job, seq=seq, type=f.status.value, data=data, at=at)
+            events.append(ev)
+            outcomes.append(Written([ev], cancel))
+        self._publish(events)
+        return outcomes
 
-        return await self._transact(finish)
+    @functools.cached_property
+    def _finish_sql(self) -> str:
+        """Ends the jobs the given leases still hold, puts the items their attempts left
+        running back to pending under the same row locks, and writes and notifies one
+        event per job ended; returns a row per job ended."""
+        reset = ("to_json(ARRAY(SELECT ref FROM reset WHERE reset.job_id = ended.id "
+                 "ORDER BY pos))")
+        data = event_data_sql("status", "total", "done", "failed", result="result",
+                              error="error", reset=reset)
+        note = self.listener.note_sql("id", "seq", "status", "data", "updated_at")
+        return (
+            "WITH ended AS (UPDATE jobs SET seq = jobs.seq + 1, updated_at = %s, "
+            "status = f.status, result = f.result, error = f.error, finished_at = %s, "
+            "worker = NULL, lease_until = NULL FROM unnest(%s::text[], %s::text[], "
+            "%s::int[], %s::text[], %s::json[], %s::text[]) "
+            "AS f(job, worker, attempt, status, result, error) WHERE jobs.id = f.job "
+            "AND jobs.status = 'running' AND jobs.worker = f.worker "
+            "AND jobs.attempt = f.attempt RETURNING jobs.id, jobs.seq, jobs.status, "
+            "jobs.total, jobs.done, jobs.failed, jobs.result, jobs.error, "
+            "jobs.cancel_requested, jobs.updated_at), "
+            "reset AS (UPDATE items SET status = 'pending' FROM ended "
+            "WHERE items.job_id = ended.id AND items.status = 'running' "
+            "RETURNING items.job_id, items.ref, items.pos), "
+            f"finished AS (SELECT ended.*, {data} AS data FROM ended), "
+            "written AS (INSERT INTO events (job_id, seq, type, data, at) "
+            "SELECT id, seq, status, data, updated_at FROM finished) "
+            f"SELECT id, seq, cancel_requested, pg_notify(%s, {note}), data FROM finished")
 
     # -- maintenance
 

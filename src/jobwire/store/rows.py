@@ -48,6 +48,14 @@ def event_data(status: Status | str, total: int, done: int, failed: int,
             **extra}
 
 
+def event_data_sql(status: str, total: str, done: str, failed: str, **extra: str) -> str:
+    """`event_data` as a PostgreSQL json expression of SQL expressions: for a statement
+    that makes a change and writes its event in one round trip."""
+    pairs = "".join(f", '{key}', {value}" for key, value in extra.items())
+    return (f"json_build_object('status', {status}, 'progress', json_build_object("
+            f"'total', {total}, 'done', {done}, 'failed', {failed}){pairs})")
+
+
 def make_event(job: str, seq: int, type: EventType, data: Mapping[str, JSON], at: float) -> Event:
     return Event(job=job, seq=seq, type=type.value, data=dict(data), at=at)
 
