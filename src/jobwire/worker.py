@@ -171,34 +171,38 @@ class Worker:
         return await spec.fn(ctx, spec.parse(job.input))
 
     async def _supervise(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> None:
-        status, result, error = Status.COMPLETED, None, None
+        end = await self._outcome(job, ctx, inner)
+        # The slot is free once the task has stopped: the next claim does not wait for
+        # this job's end to be written.
+        self._running.pop(job.id, None)
+        self._wake.set()
+        if end is not None:
+            await self._finish(ctx.lease, *end)
+
+    @staticmethod
+    async def _outcome(job: Job, ctx: Context, inner: asyncio.Task[JSON]
+                       ) -> tuple[Status, JSON, str | None] | None:
+        """How the task ended, as (status, result, error) to record; None when nothing
+        is to be recorded here."""
         try:
-            result = await inner
+            return Status.COMPLETED, await inner, None
         except (asyncio.CancelledError, Cancelled):
             if ctx.lost or not ctx.cancelled:
                 # Lease lost, or the worker is stopping: the lease expires and the job
                 # is retried elsewhere, so nothing is recorded here.
-                self._running.pop(job.id, None)
-                return
-            status = Status.CANCELLED
+                return None
+            return Status.CANCELLED, None, None
         except LeaseLost:
-            self._running.pop(job.id, None)
-            return
+            return None
         except Exception as exc:
             if type(exc) is StoreError:
                 # The database failed under the task (connection dropped, disk full), not
                 # the task (its subclasses are the task's mistakes): record nothing; the
                 # lease runs out and the job is retried, keeping its finished items.
                 log.warning("job %s: database failed under the task: %s", job.id, exc)
-                self._running.pop(job.id, None)
-                return
+                return None
             log.exception("job %s (%s) failed", job.id, job.task)
-            status, error = Status.FAILED, f"{type(exc).__name__}: {exc}"
-        try:
-            await self._finish(ctx.lease, status, result, error)
-        finally:
-            self._running.pop(job.id, None)
-            self._wake.set()
+            return Status.FAILED, None, f"{type(exc).__name__}: {exc}"
 
     async def _finish(self, lease: Lease, status: Status, result: JSON,
                       error: str | None) -> None:
