@@ -51,6 +51,9 @@ class Listener:
         self.conninfo = make_conninfo(conninfo, **KEEPALIVES)
         self.channel = channel
         self.origin = uuid.uuid4().hex[:12]  # tags our notifications: we deliver ours directly
+        # How ours begin, as written by orjson (`note`) and by PostgreSQL (`note_sql`): a
+        # busy worker skips its own without parsing them.
+        self._ours = (f'{{"o":"{self.origin}"', f'{{"o" : "{self.origin}"')
         self._deliver = deliver
         self._missed = missed
         self._task: asyncio.Task[None] | None = None
@@ -114,10 +117,10 @@ class Listener:
             delay = min(delay * 2, 5.0)
 
     def _on_note(self, payload: str) -> None:
+        if payload.startswith(self._ours):
+            return  # ours: already delivered at commit
         try:
             note = orjson.loads(payload)
-            if note["o"] == self.origin:
-                return  # ours: already delivered at commit
             job, seq = str(note["job"]), int(note["seq"])
             ev = (Event(job=job, seq=seq, type=note["type"], data=note["data"], at=note["at"])
                   if "type" in note else None)

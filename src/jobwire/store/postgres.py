@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import select
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -124,6 +125,14 @@ async def _configure(conn: Conn) -> None:
     set_json_loads(orjson.loads, conn)
 
 
+async def _check(conn: Conn) -> None:
+    """Checks a connection taken from the pool. An idle connection has nothing to read
+    unless the server dropped it (restart, pg_terminate_backend: its goodbye or EOF is
+    waiting), so only then is it worth the round trip that finds out."""
+    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 class PostgresStore:
     """The distributed backend (`postgresql://user@host:port/db?options=-csearch_path=…`)."""
 
@@ -220,7 +229,7 @@ class PostgresStore:
             kwargs={"autocommit": True, "application_name": self._app_name},
             # A pooled connection the server dropped (restart, pg_terminate_backend) is
             # replaced when taken rather than failing the next request with it.
-            check=AsyncConnectionPool.check_connection, name="jobwire")
+            check=_check, name="jobwire")
         try:
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except psycopg.OperationalError as exc:
