@@ -349,33 +349,41 @@ class PostgresStore:
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
                      max_attempts: int) -> tuple[Job, bool]:
-        async def submit(conn: Conn) -> tuple[tuple[Job, bool] | None, list[Event]]:
-            job_id, at = uuid.uuid4().hex, now()
-            # A concurrent insert of the same key makes this wait for it to commit, then
-            # do nothing; the SELECT (sent in the same round trip, run after it with a
-            # fresh snapshot) then sees the winner.
-            inserted = await conn.execute(
-                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-                "created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, %s, %s) "
-                f"ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
-                f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}",
-                (job_id, task, key, owner, Json(input, dumps), max_attempts, at, at))
-            active = await conn.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND task = %s AND key = %s "
-                f"AND status IN {ACTIVE_SQL}", (owner, task, key))
-            row = await inserted.fetchone()
-            if row is not None:
-                ev = make_event(job_id, 1, EventType.CREATED,
-                                event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
-                return (job_from_row(row, decode=False), True), [ev]
-            row = await active.fetchone()
-            # None: the active job finished between the two statements; insert again.
-            return (None if row is None else (job_from_row(row, decode=False), False)), []
-
         while True:
-            outcome = await self._transact(submit)
-            if outcome is not None:
-                return outcome
+            at = now()
+            rows = await self._query(self._submit_sql, (
+                uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at,
+                self.listener.channel, owner, task, key))
+            if rows:
+                job = job_from_row(rows[0], decode=False)
+                created = rows[0][-1] is not None
+                if created:
+                    self._publish([Event(job=job.id, seq=1, type=EventType.CREATED.value,
+                                         data=rows[0][-1], at=at)])
+                return job, created
+            # Empty: the insert waited for a concurrent one of the same key to commit,
+            # whose row this statement's snapshot cannot see, or the active job ended
+            # meanwhile. The next statement sees it (or inserts).
+
+    @functools.cached_property
+    def _submit_sql(self) -> str:
+        """Inserts a job unless (owner, task, key) has an active one, writing and
+        notifying its `created` event; returns the new job with the event's data, or the
+        active job with NULL."""
+        data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
+        note = self.listener.note_sql("id", "1", "'created'", "data", "created_at")
+        return (
+            "WITH new AS (INSERT INTO jobs (id, task, key, owner, status, input, "
+            "max_attempts, seq, created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', "
+            "%s, %s, 1, %s, %s) ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
+            f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
+            f"created AS (SELECT new.*, {data} AS data FROM new), "
+            "written AS (INSERT INTO events (job_id, seq, type, data, at) "
+            "SELECT id, 1, 'created', data, created_at FROM created) "
+            f"SELECT {JOB_COLUMNS}, pg_notify(%s, {note}), data FROM created "
+            f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM jobs WHERE owner = %s "
+            f"AND task = %s AND key = %s AND status IN {ACTIVE_SQL} "
+            "AND NOT EXISTS (SELECT FROM new)")
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         async with self._connection() as conn:
