@@ -57,13 +57,13 @@ from jobwire.store.rows import (
 )
 
 T = TypeVar("T")
-# A write waiting for the store thread: fn(conn, *args) -> (value, events), and its caller.
-_Write = tuple[Callable[..., tuple[Any, list[Event]]], tuple[Any, ...], "asyncio.Future[Any]"]
-# (succeeded, (value, events) or the exception) per write of a batch, in order.
+# A call for the store thread: fn(conn, *args) -> (value, events).
+_Step = tuple[Callable[..., tuple[Any, list[Event]]], tuple[Any, ...]]
+# (succeeded, (value, events) or the exception) per call of a batch, in order.
 _Outcome = tuple[bool, Any]
 
-# Writes that queue up while the store thread is busy share one transaction, up to this
-# many, so the write lock is held for a few milliseconds at most.
+# Calls that queue up while the store thread is busy go together, up to this many (for
+# writes: one transaction, so the write lock is held for a few milliseconds at most).
 MAX_BATCH = 64
 
 # How long a write waits for another process's lock before failing with a clear error.
@@ -136,6 +136,25 @@ MIGRATIONS: list[str] = [
 ]
 
 
+class _Lane:
+    """Calls of one kind (reads or writes) waiting for the store thread, and the batch of
+    them on it now. Calls that queue up meanwhile go together as the next batch: one
+    hand-over to the thread and one wake-up of the loop for the lot (the hops, not the SQL,
+    are most of a small call's cost). A batch starts after all its calls were made, so
+    none is answered from before it was asked."""
+
+    def __init__(self, run: Callable[[list[_Step]], list[_Outcome]]) -> None:
+        self.run = run
+        self.queue: collections.deque[tuple[_Step, asyncio.Future[Any]]] = collections.deque()
+        self.running: asyncio.Future[list[_Outcome]] | None = None
+
+
+def _no_events(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any
+               ) -> tuple[Any, list[Event]]:
+    """A read as a step of a batch: its value, and no events."""
+    return fn(conn, *args), []
+
+
 def _path_of(url: str) -> str:
     for prefix in ("sqlite:///", "sqlite://"):
         if url.startswith(prefix):
@@ -156,8 +175,8 @@ class SQLiteStore:
         self._watch: asyncio.Task[None] | None = None
         self._data_version = 0
         self._watermark = 0
-        self._writes: collections.deque[_Write] = collections.deque()
-        self._batch: asyncio.Future[list[_Outcome]] | None = None  # on the store thread now
+        self._writes = _Lane(self._write_batch)
+        self._reads = _Lane(self._read_batch)
 
     # -- plumbing
 
@@ -199,25 +218,34 @@ class SQLiteStore:
     async def _transact(self, fn: Callable[..., tuple[T, list[Event]]], *args: Any) -> T:
         """Run fn(conn) -> (value, events) in one transaction; publish the events after commit.
 
-        Writes that arrive while the store thread is busy wait and then go together: one
-        transaction, one commit and one hop back to the event loop for the lot (the hops
-        and commits, not SQL, are most of a small write's cost). Each runs inside its own
-        savepoint, so one that fails undoes only itself, exactly as if run alone."""
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._writes.append((fn, args, done))
-        self._next_batch()
+        Writes that arrive while the store thread is busy go together: one transaction and
+        one commit for the lot. Each runs inside its own savepoint, so one that fails undoes
+        only itself, exactly as if run alone."""
+        value: T = await self._queue(self._writes, fn, args)
+        return value
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(conn, *args) on the store thread, outside any transaction; reads that arrive
+        while a batch of reads is on the thread share the next hop."""
+        value: T = await self._queue(self._reads, _no_events, (fn, *args))
+        return value
+
+    async def _queue(self, lane: _Lane, fn: Callable[..., tuple[Any, list[Event]]],
+                     args: tuple[Any, ...]) -> Any:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        lane.queue.append(((fn, args), done))
+        self._next_batch(lane)
         return await done
 
-    def _next_batch(self) -> None:
-        if self._batch is not None or not self._writes:
+    def _next_batch(self, lane: _Lane) -> None:
+        if lane.running is not None or not lane.queue:
             return
-        batch = [self._writes.popleft() for _ in range(min(len(self._writes), MAX_BATCH))]
-        self._batch = asyncio.get_running_loop().run_in_executor(
-            self._thread, self._write_batch, [(fn, args) for fn, args, _ in batch])
-        self._batch.add_done_callback(lambda ran: self._settle(batch, ran))
+        batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), MAX_BATCH))]
+        lane.running = asyncio.get_running_loop().run_in_executor(
+            self._thread, lane.run, [step for step, _ in batch])
+        lane.running.add_done_callback(lambda ran: self._settle(lane, batch, ran))
 
-    def _write_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
-                     ) -> list[_Outcome]:
+    def _write_batch(self, batch: list[_Step]) -> list[_Outcome]:
         if len(batch) == 1:
             fn, args = batch[0]
             return [(True, self._write(fn, *args))]
@@ -235,15 +263,25 @@ class SQLiteStore:
             return outcomes
         return self._write(each)
 
-    def _settle(self, batch: list[_Write], ran: asyncio.Future[list[_Outcome]]) -> None:
+    def _read_batch(self, batch: list[_Step]) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for fn, args in batch:
+            try:
+                outcomes.append((True, fn(self.conn, *args)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes
+
+    def _settle(self, lane: _Lane, batch: list[tuple[_Step, asyncio.Future[Any]]],
+                ran: asyncio.Future[list[_Outcome]]) -> None:
         """On the event loop: publish each committed write's events, then wake its caller."""
-        self._batch = None
+        lane.running = None
         try:
             outcomes = ran.result()
         except BaseException as exc:  # nothing of the batch was committed
             outcomes = [(False, exc if len(batch) == 1 else self._error(exc))
                         for _ in batch]
-        for (_, _, done), (ok, out) in zip(batch, outcomes, strict=True):
+        for (_, done), (ok, out) in zip(batch, outcomes, strict=True):
             if ok:
                 value, events = out
                 self._publish(events)
@@ -251,7 +289,7 @@ class SQLiteStore:
                     done.set_result(value)
             elif not done.done():
                 done.set_exception(self._error(out))
-        self._next_batch()
+        self._next_batch(lane)
 
     def _publish(self, events: Sequence[Event]) -> None:
         for ev in events:
@@ -296,8 +334,9 @@ class SQLiteStore:
         if self._watch:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        while self._batch is not None:  # let queued writes commit and reach their callers
-            await asyncio.gather(self._batch, return_exceptions=True)
+        # Let queued calls run (writes commit) and reach their callers.
+        while running := [lane.running for lane in (self._writes, self._reads) if lane.running]:
+            await asyncio.gather(*running, return_exceptions=True)
             await asyncio.sleep(0)
         if self._conn is not None:
             await self._run(self.conn.close)
@@ -370,12 +409,12 @@ class SQLiteStore:
         await self._run(self._write, add)
 
     async def session_owner(self, token_hash: str) -> str | None:
-        def get() -> str | None:
-            row = self.conn.execute(
+        def get(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
                 "SELECT owner FROM sessions WHERE token_hash = ? "
                 "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now())).fetchone()
             return None if row is None else str(row[0])
-        return await self._run(get)
+        return await self._read(get)
 
     async def claim_session(self, token_hash: str, owner: str) -> int | None:
         def claim(conn: sqlite3.Connection) -> int | None:
@@ -433,19 +472,19 @@ class SQLiteStore:
         return None if row is None else job_from_row(row)
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
-        return await self._run(self._find, self.conn, job_id, owner)
+        return await self._read(self._find, job_id, owner)
 
     async def list_jobs(self, owner: str, statuses: Collection[Status] | None,
                         limit: int) -> list[Job]:
-        def get() -> list[Job]:
+        def get(conn: sqlite3.Connection) -> list[Job]:
             sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ?", [owner]
             if statuses is not None:
                 sql += f" AND status IN ({', '.join('?' * len(statuses))})"
                 args += [s.value for s in statuses]
             sql += " ORDER BY created_at DESC, id LIMIT ?"
-            rows = self.conn.execute(sql, (*args, limit)).fetchall()
+            rows = conn.execute(sql, (*args, limit)).fetchall()
             return [job_from_row(r) for r in rows]
-        return await self._run(get)
+        return await self._read(get)
 
     @staticmethod
     def _items(conn: sqlite3.Connection, job_id: str) -> list[Item]:
@@ -455,29 +494,28 @@ class SQLiteStore:
 
     async def job_with_items(self, job_id: str, owner: str | None = None
                              ) -> tuple[Job, list[Item]] | None:
-        def get() -> tuple[Job, list[Item]] | None:
-            conn = self.conn
+        def get(conn: sqlite3.Connection) -> tuple[Job, list[Item]] | None:
             conn.execute("BEGIN")  # one read snapshot for both queries
             try:
                 job = self._find(conn, job_id, owner)
                 return None if job is None else (job, self._items(conn, job_id))
             finally:
                 conn.execute("COMMIT")
-        return await self._run(get)
+        return await self._read(get)
 
     async def count_by_status(self) -> dict[str, int]:
-        def get() -> dict[str, int]:
-            return dict(self.conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
-        return await self._run(get)
+        def get(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
+        return await self._read(get)
 
     async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
-        def get() -> list[Event]:
-            rows = self.conn.execute(
+        def get(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
                 "SELECT seq, type, data, at FROM events WHERE job_id = ? AND seq > ? "
                 "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
             return [Event(job=job_id, seq=r[0], type=r[1], data=loads(r[2]), at=r[3])
                     for r in rows]
-        return await self._run(get)
+        return await self._read(get)
 
     async def request_cancel(self, job_id: str, owner: str) -> Job | None:
         def cancel(conn: sqlite3.Connection) -> tuple[Job | None, list[Event]]:

@@ -1,0 +1,53 @@
+"""The SQLite store's batched reads: reads queued together share one hop to the store
+thread, yet each is answered alone, from after it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from jobwire.store import Store, open_store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_store(f"sqlite:///{tmp_path / 'jobwire.db'}")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_concurrent_reads_each_get_their_own_answer(store: Store) -> None:
+    jobs = [(await store.submit(f"o{k % 3}", "t", {"k": k}, None, 1))[0] for k in range(30)]
+    found, lists, logs = await asyncio.gather(
+        asyncio.gather(*(store.get_job(j.id) for j in jobs)),
+        asyncio.gather(*(store.list_jobs(f"o{k}", None, 100) for k in range(3))),
+        asyncio.gather(*(store.events(j.id, 0) for j in jobs)))
+    assert [j and j.input for j in found] == [{"k": k} for k in range(30)]
+    assert [{j.owner for j in mine} for mine in lists] == [{"o0"}, {"o1"}, {"o2"}]
+    assert [[e.job for e in log] for log in logs] == [[j.id] for j in jobs]
+
+
+async def test_a_failing_read_fails_alone(store: Store) -> None:
+    job, _ = await store.submit("o", "t", None, None, 1)
+    ok, bad, also_ok = await asyncio.gather(
+        store.get_job(job.id), store.get_job("\ud800"), store.session_owner("nope"),
+        return_exceptions=True)
+    assert getattr(ok, "id", None) == job.id
+    assert isinstance(bad, UnicodeEncodeError)
+    assert also_ok is None
+
+
+async def test_a_read_sees_every_write_that_finished_before_it(store: Store) -> None:
+    async def submit_then_read(k: int) -> bool:
+        job, _ = await store.submit("o", "t", k, f"key{k}", 1)
+        return await store.get_job(job.id, "o") is not None
+
+    assert all(await asyncio.gather(*(submit_then_read(k) for k in range(100))))
+    await store.add_session("h", "guest:g", None)
+    assert await store.session_owner("h") == "guest:g"
+    assert await store.claim_session("h", "user:u") == 0
+    assert await store.session_owner("h") is None, "a claimed session is gone at once"
