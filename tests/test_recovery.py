@@ -38,6 +38,25 @@ async def test_sigkilled_worker_job_is_retried_without_double_counting(
     await c.http.aclose()
 
 
+async def test_stopped_worker_hands_its_jobs_back_at_once(procs: Any, db_url: str) -> None:
+    """SIGTERM (a deploy, Ctrl-C): the running job is requeued as the worker exits, not
+    after its lease (a minute here) runs out, and another worker finishes it."""
+    api: Proc = procs("serve", "--db", db_url, "--no-workers")
+    first: Proc = procs("worker", "--db", db_url, "--lease", "60")
+    c = await guest(api.url)
+    job, _ = await c.submit("steps", {"n": 40, "delay": 0.1})
+    await wait_done_at_least(c, job["id"], 2)
+    first.stop()
+    assert first.proc is not None and first.proc.returncode == 0
+    queued = await c.job(job["id"])
+    assert queued["status"] == "queued", "handed back by the time the worker is gone"
+    procs("worker", "--db", db_url, "--lease", "60")
+    ended = await c.wait_terminal(job["id"], timeout=30)
+    assert ended["status"] == "completed" and ended["attempt"] == 2
+    assert ended["progress"]["done"] == 40
+    await c.http.aclose()
+
+
 async def test_job_fails_after_max_attempts(procs: Any, db_url: str) -> None:
     api: Proc = procs("serve", "--db", db_url, "--no-workers")
     c = await guest(api.url)

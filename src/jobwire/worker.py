@@ -136,11 +136,23 @@ class Worker:
                        (self._claim_loop, self._heartbeat_loop, self._housekeeping_loop)]
 
     async def stop(self) -> None:
+        """Stop the running tasks and hand their jobs back at once: they are retried
+        (attempts permitting) without waiting for their leases to run out."""
         for task in self._loops:
             task.cancel()
+        leases = [ctx.lease for ctx, _ in self._running.values()]
         for _, inner in self._running.values():
             inner.cancel()
         await asyncio.gather(*self._loops, *self._jobs, return_exceptions=True)
+        if leases:
+            try:
+                # Leases that end now expire like a dead worker's, by the same rules;
+                # jobs whose end was recorded meanwhile are no longer held and untouched.
+                await self.store.heartbeat(leases, 0)
+                await self.store.expire_leases()
+            except StoreError as exc:
+                log.warning("could not hand back %d jobs; their leases will expire: %s",
+                            len(leases), exc)
 
     async def _claim_loop(self) -> None:
         while True:
