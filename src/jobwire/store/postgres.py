@@ -1,8 +1,11 @@
 """The distributed store: one PostgreSQL database shared by any number of API servers
 and worker processes, with events fanned out to every process by LISTEN/NOTIFY.
 
-Each write is one transaction on a pooled connection in pipeline mode, so statements
-whose results are not needed go out together (two round trips for most writes).
+The hot writes (submit, claim, finish) are each ONE statement that changes the rows,
+writes their events and notifies them: one round trip. Finishes that arrive together
+share that statement (group commit). Other writes are one transaction on a pooled
+connection in pipeline mode, so statements whose results are not needed go out
+together (two round trips).
 Every job write locks the job row first (a guarded UPDATE, or SELECT … FOR NO KEY
 UPDATE), and item rows are only written under that lock, so counts and items agree.
 Claims, lease expiry and pruning skip rows another transaction holds, so many workers
@@ -371,16 +374,12 @@ class PostgresStore:
         notifying its `created` event; returns the new job with the event's data, or the
         active job with NULL."""
         data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
-        note = self.listener.note_sql("id", "1", "'created'", "data", "created_at")
         return (
             "WITH new AS (INSERT INTO jobs (id, task, key, owner, status, input, "
             "max_attempts, seq, created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', "
             "%s, %s, 1, %s, %s) ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
             f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
-            f"created AS (SELECT new.*, {data} AS data FROM new), "
-            "written AS (INSERT INTO events (job_id, seq, type, data, at) "
-            "SELECT id, 1, 'created', data, created_at FROM created) "
-            f"SELECT {JOB_COLUMNS}, pg_notify(%s, {note}), data FROM created "
+            f"{self._with_events('new', 'created', data, JOB_COLUMNS)} "
             f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM jobs WHERE owner = %s "
             f"AND task = %s AND key = %s AND status IN {ACTIVE_SQL} "
             "AND NOT EXISTS (SELECT FROM new)")
@@ -486,17 +485,25 @@ class PostgresStore:
         """Claims, writes each claimed job's `started` event and notifies it, all in one
         statement: one round trip per claim, however many jobs it takes."""
         data = event_data_sql("'running'", "total", "done", "failed", attempt="attempt")
-        note = self.listener.note_sql("id", "seq", "'started'", "data", "updated_at")
         return (
             "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
             "AND task = ANY(%s) ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED), "
             "claimed AS (UPDATE jobs SET status = 'running', attempt = attempt + 1, "
             f"worker = %s, lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
             f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}), "
-            f"started AS (SELECT claimed.*, {data} AS data FROM claimed), "
-            "written AS (INSERT INTO events (job_id, seq, type, data, at) "
-            "SELECT id, seq, 'started', data, updated_at FROM started) "
-            f"SELECT {JOB_COLUMNS}, pg_notify(%s, {note}), data FROM started")
+            + self._with_events("claimed", "started", data, JOB_COLUMNS))
+
+    def _with_events(self, changed: str, type: str, data: str, columns: str) -> str:
+        """The end of a one-statement write whose CTE `changed` returned the job rows it
+        changed (at least id, seq, status, updated_at): writes one event per row, of
+        `type` (an event type, or "status" for the job's new status) with `data`, and
+        notifies it. Selects `columns`, the notification, and the event's data."""
+        type_sql = type if type == "status" else f"'{type}'"
+        note = self.listener.note_sql("id", "seq", type_sql, "data", "updated_at")
+        return (f"evented AS (SELECT {changed}.*, {data} AS data FROM {changed}), "
+                "written AS (INSERT INTO events (job_id, seq, type, data, at) "
+                f"SELECT id, seq, {type_sql}, data, updated_at FROM evented) "
+                f"SELECT {columns}, pg_notify(%s, {note}), data FROM evented")
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         if not leases:
@@ -633,7 +640,6 @@ class PostgresStore:
                  "ORDER BY pos))")
         data = event_data_sql("status", "total", "done", "failed", result="result",
                               error="error", reset=reset)
-        note = self.listener.note_sql("id", "seq", "status", "data", "updated_at")
         return (
             "WITH ended AS (UPDATE jobs SET seq = jobs.seq + 1, updated_at = %s, "
             "status = f.status, result = f.result, error = f.error, finished_at = %s, "
@@ -647,10 +653,7 @@ class PostgresStore:
             "reset AS (UPDATE items SET status = 'pending' FROM ended "
             "WHERE items.job_id = ended.id AND items.status = 'running' "
             "RETURNING items.job_id, items.ref, items.pos), "
-            f"finished AS (SELECT ended.*, {data} AS data FROM ended), "
-            "written AS (INSERT INTO events (job_id, seq, type, data, at) "
-            "SELECT id, seq, status, data, updated_at FROM finished) "
-            f"SELECT id, seq, cancel_requested, pg_notify(%s, {note}), data FROM finished")
+            + self._with_events("ended", "status", data, "id, seq, cancel_requested"))
 
     # -- maintenance
 
