@@ -242,7 +242,9 @@ class Worker:
             for lease in leases:
                 if lease.job not in held:
                     running = self._running.get(lease.job)
-                    if running is not None:  # else it finished while we asked
+                    # Else it stopped while we asked (its slot is freed before its end is
+                    # written, so a job still here has not ended), or it is a later attempt.
+                    if running is not None and running[0].lease == lease:
                         log.warning("lost the lease of job %s; stopping it", lease.job)
                         running[0].lost = True
                         running[1].cancel()
