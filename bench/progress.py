@@ -42,6 +42,8 @@ async def _follow(url: str, token: str, job: str, after: int, ready: asyncio.Eve
                   lat: list[float], deadline: float) -> tuple[int, int]:
     import websockets
 
+    from jobwire.client.connection import messages
+
     seen, drops = after, 0
     while time.time() < deadline:
         try:
@@ -52,17 +54,17 @@ async def _follow(url: str, token: str, job: str, after: int, ready: asyncio.Eve
                 while time.time() < deadline:
                     raw = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.time()))
                     now = time.time()
-                    msg = orjson.loads(raw)
-                    if msg.get("op") == "subscribed":
-                        ready.set()
-                        continue
-                    if "op" in msg:
-                        raise RuntimeError(f"server said {msg}")
-                    seen = msg["seq"]
-                    if msg["type"] == "item":
-                        lat.append(now - msg["data"]["result"]["t"])
-                    elif msg["type"] in ("completed", "failed", "cancelled"):
-                        return seen - after, drops
+                    for msg in messages(raw):  # one frame may carry several events
+                        if msg.get("op") == "subscribed":
+                            ready.set()
+                            continue
+                        if "op" in msg:
+                            raise RuntimeError(f"server said {msg}")
+                        seen = msg["seq"]
+                        if msg["type"] == "item":
+                            lat.append(now - msg["data"]["result"]["t"])
+                        elif msg["type"] in ("completed", "failed", "cancelled"):
+                            return seen - after, drops
         except TimeoutError:
             break
         except websockets.ConnectionClosed:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import websockets
 
+from jobwire.api.live import SocketSession
+from jobwire.hub import Hub
+from jobwire.model import Event
+from jobwire.settings import Settings
 from tests.conftest import Client, Proc, guest
+from tests.wsframes import Messages
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -26,8 +32,9 @@ async def ws_collect(base: str, token: str, job: str, after: int, stop_after: in
     got: list[dict[str, Any]] = []
     async with websockets.connect(ws_url(base, token)) as ws:
         await ws.send(json.dumps({"op": "subscribe", "job": job, "after": after}))
+        received = Messages(ws)
         while True:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            msg = await asyncio.wait_for(received.recv(), 20)
             if "op" in msg:
                 assert msg["op"] == "subscribed", msg
                 continue
@@ -89,9 +96,9 @@ async def test_one_socket_many_jobs_only_subscribed_ones(client: Client,
     async with websockets.connect(ws_url(shared_server.url, client.token)) as ws:
         for job in (a, b):
             await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
-        ended = 0
+        ended, received = 0, Messages(ws)
         while ended < 2:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            msg = await asyncio.wait_for(received.recv(), 20)
             if "op" in msg:
                 continue
             assert msg["job"] in seen, "an event of a job this socket never subscribed to"
@@ -106,13 +113,14 @@ async def test_unsubscribe_stops_events(client: Client, shared_server: Proc) -> 
     job, _ = await client.submit("steps", {"n": 200, "delay": 0.01})
     async with websockets.connect(ws_url(shared_server.url, client.token)) as ws:
         await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
-        while "seq" not in json.loads(await ws.recv()):
+        received = Messages(ws)
+        while "seq" not in await received.recv():
             pass
         await ws.send(json.dumps({"op": "unsubscribe", "job": job["id"]}))
-        while json.loads(await ws.recv()).get("op") != "unsubscribed":
+        while (await received.recv()).get("op") != "unsubscribed":
             pass
         try:
-            extra = await asyncio.wait_for(ws.recv(), 0.5)
+            extra: object = await asyncio.wait_for(received.recv(), 0.5)
         except TimeoutError:
             extra = None
         assert extra is None, f"event after unsubscribe: {extra!r}"
@@ -141,3 +149,47 @@ async def test_websocket_resumes_across_a_server_crash(procs: Any, db_url: str) 
         final = (await http.get(f"/api/jobs/{job['id']}")).json()
     assert final["progress"] == {"total": 30, "done": 30, "failed": 0}
     await c.http.aclose()
+
+
+class EndingStore:
+    """Each job is at seq 1 when first looked up, and its terminal event 2 is committed
+    right after: so the hub delivers it while `hub.subscribe` is still starting."""
+
+    def listen(self, hint: Any) -> None:
+        pass
+
+    async def get_job(self, job_id: str, owner: str | None = None) -> Any:
+        return SimpleNamespace(seq=1)
+
+    async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        end = Event(job=job_id, seq=2, type="completed", data={"status": "completed"}, at=0.0)
+        return [end] if after < 2 else []
+
+
+class FakeSocket:
+    def __init__(self, settings: Settings, hub: Hub, store: EndingStore) -> None:
+        runtime = SimpleNamespace(settings=settings, hub=hub, store=store)
+        self.app = SimpleNamespace(state=SimpleNamespace(runtime=runtime))
+        self.frames: list[Any] = []
+
+    async def send_text(self, text: str) -> None:
+        self.frames.append(json.loads(text))
+
+
+async def test_terminal_event_during_subscribe_frees_the_subscription() -> None:
+    """However the race falls, a WebSocket subscription ends with its job's terminal
+    event: it no longer counts toward the socket's limit nor the subscriptions metric."""
+    store = EndingStore()
+    hub = Hub(store)  # type: ignore[arg-type]
+    ws = FakeSocket(Settings(max_subscriptions=1), hub, store)
+    session = SocketSession(ws, "owner")  # type: ignore[arg-type]
+    await session.subscribe("a", 1)
+    assert session.subs == {} and hub.subscriptions == 0
+    await session.subscribe("b", 1)  # the limit of one is free again
+    while session.pump is not None:
+        await asyncio.sleep(0)
+    replies = [m.get("op") for m in ws.frames if isinstance(m, dict) and "op" in m]
+    assert replies == ["subscribed", "subscribed"], ws.frames
+    ends = [m for m in ws.frames if isinstance(m, dict) and m.get("type") == "completed"]
+    assert [e["job"] for e in ends] == ["a", "b"], "each terminal event delivered once"
+    assert session.subs == {} and hub.subscriptions == 0

@@ -26,6 +26,7 @@ from jobwire.store.postgres import PostgresStore
 from tests.conftest import Client, Proc, guest
 from tests.test_cli_server import jobwire
 from tests.test_live import TERMINAL, assert_complete, ws_url
+from tests.wsframes import Messages
 
 pytestmark = pytest.mark.postgres
 
@@ -64,8 +65,9 @@ async def ws_follow(base: str, token: str, job: str, after: int,
     got: list[dict[str, Any]] = []
     async with websockets.connect(ws_url(base, token)) as ws:
         await ws.send(json.dumps({"op": "subscribe", "job": job, "after": after}))
+        received = Messages(ws)
         while not got or got[-1]["type"] not in TERMINAL:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            msg = await asyncio.wait_for(received.recv(), 30)
             if "op" in msg:
                 assert msg["op"] == "subscribed", msg
                 continue
@@ -167,11 +169,12 @@ async def test_lost_listening_connections_lose_no_events(
     async with websockets.connect(ws_url(cluster.a.url, on_b.token)) as ws:
         await ws.send(json.dumps({"op": "subscribe", "job": job["id"],
                                   "after": events[-1]["seq"]}))
-        assert json.loads(await ws.recv())["op"] == "subscribed"
+        received = Messages(ws)
+        assert (await received.recv())["op"] == "subscribed"
         await terminate_listeners(pg_url)  # every process's LISTEN connection drops
         gate.touch()
         while events[-1]["type"] not in TERMINAL:
-            events.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            events.append(await asyncio.wait_for(received.recv(), 30))
     assert_complete(events, job["id"])
 
 

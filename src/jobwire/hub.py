@@ -47,6 +47,10 @@ class Subscription:
         self.cursor = ev.seq
         self.channel.hub.delivered += 1
         self._deliver(ev)
+        if ev.terminal:
+            # Nothing can follow a terminal event. Closed here rather than by each
+            # consumer, so it holds even when delivered before subscribe() returned.
+            self.close()
 
     def start_catch_up(self) -> None:
         if self._catch_up is None and not self.closed:
@@ -92,7 +96,7 @@ class Channel:
         self.job = job
         self.head = 0
         self.subs: set[Subscription] = set()
-        self._ready = asyncio.Event()
+        self._started = False  # a flag, not an asyncio.Event: nothing waits on it
         self._filling: asyncio.Task[None] | None = None
         self._dirty = False
         self.starting: asyncio.Task[None]  # set by Hub.subscribe; awaited by every joiner
@@ -100,11 +104,11 @@ class Channel:
     async def start(self) -> None:
         job = await self.hub.store.get_job(self.job)
         self.head = job.seq if job is not None else 0
-        self._ready.set()
+        self._started = True
         self.request_fill()  # hints that came while we looked are caught here
 
     def hint(self, seq: int, ev: Event | None) -> None:
-        if not self._ready.is_set():
+        if not self._started:
             return  # start() fills after it learns the head
         if seq <= self.head:
             return
@@ -206,7 +210,8 @@ class Hub:
 
     async def subscribe(self, job: str, after: int, deliver: Deliver,
                         ready: Ready | None = None) -> Subscription:
-        """Deliver every event of `job` with seq > after, in order, until closed."""
+        """Deliver every event of `job` with seq > after, in order, until closed or
+        until its terminal event (which may come before this returns: check `closed`)."""
         ch = self._channels.get(job)
         if ch is None:
             ch = self._channels[job] = Channel(self, job)

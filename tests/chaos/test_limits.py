@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.chaos.conftest import Serve
 from tests.chaos.wire import check_log, parse_sse, ws_url
 from tests.conftest import Client, guest
+from tests.wsframes import Messages
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.timeout(180)
 async def next_reply(ws: ClientConnection, op: str | None = None) -> dict[str, Any]:
     """The next control reply (skipping job events), optionally of one op."""
     while True:
-        msg = orjson.loads(await ws.recv())
-        if "op" in msg and (op is None or msg["op"] == op or msg["op"] == "error"):
+        msg = orjson.loads(await ws.recv())  # replies come alone, events maybe in arrays
+        if isinstance(msg, dict) and "op" in msg and (
+                op is None or msg["op"] == op or msg["op"] == "error"):
             return dict(msg)
 
 
@@ -118,8 +120,7 @@ async def watch(url: str, token: str, job: str) -> list[dict[str, Any]]:
     got: list[dict[str, Any]] = []
     async with connect(ws_url(url, token)) as ws:
         await subscribe(ws, job)
-        while True:
-            msg = orjson.loads(await ws.recv())
+        async for msg in Messages(ws):
             if "op" not in msg:
                 got.append(msg)
                 if msg["type"] in ("completed", "failed", "cancelled"):
@@ -217,9 +218,10 @@ async def test_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
 
     # Now it reads: a gap-free prefix, then the server's 1013.
     seen: list[dict[str, Any]] = []
+    received = Messages(ws)
     with pytest.raises(ConnectionClosed) as closed:
         while True:
-            msg = orjson.loads(await ws.recv())
+            msg = await received.recv()
             if "op" not in msg:
                 seen.append(msg)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
@@ -229,8 +231,9 @@ async def test_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
     # Resuming from its last seq, at its own pace, it gets the rest: no gap, no duplicate.
     async with connect(ws_url(srv.url, c.token), max_size=None) as again:
         await subscribe(again, job["id"], after=seen[-1]["seq"])
+        received = Messages(again)
         while seen[-1]["type"] != "completed":
-            msg = orjson.loads(await again.recv())
+            msg = await received.recv()
             if "op" not in msg:
                 seen.append(msg)
     check_log(seen, job["id"])

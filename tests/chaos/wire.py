@@ -10,6 +10,8 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
+from tests.wsframes import Messages
+
 TERMINAL = ("completed", "failed", "cancelled")
 Log = list[dict[str, Any]]
 
@@ -53,8 +55,7 @@ async def ws_watch(base: str, token: str, jobs: list[str]) -> dict[str, Log]:
                     after = logs[j][-1]["seq"] if logs[j] else 0
                     await ws.send(orjson.dumps({"op": "subscribe", "job": j,
                                                 "after": after}).decode())
-                async for raw in ws:
-                    msg = orjson.loads(raw)
+                async for msg in Messages(ws):
                     if "op" in msg:
                         assert msg["op"] == "subscribed", msg
                         continue

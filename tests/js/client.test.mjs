@@ -101,6 +101,19 @@ test("duplicate, old and foreign messages never reach a watcher", async () => {
   assert.ok(w.seen.every((s) => s.id === log.id));
 });
 
+test("a frame of several events (the server coalesces them) is applied in order", async () => {
+  const log = running(2);
+  setup(log);
+  const { w, ws } = await watchOne(log);
+  ws.message({ op: "subscribed", job: log.id, after: log.seq });
+  const e4 = log.item("i0", "done");
+  const other = new Log("other");
+  ws.message([e4, e4, { ...other.events[0], seq: 5 }, log.item("i1", "done"), log.finish()]);
+  assert.deepEqual(w.seqs(), [3, 4, 5, 6]);
+  assert.equal(w.seen.at(-1).status, "completed");
+  assert.equal(ws.ops("unsubscribe").length, 0, "the server drops ended jobs itself");
+});
+
 test("a gap makes the client resync from REST at one seq, then resubscribe after it", async () => {
   const log = running(4);
   const fetch = setup(log);

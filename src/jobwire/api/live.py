@@ -92,49 +92,62 @@ async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Reque
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class Reply(bytes):
+    """A control reply: always sent as a frame of its own, never inside an event array."""
+
+
 class SocketSession:
-    """One WebSocket: its subscriptions and its bounded outgoing queue."""
+    """One WebSocket: its subscriptions and its outgoing messages, bounded in bytes.
+
+    Whatever is pending when the socket can write goes out in one frame: a reply alone,
+    or the events queued up to the next reply as one JSON array (one event alone stays
+    a plain object). One write per socket per burst instead of one per event is what
+    lets one process feed a thousand sockets. Idle, a session holds no task or future.
+    """
 
     def __init__(self, ws: WebSocket, who: str) -> None:
         self.ws = ws
         self.who = who
         self.rt = runtime(ws)
+        self.limit = self.rt.settings.buffer_bytes
         self.subs: dict[str, Subscription] = {}
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.queued = 0  # bytes in `out`, bounded by settings.buffer_bytes
+        self.out: list[bytes] = []  # messages not yet sent, in order
+        self.queued = 0  # bytes in `out`, bounded by `limit`
         self.overflowed = False
-        self.drained = asyncio.Event()  # set while `out` is at most half full
-        self.drained.set()
+        self.pump: asyncio.Task[None] | None = None  # runs only while `out` has messages
+        self.drained: asyncio.Event | None = None  # replays waiting for `out` to half empty
 
     def send(self, message: bytes) -> None:
         if self.overflowed:
             return
         # (A message bigger than the whole buffer still goes through, alone.)
-        if self.queued and self.queued + len(message) > self.rt.settings.buffer_bytes:
+        if self.queued and self.queued + len(message) > self.limit:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
             self.overflowed = True
             self.close()
-            self.out.put_nowait(None)
-            return
-        self.queued += len(message)
-        self.out.put_nowait(message)
-        if self.queued > self.rt.settings.buffer_bytes // 2:
-            self.drained.clear()
+        else:
+            self.out.append(message)
+            self.queued += len(message)
+        if self.pump is None:
+            self.pump = asyncio.create_task(self._pump())
 
     async def ready(self) -> None:
         """Paces replays from the store to what the client reads, so catching up on a
         long log never counts as too slow."""
-        await self.drained.wait()
+        if self.queued > self.limit // 2 and not self.overflowed:
+            if self.drained is None:
+                self.drained = asyncio.Event()
+            await self.drained.wait()
 
     def reply(self, **fields: Any) -> None:
-        self.send(orjson.dumps(fields))
+        self.send(Reply(orjson.dumps(fields)))
 
     def deliver_to(self, job: str) -> Any:
         def deliver(ev: Event) -> None:
             self.send(ev.wire)
-            if ev.terminal:
-                self.drop(job)  # nothing can follow a terminal event
+            if ev.terminal:  # the hub closes the subscription itself
+                self.subs.pop(job, None)
         return deliver
 
     def drop(self, job: str) -> bool:
@@ -181,21 +194,50 @@ class SocketSession:
                 self.reply(op="error", job=job, code=404, error="job not found")
                 return
             self.reply(op="subscribed", job=job, after=after)
-            self.subs[job] = await self.rt.hub.subscribe(job, after, self.deliver_to(job),
-                                                         self.ready)
+            sub = await self.rt.hub.subscribe(job, after, self.deliver_to(job), self.ready)
         except StoreError as exc:  # the database is down: say so, keep the socket
             self.reply(op="error", job=job, code=503, error=str(exc))
+            return
+        # Its terminal event may already have been delivered (and the subscription closed)
+        # while the hub started: then there is nothing left to hold.
+        if not sub.closed and not self.overflowed:
+            self.subs[job] = sub
+        else:
+            sub.close()
 
-    async def pump(self) -> None:
-        while (message := await self.out.get()) is not None:
+    def _frame(self) -> bytes:
+        """Takes the next frame from `out`: a reply alone, else the events up to the next
+        reply, at most a frame's size of them (one bigger event goes alone)."""
+        out, cap = self.out, self.rt.settings.ws_max_frame_bytes
+        size = n = 0
+        while n < len(out) and not isinstance(out[n], Reply) and (
+                n == 0 or size + len(out[n]) < cap):
+            size += len(out[n])
+            n += 1
+        if n <= 1:
+            message = out.pop(0)
             self.queued -= len(message)
-            if self.queued <= self.rt.settings.buffer_bytes // 2:
-                self.drained.set()
-            await self.ws.send_text(message.decode())
-            # Not kept alive while waiting for the next: orjson's output holds a ~4 KB
-            # buffer, which is 40 MB over 10,000 idle sockets (bench/idle.py).
-            del message
-        await self.ws.close(code=1013, reason="too slow: reconnect and resume from your seq")
+            return message
+        self.queued -= size
+        frame = b"[" + b",".join(out[:n]) + b"]"
+        del out[:n]
+        return frame
+
+    async def _pump(self) -> None:
+        try:
+            while self.out:
+                frame = self._frame()
+                if self.drained is not None and self.queued <= self.limit // 2:
+                    self.drained.set()
+                    self.drained = None
+                await self.ws.send_text(frame.decode())
+            if self.overflowed:
+                await self.ws.close(code=1013,
+                                    reason="too slow: reconnect and resume from your seq")
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the peer went away: the receive loop sees it and ends the session
+        finally:
+            self.pump = None
 
     def close(self) -> None:
         for job in list(self.subs):
@@ -205,7 +247,8 @@ class SocketSession:
 @router.websocket("/ws")
 async def websocket(ws: WebSocket) -> None:
     """Subscribe with {"op":"subscribe","job":ID,"after":N}; events arrive as
-    {"job","seq","type","data","at"} in seq order, replay first, then live."""
+    {"job","seq","type","data","at"} in seq order, replay first, then live. A frame is
+    one JSON object (a reply, or one event) or a JSON array of events in order."""
     rt = runtime(ws)
     await ws.accept()
     try:
@@ -221,17 +264,10 @@ async def websocket(ws: WebSocket) -> None:
         await ws.close(code=4429, reason=connections(ws).refusal())
         return
     session = SocketSession(ws, who)
-    pump = asyncio.create_task(session.pump())
     try:
-        while True:
-            receive = asyncio.create_task(ws.receive())
-            done, _ = await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
-            if pump in done:  # closed for being too slow
-                receive.cancel()
-                break
-            message = receive.result()
-            if message["type"] == "websocket.disconnect":
-                break
+        # No task per connection while idle: this coroutine waits on the socket, and
+        # the pump (which also sends the 1013 close) exists only while there is output.
+        while (message := await ws.receive())["type"] != "websocket.disconnect":
             if message.get("text") is None:
                 await ws.close(code=1003, reason="send JSON text frames")
                 break
@@ -241,6 +277,7 @@ async def websocket(ws: WebSocket) -> None:
     finally:
         slot.release()
         session.close()
-        pump.cancel()
-        with contextlib.suppress(BaseException):
-            await pump
+        if session.pump is not None:
+            session.pump.cancel()
+            with contextlib.suppress(BaseException):
+                await session.pump

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -21,6 +22,14 @@ from jobwire.client.poller import Poller
 log = logging.getLogger("jobwire.client")
 
 BAD_TOKEN = 4401  # the server's close code for a missing, invalid or expired token
+
+
+def messages(frame: str | bytes) -> list[Any]:
+    """The messages one WebSocket frame carries, in order: the server sends one JSON
+    object (a reply or an event) or a JSON array of events it coalesced into one frame.
+    Raises orjson.JSONDecodeError when the frame is not JSON."""
+    msg = orjson.loads(frame)
+    return msg if isinstance(msg, list) else [msg]
 
 
 def ws_url_of(base_url: str) -> str:
@@ -151,11 +160,14 @@ class Connection:
 
     def _dispatch(self, raw: str | bytes) -> None:
         try:
-            msg = orjson.loads(raw)
+            batch = messages(raw)
         except orjson.JSONDecodeError:
             return
-        if not isinstance(msg, dict):
-            return
+        for msg in batch:
+            if isinstance(msg, dict):
+                self._dispatch_one(msg)
+
+    def _dispatch_one(self, msg: dict[str, Any]) -> None:
         job = msg.get("job")
         feed = self.feeds.get(job) if isinstance(job, str) else None
         if feed is None:

@@ -55,6 +55,21 @@ export interface JobEvent {
   readonly at?: string;
 }
 
+/** A control reply on the WebSocket (`/api/ws`). */
+export interface SocketReply {
+  readonly op: "subscribed" | "unsubscribed" | "error";
+  readonly job?: string;
+  readonly after?: number;
+  readonly code?: number;
+  readonly error?: string;
+}
+
+/**
+ * One WebSocket frame from the server: a reply, one event, or several events in order
+ * (what was pending for the socket, coalesced into one frame). Replies always come alone.
+ */
+export type SocketFrame = SocketReply | JobEvent | readonly JobEvent[];
+
 /** idle: nothing watched yet; live: WebSocket; polling: HTTP long-poll fallback. */
 export type ConnectionState = "idle" | "connecting" | "live" | "reconnecting" | "polling";
 

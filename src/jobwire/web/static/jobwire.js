@@ -526,9 +526,15 @@ export class Client {
     this._send({ op: "subscribe", job: entry.id, after: entry.state.seq });
   }
 
+  // A frame is one message (a reply or an event), or an array of events in order: the
+  // server sends whatever is pending for this socket as one frame.
   _onMessage(raw) {
-    let msg;
-    try { msg = JSON.parse(raw); } catch { return; }
+    let parsed;
+    try { parsed = JSON.parse(raw); } catch { return; }
+    for (const msg of Array.isArray(parsed) ? parsed : [parsed]) this._onOne(msg);
+  }
+
+  _onOne(msg) {
     if (!msg || typeof msg.job !== "string") return;
     const entry = this._entries.get(msg.job);
     if (msg.op === undefined) {
