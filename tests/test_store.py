@@ -106,6 +106,32 @@ async def test_lease_expiry_fails_after_max_attempts(store: Store) -> None:
     assert failed.error is not None and "attempt 1 of 1" in failed.error
 
 
+async def test_item_events_say_what_changed_and_nothing_more(store: Store) -> None:
+    """One item changing is the hot path (one statement on PostgreSQL): its event names
+    the item and its new state, with a result or error only when the task gave one."""
+    job, _ = await store.submit("o", "t", {}, None, 1)
+    [claimed] = await store.claim("w", ["t"], 1, 30)
+    lease = Lease(job.id, "w", claimed.attempt)
+    await store.declare_items(lease, ["a", "b", "c"])
+    with pytest.raises(LeaseLost):
+        await store.update_items(Lease(job.id, "w", 9), [ItemUpdate("a", ItemStatus.DONE)])
+    changes = [ItemUpdate("a", ItemStatus.RUNNING), ItemUpdate("a", ItemStatus.DONE, {"x": 1}),
+               ItemUpdate("b", ItemStatus.FAILED, None, "bad"), ItemUpdate("c", ItemStatus.DONE)]
+    written = [(await store.update_items(lease, [u])).events[0] for u in changes]
+    assert [(e.seq, e.data) for e in written] == [
+        (4, {"status": "running", "progress": {"total": 3, "done": 0, "failed": 0},
+             "ref": "a", "item": "running"}),
+        (5, {"status": "running", "progress": {"total": 3, "done": 1, "failed": 0},
+             "ref": "a", "item": "done", "result": {"x": 1}}),
+        (6, {"status": "running", "progress": {"total": 3, "done": 1, "failed": 1},
+             "ref": "b", "item": "failed", "error": "bad"}),
+        (7, {"status": "running", "progress": {"total": 3, "done": 2, "failed": 1},
+             "ref": "c", "item": "done"})]
+    assert await store.events(job.id, 3) == written
+    with pytest.raises(IllegalTransition):
+        await store.update_items(lease, [ItemUpdate("c", ItemStatus.FAILED)])
+
+
 async def test_jobs_finishing_together_each_end_once_in_their_own_way(store: Store) -> None:
     """Finishes that arrive at once are written together (one statement on PostgreSQL):
     each job gets its own end and event, and one caller's mistake or stale lease fails

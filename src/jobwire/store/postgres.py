@@ -43,6 +43,7 @@ from jobwire.model import (
     check_item_transition,
     check_job_transition,
     counts_delta,
+    item_sources,
     now,
 )
 from jobwire.store.base import (
@@ -544,6 +545,11 @@ class PostgresStore:
         return await self._transact(declare)
 
     async def update_items(self, lease: Lease, updates: Sequence[ItemUpdate]) -> Written:
+        if len(updates) == 1 and (written := await self._update_one(lease, updates[0])):
+            return written
+        # Several updates, or one that did not apply: the general path applies them or
+        # says why not (lease lost, unknown item, illegal transition).
+
         async def update(conn: Conn) -> tuple[Written, list[Event]]:
             (seq, status, total, done, failed, cancel), rows = await self._hold(
                 conn, lease, "SELECT ref, status FROM items WHERE job_id = %s AND ref = ANY(%s)",
@@ -583,6 +589,55 @@ class PostgresStore:
             return Written(events, cancel), events
 
         return await self._transact(update)
+
+    async def _update_one(self, lease: Lease, u: ItemUpdate) -> Written | None:
+        """One item changing (a task's `ctx.done(ref)`), in one statement; None if it did
+        not apply."""
+        sources = item_sources(u.status)
+        deltas = {counts_delta(ItemStatus(old), u.status) for old in sources}
+        if len(deltas) != 1:
+            return None  # the counts would depend on the old state: the general path
+        [(d_done, d_failed)] = deltas
+        at = now()
+        sql = self._update_one_sqls[u.result is not None, u.error is not None]
+        rows = await self._query(sql, (
+            lease.job, lease.worker, lease.attempt, u.status.value, Json(u.result, dumps),
+            _text(u.error), u.ref, sources, d_done, d_failed, at, lease.job,
+            self.listener.channel))
+        if not rows:
+            return None
+        seq, cancel, _, data = rows[0]
+        ev = Event(job=lease.job, seq=seq, type=EventType.ITEM.value, data=data, at=at)
+        self._publish([ev])
+        return Written([ev], cancel)
+
+    @functools.cached_property
+    def _update_one_sqls(self) -> dict[tuple[bool, bool], str]:
+        """By (has result, has error): locks the held job row, then changes the item if
+        its state allows (the guard is rechecked on the item's latest version), then
+        bumps the job's seq and counts and writes the event; no row if any of it did not
+        apply."""
+        return {(r, e): self._update_one_sql(r, e) for r in (False, True) for e in (False, True)}
+
+    def _update_one_sql(self, has_result: bool, has_error: bool) -> str:
+        extra = {"ref": "ref", "item": "item_status"}
+        if has_result:
+            extra["result"] = "item_result"
+        if has_error:
+            extra["error"] = "item_error"
+        data = event_data_sql("status", "total", "done", "failed", **extra)
+        return (
+            f"WITH held AS (SELECT id FROM jobs WHERE id = %s AND {_LEASE} "
+            "FOR NO KEY UPDATE), "
+            "item AS (UPDATE items SET status = %s, result = %s, error = %s FROM held "
+            "WHERE items.job_id = held.id AND items.ref = %s AND items.status = ANY(%s) "
+            "RETURNING items.ref, items.status AS item_status, items.result AS item_result, "
+            "items.error AS item_error), "
+            "changed AS (UPDATE jobs SET seq = seq + 1, done = done + %s, "
+            "failed = failed + %s, updated_at = %s FROM item WHERE jobs.id = %s "
+            "RETURNING jobs.id, jobs.seq, jobs.status, jobs.total, jobs.done, jobs.failed, "
+            "jobs.cancel_requested, jobs.updated_at, item.*), "
+            + self._with_events("changed", "item", data, "seq, cancel_requested"))
 
     async def report(self, lease: Lease, info: JSON) -> Written:
         async def report(conn: Conn) -> tuple[Written, list[Event]]:
