@@ -130,6 +130,8 @@ async def test_item_events_say_what_changed_and_nothing_more(store: Store) -> No
     assert await store.events(job.id, 3) == written
     with pytest.raises(IllegalTransition):
         await store.update_items(lease, [ItemUpdate("c", ItemStatus.FAILED)])
+    with pytest.raises(LeaseLost):  # a stale worker hears that, not about the item
+        await store.update_items(Lease(job.id, "w", 9), [ItemUpdate("c", ItemStatus.FAILED)])
 
 
 async def test_jobs_finishing_together_each_end_once_in_their_own_way(store: Store) -> None:

@@ -69,9 +69,11 @@ from jobwire.store.rows import (
     event_data_sql,
     expiry_outcome,
     guest_clashes_sql,
+    item_change,
     item_from_row,
     job_from_row,
     lease_expired_error,
+    lease_lost,
     make_event,
 )
 
@@ -112,10 +114,6 @@ def _text(value: str | None) -> str | None:
 
 def _storable(text: str) -> bool:
     return "\x00" not in text
-
-
-def _lease_lost(lease: Lease) -> LeaseLost:
-    return LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
 
 
 async def _reset_running(conn: Conn, job_id: str) -> list[str]:
@@ -282,7 +280,7 @@ class PostgresStore:
             (now(), *params, lease.job, lease.worker, lease.attempt))
         row = await cur.fetchone()
         if row is None:
-            raise _lease_lost(lease)
+            raise lease_lost(lease)
         return row[0], row[1], row[2], row[3], row[4], row[5]
 
     @staticmethod
@@ -298,7 +296,7 @@ class PostgresStore:
         row = await job_cur.fetchone()
         items = await items_cur.fetchall()
         if row is None:
-            raise _lease_lost(lease)
+            raise lease_lost(lease)
         return (row[0], row[1], row[2], row[3], row[4], row[5]), items
 
     @staticmethod
@@ -567,11 +565,7 @@ class PostgresStore:
                 d_done, d_failed = counts_delta(old, u.status)
                 current[u.ref] = u.status
                 seq, done, failed = seq + 1, done + d_done, failed + d_failed
-                extra: dict[str, JSON] = {"ref": u.ref, "item": u.status.value}
-                if u.result is not None:
-                    extra["result"] = u.result
-                if u.error is not None:
-                    extra["error"] = u.error
+                extra = item_change(u.ref, u.status, u.result, u.error)
                 events.append(make_event(lease.job, seq, EventType.ITEM,
                                          event_data(status, total, done, failed, **extra), at))
             # Later updates of the same item win, as if applied one by one.
@@ -620,12 +614,13 @@ class PostgresStore:
         return {(r, e): self._update_one_sql(r, e) for r in (False, True) for e in (False, True)}
 
     def _update_one_sql(self, has_result: bool, has_error: bool) -> str:
-        extra = {"ref": "ref", "item": "item_status"}
-        if has_result:
-            extra["result"] = "item_result"
-        if has_error:
-            extra["error"] = "item_error"
-        data = event_data_sql("status", "total", "done", "failed", **extra)
+        # The same keys as item_change() gives, as columns of the `item` CTE below.
+        columns = {"ref": "ref", "item": "item_status", "result": "item_result",
+                   "error": "item_error"}
+        change = item_change("", ItemStatus.DONE, True if has_result else None,
+                             "" if has_error else None)
+        data = event_data_sql("status", "total", "done", "failed",
+                              **{key: columns[key] for key in change})
         return (
             f"WITH held AS (SELECT id FROM jobs WHERE id = %s AND {_LEASE} "
             "FOR NO KEY UPDATE), "
@@ -677,7 +672,7 @@ class PostgresStore:
         for f in finishes:
             row = ended.pop(f.lease.job, None)  # (the same lease twice: only once)
             if row is None:
-                outcomes.append(_lease_lost(f.lease))
+                outcomes.append(lease_lost(f.lease))
                 continue
             job, seq, cancel, _, data = row
             ev = Event(job=job, seq=seq, type=f.status.value, data=data, at=at)

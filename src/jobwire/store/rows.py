@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from jobwire.model import JSON, Event, EventType, Item, ItemStatus, Job, Progress, Status
+from jobwire.store.base import Lease, LeaseLost
 
 JOB_COLUMNS = (
     "id, task, key, owner, status, input, total, done, failed, result, error, info, "
@@ -48,6 +49,18 @@ def event_data(status: Status | str, total: int, done: int, failed: int,
             **extra}
 
 
+def item_change(ref: str, item: ItemStatus, result: JSON, error: str | None
+                ) -> dict[str, JSON]:
+    """What an `item` event says besides status and progress: a result or an error only
+    when the task gave one."""
+    change: dict[str, JSON] = {"ref": ref, "item": item.value}
+    if result is not None:
+        change["result"] = result
+    if error is not None:
+        change["error"] = error
+    return change
+
+
 def event_data_sql(status: str, total: str, done: str, failed: str, **extra: str) -> str:
     """`event_data` as a PostgreSQL json expression of SQL expressions: for a statement
     that makes a change and writes its event in one round trip."""
@@ -72,6 +85,10 @@ def guest_clashes_sql(param: str) -> str:
 def clash_error(job_ids: Sequence[str]) -> str:
     return (f"active jobs with the same task and key on both sides: {', '.join(job_ids)}; "
             "wait for them to finish or cancel them, then claim again")
+
+
+def lease_lost(lease: Lease) -> LeaseLost:
+    return LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
 
 
 def lease_expired_error(attempt: int, max_attempts: int) -> str:

@@ -36,7 +36,6 @@ from jobwire.store.base import (
     ItemUpdate,
     JobActive,
     Lease,
-    LeaseLost,
     OwnerConflict,
     StoreError,
     UnknownItem,
@@ -49,9 +48,11 @@ from jobwire.store.rows import (
     event_data,
     expiry_outcome,
     guest_clashes_sql,
+    item_change,
     item_from_row,
     job_from_row,
     lease_expired_error,
+    lease_lost,
     loads,
     make_event,
 )
@@ -390,7 +391,7 @@ class SQLiteStore:
             (now(), *params, lease.job, lease.worker, lease.attempt),
         ).fetchone()
         if row is None:
-            raise LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
+            raise lease_lost(lease)
         return row[0], row[1], row[2], row[3], row[4], bool(row[5])
 
     @staticmethod
@@ -622,6 +623,10 @@ class SQLiteStore:
         def update(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
             events: list[Event] = []
             cancel = False
+            if not conn.execute("SELECT 1 FROM jobs WHERE id = ? AND status = 'running' "
+                                "AND worker = ? AND attempt = ?",
+                                (lease.job, lease.worker, lease.attempt)).fetchone():
+                raise lease_lost(lease)  # a stale worker hears that, not about items
             for u in updates:
                 row = conn.execute("SELECT status FROM items WHERE job_id = ? AND ref = ?",
                                    (lease.job, u.ref)).fetchone()
@@ -636,11 +641,7 @@ class SQLiteStore:
                     "UPDATE items SET status = ?, result = ?, error = ? "
                     "WHERE job_id = ? AND ref = ?",
                     (u.status.value, dumps(u.result), u.error, lease.job, u.ref))
-                extra: dict[str, JSON] = {"ref": u.ref, "item": u.status.value}
-                if u.result is not None:
-                    extra["result"] = u.result
-                if u.error is not None:
-                    extra["error"] = u.error
+                extra = item_change(u.ref, u.status, u.result, u.error)
                 events.append(self._add_event(conn, lease.job, seq, EventType.ITEM,
                                               event_data(status, total, done, failed, **extra),
                                               now()))
