@@ -47,12 +47,15 @@ async def _follow(url: str, token: str, job: str, after: int, ready: asyncio.Eve
     seen, drops = after, 0
     while time.time() < deadline:
         try:
-            async with websockets.connect(f"{url}/api/ws?token={token}", max_size=None,
-                                          open_timeout=60) as ws:
+            # One timeout for the whole connection, not a wait_for (a task and a timer)
+            # per frame: the subscribers share the server's CPUs and must stay cheap.
+            async with asyncio.timeout(max(0.1, deadline - time.time())), \
+                    websockets.connect(f"{url}/api/ws?token={token}", max_size=None,
+                                       open_timeout=60) as ws:
                 subscribe = {"op": "subscribe", "job": job, "after": seen}
                 await ws.send(orjson.dumps(subscribe).decode())
-                while time.time() < deadline:
-                    raw = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.time()))
+                while True:
+                    raw = await ws.recv()
                     now = time.time()
                     for msg in messages(raw):  # one frame may carry several events
                         if msg.get("op") == "subscribed":

@@ -193,3 +193,30 @@ async def test_terminal_event_during_subscribe_frees_the_subscription() -> None:
     ends = [m for m in ws.frames if isinstance(m, dict) and m.get("type") == "completed"]
     assert [e["job"] for e in ends] == ["a", "b"], "each terminal event delivered once"
     assert session.subs == {} and hub.subscriptions == 0
+
+
+async def test_pending_events_share_a_frame_and_replies_come_alone() -> None:
+    """What is pending for a socket goes out as one frame: a JSON array of its events in
+    order, at most a frame's size of them (one event alone is a plain object), while a
+    reply is always a frame of its own, in its place."""
+    store = EndingStore()
+    events = [Event(job="a", seq=n, type="progress", data={"pad": "x" * 100}, at=0.0)
+              for n in range(1, 6)]
+    frame_bytes = 2 * len(events[0].wire) + 10  # room for two events per frame
+    ws = FakeSocket(Settings(ws_max_frame_bytes=frame_bytes), Hub(store), store)  # type: ignore[arg-type]
+    session = SocketSession(ws, "owner")  # type: ignore[arg-type]
+    session.reply(op="subscribed", job="a", after=0)
+    for ev in events[:3]:
+        session.send(ev.wire)
+    session.reply(op="unsubscribed", job="a")
+    for ev in events[3:]:
+        session.send(ev.wire)
+    while session.pump is not None:
+        await asyncio.sleep(0)
+
+    def shape(frame: Any) -> Any:  # an array's seqs, a lone event's seq, a reply's op
+        if isinstance(frame, list):
+            return [e["seq"] for e in frame]
+        return frame["op"] if "op" in frame else frame["seq"]
+
+    assert [shape(f) for f in ws.frames] == ["subscribed", [1, 2], 3, "unsubscribed", [4, 5]]

@@ -26,6 +26,8 @@ Ready = Callable[[], Awaitable[object]]
 
 
 class Subscription:
+    __slots__ = ("_catch_up", "_deliver", "_ready", "channel", "closed", "cursor")
+
     def __init__(self, channel: Channel, after: int, deliver: Deliver,
                  ready: Ready | None = None) -> None:
         self.channel = channel
@@ -90,6 +92,8 @@ class Subscription:
 
 class Channel:
     """The contiguous live stream of one job's events."""
+
+    __slots__ = ("_dirty", "_filling", "_started", "head", "hub", "job", "starting", "subs")
 
     def __init__(self, hub: Hub, job: str) -> None:
         self.hub = hub
