@@ -1,7 +1,8 @@
 """Progress to the client: one job reports 10,000 item updates while N live WebSocket
 subscribers (spread over client processes) watch it. Events/s delivered to all, and the
 latency from the task's progress call (its wall clock, stamped into the item result)
-to receipt by each subscriber.
+to receipt by each subscriber. Then the same with the peers that can report progress,
+followed the way a UI would with each (bench/progress_peers.py), up to 100 subscribers.
 
 Run: .venv/bin/python -m bench.progress [--items N] [--subscribers 1,100,1000] [--reps R]
 """
@@ -9,10 +10,12 @@ Run: .venv/bin/python -m bench.progress [--items N] [--subscribers 1,100,1000] [
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing as mp
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import httpx
 import numpy as np
 import orjson
 
+from bench import progress_peers
 from bench.common import fmt, jobwire_server, parser, pg_database, record, stats, table
 
 PROCESSES = 4  # client processes the subscribers are spread over
@@ -154,14 +158,22 @@ ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socke
 
 def run_backend(db: str, items: int, counts: list[int], reps: int, large_reps: int
                 ) -> list[dict[str, Any]]:
+    def one(n: int) -> dict[str, Any]:
+        with jobwire_server(db, workers=True, env=ENV) as (base, _):
+            return measure(base, items, n)
+    return repeat(one, items, counts, reps, large_reps)
+
+
+def repeat(one: Callable[[int], dict[str, Any]], items: int, counts: list[int], reps: int,
+           large_reps: int) -> list[dict[str, Any]]:
+    """A row per subscriber count: `one(n)` repeated, as median (min-max)."""
     rows = []
     for n in counts:
         runs = []
         n_reps = reps if n < LARGE else large_reps
         for rep in range(n_reps):
             print(f"  {n} subscribers, rep {rep + 1}/{n_reps} ...", flush=True)
-            with jobwire_server(db, workers=True, env=ENV) as (base, _):
-                runs.append(measure(base, items, n))
+            runs.append(one(n))
             r = runs[-1]
             print(f"    {r['delivered']:,}/{r['expected']:,} events, "
                   f"{r['events_per_s']:,.0f}/s, p99 {r['p99_ms']} ms, drops {r['drops']}"
@@ -183,7 +195,7 @@ def main() -> None:
     p.add_argument("--subscribers", default="1,100,1000")
     p.add_argument("--large-reps", type=int, default=1,
                    help=f"repetitions with >= {LARGE} subscribers (default %(default)s)")
-    p.add_argument("--only", default="", help="sqlite or postgres")
+    p.add_argument("--only", default="", help="sqlite or postgres (jobwire only)")
     args = p.parse_args()
     counts = [int(c) for c in args.subscribers.split(",")]
     rows: list[dict[str, Any]] = []
@@ -204,6 +216,19 @@ def main() -> None:
             rows.append({"system": f"jobwire ({backend})", "error": repr(exc)})
             continue
         rows += [{"system": f"jobwire ({backend})", **r} for r in got]
+    peer_counts = [n for n in counts if n <= PEER_MAX]
+    for name, run in progress_peers.PEERS.items():
+        if args.only or not peer_counts:
+            continue
+        print(f"{name} ...", flush=True)
+        try:
+            got = repeat(functools.partial(run, args.items), args.items, peer_counts,
+                         args.reps, args.large_reps)
+        except Exception as exc:  # report it and go on
+            print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"system": name, "error": repr(exc)})
+            continue
+        rows += [{"system": name, **r} for r in got]
     rows += [{"system": name, "note": note} for name, note in PEERS.items()]
     table(f"{args.items:,} item updates of one job to N WebSocket subscribers, "
           f"median (min-max) of {args.reps} ({args.large_reps} from {LARGE:,} subscribers)",
@@ -221,15 +246,13 @@ def main() -> None:
     print(f"appended to {record('progress', params, rows)}")
 
 
-# What a UI would use with each peer to follow a job's progress.
+# Peers' subscribers each re-read (SAQ) or poll (Celery) the job: at 1,000 of them that
+# is millions of reads of one key, which says nothing more than 100 do.
+PEER_MAX = 100
+# The peers with no progress to measure (SAQ and Celery: bench/progress_peers.py).
 PEERS = {
-    "SAQ": "job.update(progress=...) writes the job and publishes its status on a Redis "
-           "channel; a UI listens (queue.listen) and re-reads the job (job.refresh). "
-           "No per-item events, no replay; not measured here.",
     "Procrastinate": "no progress reporting and no push at all: a UI polls its own table.",
     "arq": "no progress reporting: job.info()/status() polling only.",
-    "Celery": "task.update_state(meta=...) into the result backend; a UI polls "
-              "AsyncResult.info (latency = the poll interval). No push.",
 }
 
 
