@@ -243,3 +243,57 @@ def jobwire_server(db: str, *, workers: bool, port: int | None = None,
     finally:
         stop_process(proc)
         log.close()
+
+
+# -- subscribers in client processes (bench/progress.py, bench/progress_peers.py)
+
+SUBSCRIBER_PROCESSES = 4
+SUBSCRIBER_DEADLINE = 120.0  # seconds one measurement may take before its subscribers give up
+
+
+def follow_in_processes(target: Callable[..., None], args: tuple[Any, ...],
+                        subscribers: int, start: Callable[[], object], items: int
+                        ) -> dict[str, Any]:
+    """Spread `subscribers` over client processes running target(*args, count, out); once
+    each has put ("ready", ...) on `out`, call `start` and gather each one's
+    ("done", latencies in s as float64 bytes, drops, errors, time finished)."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    procs = min(SUBSCRIBER_PROCESSES, subscribers)
+    shares = [subscribers // procs + (i < subscribers % procs) for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*args, share, out), daemon=True)
+               for share in shares]
+    for w in workers:
+        w.start()
+    try:
+        for _ in workers:
+            kind, *_ = out.get(timeout=150)
+            assert kind == "ready"
+        t0 = time.time()
+        start()
+        lat: list[Any] = []
+        drops, errors, last = 0, [], t0
+        for _ in workers:
+            _, raw, d, errs, finished = out.get(timeout=SUBSCRIBER_DEADLINE + 60)
+            lat.append(np.frombuffer(raw, dtype=np.float64))
+            drops += d
+            errors += errs
+            last = max(last, finished)
+    finally:
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+    all_lat = np.concatenate(lat) * 1000 if lat else np.zeros(0)
+    delivered = len(all_lat)
+    return {"subscribers": subscribers, "items": items, "delivered": delivered,
+            "expected": items * subscribers,
+            "events_per_s": delivered / max(1e-9, last - t0),
+            "p50_ms": float(np.percentile(all_lat, 50)) if delivered else None,
+            "p99_ms": float(np.percentile(all_lat, 99)) if delivered else None,
+            "max_ms": float(all_lat.max()) if delivered else None,
+            "drops": drops, "errors": errors}

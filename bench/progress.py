@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -24,11 +23,20 @@ import numpy as np
 import orjson
 
 from bench import progress_peers
-from bench.common import fmt, jobwire_server, parser, pg_database, record, stats, table
+from bench.common import (
+    SUBSCRIBER_DEADLINE,
+    SUBSCRIBER_PROCESSES,
+    fmt,
+    follow_in_processes,
+    jobwire_server,
+    parser,
+    pg_database,
+    record,
+    stats,
+    table,
+)
 
-PROCESSES = 4  # client processes the subscribers are spread over
-DEADLINE = 120.0  # seconds one measurement may take before its subscribers give up
-# From this many subscribers on, one run cannot deliver everything within DEADLINE on a
+# From this many subscribers on, one run cannot deliver everything within the deadline on a
 # small machine (10,000 x 1,000 = 10 M messages), so it runs --large-reps times.
 LARGE = 1000
 
@@ -83,7 +91,7 @@ def client_process(url: str, token: str, job: str, after: int, count: int,
                    out: Any) -> None:
     """`count` subscribers in one process; reports their latencies (s) through `out`."""
     async def main() -> None:
-        deadline = time.time() + DEADLINE
+        deadline = time.time() + SUBSCRIBER_DEADLINE
         lat: list[float] = []
         readies = [asyncio.Event() for _ in range(count)]
         tasks = [asyncio.create_task(_subscriber(url, token, job, after, r, lat, deadline))
@@ -113,45 +121,9 @@ def measure(base: str, items: int, subscribers: int) -> dict[str, Any]:
                 raise TimeoutError(f"job never declared its items: {job}")
             time.sleep(0.05)
             job = client.get(f"/api/jobs/{job['id']}", headers=headers).json()
-        ctx = mp.get_context("spawn")
-        out = ctx.Queue()
-        procs = min(PROCESSES, subscribers)
-        shares = [subscribers // procs + (i < subscribers % procs) for i in range(procs)]
         ws_url = base.replace("http://", "ws://")
-        workers = [ctx.Process(target=client_process, args=(
-            ws_url, token, job["id"], job["seq"], share, out), daemon=True)
-            for share in shares]
-        for w in workers:
-            w.start()
-        try:
-            for _ in workers:
-                kind, *_ = out.get(timeout=150)
-                assert kind == "ready"
-            gate.touch()
-            t0 = time.time()
-            lat: list[np.ndarray[Any, Any]] = []
-            drops, errors, last = 0, [], t0
-            for _ in workers:
-                _, raw, d, errs, finished = out.get(timeout=DEADLINE + 60)
-                lat.append(np.frombuffer(raw, dtype=np.float64))
-                drops += d
-                errors += errs
-                last = max(last, finished)
-        finally:
-            for w in workers:
-                w.join(10)
-                if w.is_alive():
-                    w.kill()
-        all_lat = np.concatenate(lat) * 1000 if lat else np.zeros(0)
-        delivered = len(all_lat)
-        return {"subscribers": subscribers, "items": items, "delivered": delivered,
-                "expected": items * subscribers,
-                "events_per_s": delivered / max(1e-9, last - t0),
-                "p50_ms": float(np.percentile(all_lat, 50)) if delivered else None,
-                "p99_ms": float(np.percentile(all_lat, 99)) if delivered else None,
-                "max_ms": float(all_lat.max()) if delivered else None,
-                "drops": drops, "errors": errors}
-
+        return follow_in_processes(client_process, (ws_url, token, job["id"], job["seq"]),
+                                   subscribers, gate.touch, items)
 
 ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socket
 
@@ -241,8 +213,8 @@ def main() -> None:
         if "note" in r:
             print(f"{r['system']}: {r['note']}")
     params = {"items": args.items, "subscribers": counts, "reps": args.reps,
-              "large_reps": args.large_reps, "client_processes": PROCESSES,
-              "deadline_s": DEADLINE}
+              "large_reps": args.large_reps, "client_processes": SUBSCRIBER_PROCESSES,
+              "deadline_s": SUBSCRIBER_DEADLINE}
     print(f"appended to {record('progress', params, rows)}")
 
 

@@ -16,7 +16,6 @@ Procrastinate and arq have no progress reporting at all.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import subprocess
 import threading
 import time
@@ -25,52 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import PYTHON, REDIS_URL, ROOT, redis_flush, stop_process
+from bench.common import (
+    PYTHON,
+    REDIS_URL,
+    ROOT,
+    SUBSCRIBER_DEADLINE,
+    follow_in_processes,
+    redis_flush,
+    stop_process,
+)
 
-PROCESSES = 4
 POLL = 0.1  # seconds between a Celery subscriber's looks; tuned in its favour (UIs poll 0.5-2 s)
-DEADLINE = 120.0
 GATE = "bench:progress:gate"
-
-
-def _spread(subscribers: int) -> list[int]:
-    procs = min(PROCESSES, subscribers)
-    return [subscribers // procs + (i < subscribers % procs) for i in range(procs)]
-
-
-def _run_clients(target: Callable[..., None], args: tuple[Any, ...], subscribers: int,
-                 start: Callable[[], None], items: int) -> dict[str, Any]:
-    """Start the subscriber processes, wait until all are listening, call `start`, and
-    gather their latencies (the same result keys as bench/progress.py)."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    workers = [ctx.Process(target=target, args=(*args, share, out), daemon=True)
-               for share in _spread(subscribers)]
-    for w in workers:
-        w.start()
-    try:
-        for _ in workers:
-            assert out.get(timeout=120)[0] == "ready"
-        t0 = time.time()
-        start()
-        lat, last = [], t0
-        for _ in workers:
-            _, raw, finished = out.get(timeout=DEADLINE + 60)
-            lat.append(np.frombuffer(raw, dtype=np.float64))
-            last = max(last, finished)
-    finally:
-        for w in workers:
-            w.join(10)
-            if w.is_alive():
-                w.kill()
-    all_lat = np.concatenate(lat) * 1000
-    delivered = len(all_lat)
-    return {"subscribers": subscribers, "items": items, "delivered": delivered,
-            "expected": items * subscribers,
-            "events_per_s": delivered / max(1e-9, last - t0),
-            "p50_ms": float(np.percentile(all_lat, 50)) if delivered else None,
-            "p99_ms": float(np.percentile(all_lat, 99)) if delivered else None,
-            "max_ms": float(all_lat.max()) if delivered else None, "drops": 0, "errors": []}
 
 
 # -- SAQ on Redis
@@ -97,13 +62,13 @@ def _saq_clients(key: str, count: int, out: Any) -> None:
                     lat.append(now - job.meta["t"])
                 return status in TERMINAL_STATUSES
 
-            await queue.listen([key], on_message, timeout=DEADLINE)
+            await queue.listen([key], on_message, timeout=SUBSCRIBER_DEADLINE)
 
         followers = [asyncio.create_task(follow()) for _ in range(count)]
         await asyncio.sleep(0.5)  # listening: the multiplexer subscribed at connect
         out.put(("ready",))
         await asyncio.gather(*followers, return_exceptions=True)
-        out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), time.time()))
+        out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), 0, [], time.time()))
         await queue.disconnect()
 
     asyncio.run(main())
@@ -129,7 +94,7 @@ def saq_redis(items: int, subscribers: int) -> dict[str, Any]:
             assert job is not None
             loop = asyncio.get_running_loop()
             return await asyncio.to_thread(
-                _run_clients, _saq_clients, (job.key,), subscribers,
+                follow_in_processes, _saq_clients, (job.key,), subscribers,
                 lambda: loop.call_soon_threadsafe(gate.set), items)
         finally:
             await worker.stop()
@@ -152,7 +117,7 @@ def _celery_clients(task_id: str, count: int, out: Any) -> None:
 
     lat: list[float] = []
     lock = threading.Lock()
-    deadline = time.time() + DEADLINE
+    deadline = time.time() + SUBSCRIBER_DEADLINE
 
     def poll() -> None:
         result, seen = app.AsyncResult(task_id), -1
@@ -173,7 +138,7 @@ def _celery_clients(task_id: str, count: int, out: Any) -> None:
         t.start()
     for t in pollers:
         t.join()
-    out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), time.time()))
+    out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), 0, [], time.time()))
 
 
 def celery_redis(items: int, subscribers: int) -> dict[str, Any]:
@@ -190,7 +155,7 @@ def celery_redis(items: int, subscribers: int) -> dict[str, Any]:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         task = progress.apply_async(args=(items, GATE), queue="progress")
-        return _run_clients(_celery_clients, (task.id,), subscribers,
+        return follow_in_processes(_celery_clients, (task.id,), subscribers,
                             lambda: r.set(GATE, 1), items)
     finally:
         stop_process(worker, 20)
