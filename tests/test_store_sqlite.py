@@ -1,11 +1,14 @@
-"""The SQLite store's batched reads: reads queued together share one hop to the store
-thread, yet each is answered alone, from after it was asked."""
+"""The SQLite store alone: batched reads (reads queued together share one hop to the
+store thread, yet each is answered alone, from after it was asked), and processes that
+open a new file together."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +54,32 @@ async def test_a_read_sees_every_write_that_finished_before_it(store: Store) -> 
     assert await store.session_owner("h") == "guest:g"
     assert await store.claim_session("h", "user:u") == 0
     assert await store.session_owner("h") is None, "a claimed session is gone at once"
+
+
+def _open(path: str, barrier: Any, out: Any) -> None:
+    async def main() -> None:
+        store = open_store(f"sqlite:///{path}")
+        barrier.wait()
+        try:
+            await store.open()
+            out.put("ok")
+        except Exception as exc:
+            out.put(repr(exc))
+        await store.close()
+    asyncio.run(main())
+
+
+def test_processes_opening_a_new_file_together_all_start(tmp_path: Path) -> None:
+    """A server and its workers started at once on a fresh file (this once answered
+    "database is locked" to some of them: WAL mode is set without the busy timeout)."""
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        barrier, out = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_open, args=(str(tmp_path / f"{attempt}.db"), barrier, out))
+                 for _ in range(8)]
+        for p in procs:
+            p.start()
+        answers = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert answers == ["ok"] * 8

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -307,7 +308,17 @@ class SQLiteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=BUSY_SECONDS)
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Turning a new file to WAL while another process does the same answers "locked"
+        # at once, without the busy timeout (processes starting together): wait it out.
+        deadline = time.monotonic() + BUSY_SECONDS
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
