@@ -13,13 +13,21 @@ async def wait_done_at_least(c: Client, job_id: str, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def job_under_way(procs: Any, db_url: str, lease: str, n: int, done: int
+                        ) -> tuple[Client, Proc, dict[str, Any]]:
+    """An API server, one worker process and a `steps` job of n items, `done` of them
+    finished; returns (the owner's client, the worker, the job)."""
+    api: Proc = procs("serve", "--db", db_url, "--no-workers")
+    worker: Proc = procs("worker", "--db", db_url, "--lease", lease)
+    c = await guest(api.url)
+    job, _ = await c.submit("steps", {"n": n, "delay": 0.1})
+    await wait_done_at_least(c, job["id"], done)
+    return c, worker, job
+
+
 async def test_sigkilled_worker_job_is_retried_without_double_counting(
         procs: Any, db_url: str) -> None:
-    api: Proc = procs("serve", "--db", db_url, "--no-workers")
-    first: Proc = procs("worker", "--db", db_url, "--lease", "1")
-    c = await guest(api.url)
-    job, _ = await c.submit("steps", {"n": 12, "delay": 0.1})
-    await wait_done_at_least(c, job["id"], 3)
+    c, first, job = await job_under_way(procs, db_url, "1", 12, 3)
     first.kill()
     procs("worker", "--db", db_url, "--lease", "1")
     ended = await c.wait_terminal(job["id"], timeout=30)
@@ -41,11 +49,7 @@ async def test_sigkilled_worker_job_is_retried_without_double_counting(
 async def test_stopped_worker_hands_its_jobs_back_at_once(procs: Any, db_url: str) -> None:
     """SIGTERM (a deploy, Ctrl-C): the running job is requeued as the worker exits, not
     after its lease (a minute here) runs out, and another worker finishes it."""
-    api: Proc = procs("serve", "--db", db_url, "--no-workers")
-    first: Proc = procs("worker", "--db", db_url, "--lease", "60")
-    c = await guest(api.url)
-    job, _ = await c.submit("steps", {"n": 40, "delay": 0.1})
-    await wait_done_at_least(c, job["id"], 2)
+    c, first, job = await job_under_way(procs, db_url, "60", 40, 2)
     first.stop()
     assert first.proc is not None and first.proc.returncode == 0
     queued = await c.job(job["id"])
