@@ -200,8 +200,8 @@ class Worker:
             return Status.COMPLETED, await inner, None
         except (asyncio.CancelledError, Cancelled):
             if ctx.lost or not ctx.cancelled:
-                # Lease lost, or the worker is stopping: the lease expires and the job
-                # is retried elsewhere, so nothing is recorded here.
+                # Lease lost, or the worker is stopping (stop() hands the job back):
+                # it is retried elsewhere, so nothing is recorded here.
                 return None
             return Status.CANCELLED, None, None
         except LeaseLost:

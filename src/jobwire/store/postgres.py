@@ -97,6 +97,17 @@ _WRITE_EVENTS = (
     "SELECT count(pg_notify(%s, note)) FROM unnest(%s::text[]) AS note"
 )
 
+def _one_item_change(new: ItemStatus) -> tuple[list[str], tuple[int, int]] | None:
+    """The states an item may reach `new` from, and the (done, failed) change that makes,
+    when every such state makes the same change (so one statement can apply it)."""
+    sources = item_sources(new)
+    deltas = {counts_delta(ItemStatus(old), new) for old in sources}
+    return (sources, deltas.pop()) if len(deltas) == 1 else None
+
+
+_ONE_ITEM = {new: _one_item_change(new) for new in ItemStatus}
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Finish:
     lease: Lease
@@ -587,11 +598,10 @@ class PostgresStore:
     async def _update_one(self, lease: Lease, u: ItemUpdate) -> Written | None:
         """One item changing (a task's `ctx.done(ref)`), in one statement; None if it did
         not apply."""
-        sources = item_sources(u.status)
-        deltas = {counts_delta(ItemStatus(old), u.status) for old in sources}
-        if len(deltas) != 1:
+        change = _ONE_ITEM[u.status]
+        if change is None:
             return None  # the counts would depend on the old state: the general path
-        [(d_done, d_failed)] = deltas
+        sources, (d_done, d_failed) = change
         at = now()
         sql = self._update_one_sqls[u.result is not None, u.error is not None]
         rows = await self._query(sql, (
