@@ -22,6 +22,9 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Processes the tests start run this checkout's code (and its tests' task modules), even
+# with a virtualenv whose editable install points at another checkout.
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -86,7 +89,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     """`python -m jobwire ARGS` as a user runs it (output captured)."""
     return subprocess.run([sys.executable, "-m", "jobwire", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 
 class Proc:
@@ -106,7 +109,7 @@ class Proc:
         cmd = [sys.executable, "-m", "jobwire", *self.args]
         if self.port is not None:
             cmd += ["--port", str(self.port)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": PYTHONPATH}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=ROOT)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Proc, cli, free_port
+from tests.conftest import PYTHONPATH, ROOT, Proc, cli, free_port
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def url(procs: Any, tmp_path: Path) -> str:
 @pytest.fixture
 def env(tmp_path: Path, url: str) -> dict[str, str]:
     config = tmp_path / "config"
-    return {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(config),
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "XDG_CONFIG_HOME": str(config),
             "JOBWIRE_URL": url}
 
 

@@ -6,8 +6,6 @@ hashed; a guest session can be claimed into a user and its jobs follow."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
 from typing import Any
 
@@ -22,7 +20,7 @@ from jobwire.model import now
 from jobwire.store import open_store
 from tests.chaos.conftest import Serve
 from tests.chaos.wire import ws_url
-from tests.conftest import ROOT, Client, guest
+from tests.conftest import Client, cli, guest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,8 +30,8 @@ BODIES: dict[str, Any] = {"/api/jobs": {"task": "echo", "input": 1},
 
 
 def add_user(db: str, name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "jobwire", "users", "add", name, "--db", db],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = cli("users", "add", name, "--db", db)
+    assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
