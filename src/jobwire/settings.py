@@ -12,6 +12,18 @@ def _env_limit(name: str, default: int) -> int:
         default_factory=lambda: int(os.environ.get(f"JOBWIRE_{name.upper()}", default)))
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """Like _env_limit, for a duration in seconds."""
+    return dataclasses.field(
+        default_factory=lambda: float(os.environ.get(f"JOBWIRE_{name.upper()}", default)))
+
+
+def _env_flag(name: str) -> bool:
+    """Off unless the environment variable JOBWIRE_<NAME> is 1 (or true, yes, on)."""
+    return dataclasses.field(default_factory=lambda: os.environ.get(
+        f"JOBWIRE_{name.upper()}", "").strip().lower() in ("1", "true", "yes", "on"))
+
+
 @dataclasses.dataclass
 class Settings:
     db: str = "sqlite:///jobwire.db"
@@ -29,3 +41,6 @@ class Settings:
     max_connections: int = _env_limit("max_connections", 100)  # WS + SSE per owner
     buffer_bytes: int = _env_limit("buffer_bytes", 4 << 20)  # queued for one WS or SSE
     ws_max_frame_bytes: int = _env_limit("ws_max_frame_bytes", 64 << 10)
+    # What tasks that fetch URLs from their input may reach (jobwire.netguard, the demo).
+    fetch_allow_private: bool = _env_flag("fetch_allow_private")  # off: public addresses only
+    fetch_deadline: float = _env_seconds("fetch_deadline", 15.0)  # the whole fetch, redirects too
