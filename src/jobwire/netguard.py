@@ -127,7 +127,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                 if kind is not None:
                     which = host if _is_ip(host) else f"{host} resolves to {ip}, which"
                     raise Refused(f"{which} is {kind}")
-        error: Exception = OSError(f"{host} resolves to no address")
+        error = httpcore.ConnectError(f"{host} resolves to no address")
         for address in addresses:
             try:
                 return await self._inner.connect_tcp(address, port, timeout=timeout,
@@ -212,26 +212,28 @@ async def _read(response: httpx.Response, max_bytes: int) -> Page:
     url = redact(response.url)
     if not response.is_success:
         raise FetchError(f"{url} answered {response.status_code} {response.reason_phrase}")
-    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if coding not in ("identity", "gzip", "x-gzip"):
+    coding = response.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity", "gzip", "x-gzip"):
         raise FetchError(f"{url} came with Content-Encoding {coding!r}; only gzip was asked")
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if coding != "identity" else None
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if "gzip" in coding else None
     body = bytearray()
+
+    def keep(piece: bytes) -> None:
+        body.extend(piece)
+        if len(body) > max_bytes:
+            raise FetchError(f"{url} is larger than {max_bytes} bytes (decoded)")
+
     try:
         async for raw in response.aiter_raw():
+            if inflate is None:
+                keep(raw)
+                continue
             while raw:
-                if inflate is None:
-                    piece, raw = raw, b""
-                else:  # never more than one byte over the limit at once: a bomb stays small
-                    piece = inflate.decompress(raw, max_bytes + 1 - len(body))
-                    raw = inflate.unconsumed_tail
-                body += piece
-                if len(body) > max_bytes:
-                    raise FetchError(f"{url} is larger than {max_bytes} bytes (decoded)")
+                # Never more than one byte over the limit at once: a bomb stays small.
+                keep(inflate.decompress(raw, max_bytes + 1 - len(body)))
+                raw = inflate.unconsumed_tail
         if inflate is not None:
-            body += inflate.flush()
+            keep(inflate.flush())
     except zlib.error as exc:
         raise FetchError(f"{url} sent a broken gzip body: {exc}") from None
-    if len(body) > max_bytes:
-        raise FetchError(f"{url} is larger than {max_bytes} bytes (decoded)")
     return Page(str(response.url), response.status_code, bytes(body), response.encoding or "utf-8")
