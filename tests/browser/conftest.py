@@ -59,8 +59,9 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 
 @pytest.fixture
-def app(procs: Any, tmp_path: Path) -> Proc:
+def app(procs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Proc:
     """A server with in-process workers running the demo tasks, on a fresh SQLite file."""
+    monkeypatch.setenv("JOBWIRE_FETCH_ALLOW_PRIVATE", "1")  # held_page is on loopback
     proc: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}",
                        "--app", "jobwire.demo:jobwire", "--lease", "2")
     return proc
