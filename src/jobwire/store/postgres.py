@@ -9,8 +9,12 @@ together (two round trips).
 Every job write locks the job row first (a guarded UPDATE, or SELECT … FOR NO KEY
 UPDATE), and item rows are only written under that lock, so counts and items agree.
 Claims, lease expiry and pruning skip rows another transaction holds, so many workers
-never wait on each other. Events are inserted and NOTIFYed in one statement at the end
-of the transaction; PostgreSQL delivers the notifications at commit (to pg_listen).
+never wait on each other. Statements that wait for several job rows (claiming a guest
+session, heartbeats, the batched finishes) lock them in id order first, so no two can
+wait on each other in a cycle (a deadlock, which PostgreSQL would break by aborting
+one); items need no order, as only the holder of their job's row ever locks them.
+Events are inserted and NOTIFYed in one statement at the end of the transaction;
+PostgreSQL delivers the notifications at commit (to pg_listen).
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ CONNECT_TIMEOUT = 10.0
 # never expire each other's leases early.
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 _LEASE = "status = 'running' AND worker = %s AND attempt = %s"
+# The jobs that the rows of `leases` (job, worker, attempt) still hold, locked in id
+# order like every statement that waits for several job rows (see the module's doc).
+_HELD_SQL = ("SELECT jobs.id FROM jobs JOIN leases ON jobs.id = leases.job "
+             "AND jobs.status = 'running' AND jobs.worker = leases.worker "
+             "AND jobs.attempt = leases.attempt ORDER BY jobs.id FOR NO KEY UPDATE OF jobs")
 
 _WRITE_EVENTS = (
     "WITH written AS (INSERT INTO events (job_id, seq, type, data, at) "
@@ -350,8 +359,10 @@ class PostgresStore:
             clashes = [r[0] for r in await cur.fetchall()]
             if clashes:
                 raise OwnerConflict(clash_error(clashes))
-            cur = await conn.execute("UPDATE jobs SET owner = %s WHERE owner = %s RETURNING id",
-                                     (owner, guest))
+            cur = await conn.execute(
+                "WITH moving AS (SELECT id FROM jobs WHERE owner = %s ORDER BY id "
+                "FOR NO KEY UPDATE) UPDATE jobs SET owner = %s FROM moving "
+                "WHERE jobs.id = moving.id RETURNING jobs.id", (guest, owner))
             moved = len(await cur.fetchall())  # rowcount is not known yet in pipeline mode
             await conn.execute("DELETE FROM sessions WHERE owner = %s", (guest,))
             return moved, []
@@ -519,13 +530,12 @@ class PostgresStore:
         if not leases:
             return {}
         rows = await self._query(
-            f"UPDATE jobs SET lease_until = {_DB_NOW} + %s "
-            "FROM unnest(%s::text[], %s::text[], %s::int[]) AS held(job, worker, attempt) "
-            "WHERE jobs.id = held.job AND jobs.status = 'running' "
-            "AND jobs.worker = held.worker AND jobs.attempt = held.attempt "
+            "WITH leases AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::int[]) "
+            f"AS leases(job, worker, attempt)), held AS ({_HELD_SQL}) "
+            f"UPDATE jobs SET lease_until = {_DB_NOW} + %s FROM held WHERE jobs.id = held.id "
             "RETURNING jobs.id, jobs.cancel_requested",
-            (lease_seconds, [x.job for x in leases], [x.worker for x in leases],
-             [x.attempt for x in leases]))
+            ([x.job for x in leases], [x.worker for x in leases], [x.attempt for x in leases],
+             lease_seconds))
         return {str(job): bool(cancel) for job, cancel in rows}
 
     async def declare_items(self, lease: Lease, refs: Sequence[str]) -> tuple[Written, list[Item]]:
@@ -667,9 +677,9 @@ class PostgresStore:
         at = now()
         try:
             rows = await self._query(self._finish_sql, (
-                at, at, [f.lease.job for f in finishes], [f.lease.worker for f in finishes],
+                [f.lease.job for f in finishes], [f.lease.worker for f in finishes],
                 [f.lease.attempt for f in finishes], [f.status.value for f in finishes],
-                [f.encoded for f in finishes], [f.error for f in finishes],
+                [f.encoded for f in finishes], [f.error for f in finishes], at, at,
                 self.listener.channel))
         except BaseException:
             # It may have committed, and our own listener skips our notifications.
@@ -701,12 +711,14 @@ class PostgresStore:
         data = event_data_sql("status", "total", "done", "failed", result="result",
                               error="error", reset=reset)
         return (
-            "WITH ended AS (UPDATE jobs SET seq = jobs.seq + 1, updated_at = %s, "
+            "WITH leases AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], "
+            "%s::text[], %s::json[], %s::text[]) "
+            "AS leases(job, worker, attempt, status, result, error)), "
+            f"held AS ({_HELD_SQL}), "
+            "ended AS (UPDATE jobs SET seq = jobs.seq + 1, updated_at = %s, "
             "status = f.status, result = f.result, error = f.error, finished_at = %s, "
-            "worker = NULL, lease_until = NULL FROM unnest(%s::text[], %s::text[], "
-            "%s::int[], %s::text[], %s::json[], %s::text[]) "
-            "AS f(job, worker, attempt, status, result, error) WHERE jobs.id = f.job "
-            "AND jobs.status = 'running' AND jobs.worker = f.worker "
+            "worker = NULL, lease_until = NULL FROM held JOIN leases AS f ON f.job = held.id "
+            "WHERE jobs.id = held.id AND jobs.worker = f.worker "
             "AND jobs.attempt = f.attempt RETURNING jobs.id, jobs.seq, jobs.status, "
             "jobs.total, jobs.done, jobs.failed, jobs.result, jobs.error, "
             "jobs.cancel_requested, jobs.updated_at), "

@@ -1,0 +1,87 @@
+"""PostgreSQL lock order: statements that lock several job rows take them in id order,
+so a guest session being claimed while its jobs' worker heartbeats them and records
+their ends in batches can never deadlock (PostgreSQL would abort one side)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import psycopg
+import pytest
+
+from jobwire.model import Status
+from jobwire.store import Lease, StoreError
+from jobwire.store.postgres import PostgresStore
+from tests.pg import with_params
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+ROUNDS = 12
+JOBS = 150  # per round, all of one guest, all held by one worker
+BATCH = JOBS // 3  # jobs whose ends are recorded together
+
+
+def deadlocked(exc: BaseException) -> bool:
+    return isinstance(exc, StoreError) and isinstance(exc.__cause__,
+                                                      psycopg.errors.DeadlockDetected)
+
+
+async def race(api: PostgresStore, worker: PostgresStore, rng: random.Random) -> list[object]:
+    """A guest's jobs, all running on one worker, are claimed by a user while the worker
+    heartbeats them and records their ends; returns what each side returned or raised."""
+    guest, user, token = f"guest:{uuid.uuid4().hex}", f"user:{uuid.uuid4().hex}", uuid.uuid4().hex
+    await api.add_session(token, guest, None)
+    await asyncio.gather(*(api.submit(guest, "t", {}, None, 3) for _ in range(JOBS)))
+    held: list[Lease] = []
+    while batch := await worker.claim("w", ["t"], JOBS, 30):
+        held += [Lease(j.id, "w", j.attempt) for j in batch]
+    assert len(held) == JOBS
+    claim = asyncio.create_task(api.claim_session(token, user))
+
+    async def beat(leases: list[Lease]) -> None:
+        for _ in range(200):  # a worker's heartbeats, until the claim is through
+            if claim.done():
+                return
+            await worker.heartbeat(leases, 30)
+
+    async def finish(leases: list[Lease]) -> None:
+        for k in range(0, JOBS, BATCH):
+            await asyncio.sleep(0.002)
+            # Calls made together form one batch: one statement ends all of them.
+            await asyncio.gather(*(worker.finish(lease, Status.COMPLETED, {})
+                                   for lease in leases[k:k + BATCH]))
+
+    # Each side takes the rows in its own order: creation, reverse, shuffled.
+    shuffled = rng.sample(held, len(held))
+    outcomes = await asyncio.gather(claim, beat(held[::-1]), beat(held), beat(shuffled),
+                                    finish(shuffled), return_exceptions=True)
+    if not any(isinstance(o, BaseException) for o in outcomes):
+        assert outcomes[0] == JOBS, "every job moved to the user"
+        moved = await api.list_jobs(user, None, JOBS + 1)
+        assert sorted(j.id for j in moved) == sorted(lease.job for lease in held)
+        assert {j.status for j in moved} == {Status.COMPLETED}
+    return outcomes
+
+
+async def test_claim_heartbeat_and_finish_never_deadlock(pg_url: str) -> None:
+    # Lock waits are checked for cycles after 10 ms instead of 1 s, so a deadlock shows
+    # up quickly; it changes how soon one is found, not whether one can form.
+    url = with_params(pg_url, options="-cdeadlock_timeout=10")
+    api, worker = PostgresStore(url), PostgresStore(url)
+    await api.open()
+    await worker.open()
+    rng = random.Random(1)
+    failures: list[list[BaseException]] = []
+    try:
+        for _ in range(ROUNDS):
+            outcomes = await race(api, worker, rng)
+            failures.append([o for o in outcomes if isinstance(o, BaseException)])
+    finally:
+        await api.close()
+        await worker.close()
+    deadlocks = [f for round in failures for f in round if deadlocked(f)]
+    assert not deadlocks, (f"{len(deadlocks)} deadlocks, in {sum(map(bool, failures))} "
+                           f"of {ROUNDS} rounds: {deadlocks[0]}")
+    assert not any(failures), failures
