@@ -57,6 +57,8 @@ async def ws_watch(base: str, token: str, jobs: list[str]) -> dict[str, Log]:
                                                 "after": after}).decode())
                 async for msg in Messages(ws):
                     if "op" in msg:
+                        if msg["op"] == "error" and msg.get("code") == 503:
+                            break  # its database is away: resubscribe on a new socket
                         assert msg["op"] == "subscribed", msg
                         continue
                     take(logs[msg["job"]], msg)
