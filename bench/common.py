@@ -21,7 +21,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import orjson
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ PG_BASE = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "9"))  # a database number of its own
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 PYTHON = sys.executable
+CONCURRENCY = 10  # every worker's, in every benchmark that runs one
 T = TypeVar("T")
 PEERS = ("jobwire", "procrastinate", "saq", "arq", "celery", "redis", "psycopg", "uvicorn",
          "websockets", "orjson")
@@ -72,13 +75,16 @@ def machine() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
     with psycopg.connect(f"{PG_BASE}/test") as conn:
         pg = conn.execute("SHOW server_version").fetchone()
+        autovacuum = conn.execute("SHOW autovacuum").fetchone()
     redis_info = _cmd("redis-cli", "-h", "127.0.0.1", "INFO", "server")
     redis_version = next((line.split(":", 1)[1] for line in redis_info.splitlines()
                           if line.startswith("redis_version")), "?")
     return {"host": socket.gethostname(), "nproc": os.cpu_count(), "cpu": cpu,
             "memory_gb": round(mem_kb / 1024 / 1024, 1), "kernel": platform.release(),
             "python": platform.python_version(), "sqlite": __import__("sqlite3").sqlite_version,
-            "postgres": pg[0] if pg else "?", "redis_server": redis_version.strip(),
+            "postgres": pg[0] if pg else "?",
+            "postgres_autovacuum": autovacuum[0] if autovacuum else "?",
+            "redis_server": redis_version.strip(),
             "packages": versions}
 
 
@@ -130,6 +136,16 @@ def pg_database(prefix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+async def pg_analyze(url: str) -> None:
+    """ANALYZE a database after its jobs were enqueued. The shared server runs with
+    autovacuum off, so a fresh table would otherwise keep no statistics, and a planner
+    without them can pick a plan that reads the whole queue on every fetch (Procrastinate's
+    did: bench/README.md)."""
+    async with await psycopg.AsyncConnection.connect(
+            url.replace("postgres://", "postgresql://"), autocommit=True) as conn:
+        await conn.execute("ANALYZE")
+
+
 def redis_flush() -> None:
     import redis
 
@@ -160,7 +176,10 @@ async def procrastinate_app() -> AsyncIterator[tuple[Any, Any]]:
     import procrastinate
 
     with pg_database("procrastinate") as url:
-        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+        # Its default pool is 4 connections; its worker holds one to fetch and one per
+        # job finishing, so it gets what the worker can use, as jobwire's and SAQ's do.
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector(
+            conninfo=url, max_size=CONCURRENCY + 1))
 
         @app.task(name="noop", queue="bench")
         async def noop() -> None:
@@ -176,6 +195,44 @@ async def procrastinate_count(app: Any, where: str = "") -> int:
         row = await (await conn.execute(f"SELECT count(*) FROM procrastinate_jobs {where}")
                      ).fetchone()
     return int(row[0])
+
+
+class Http1Pool:
+    """The lightest honest HTTP/1.1 client: up to `size` keep-alive connections, opened on
+    demand, one request at a time on each (no pipelining), answers read by Content-Length.
+    httpx costs ~3 ms of client CPU per request here, which on 2 shared CPUs starved the
+    server and made a storm measure httpx; this costs ~0.07 ms."""
+
+    def __init__(self, url: str, size: int) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(self, raw: bytes) -> tuple[int, Any]:
+        """Send one complete request; (status, decoded JSON body)."""
+        async with self._slots:
+            reader, writer = self._idle.pop() if self._idle else \
+                await asyncio.open_connection(self.host, self.port)
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if line)
+            lengths = [v for k, v in headers.items() if k.lower() == b"content-length"]
+            body = await reader.readexactly(int(lengths[0]))
+            self._idle.append((reader, writer))
+            return int(head[9:12]), orjson.loads(body)
+
+    def post(self, path: str, token: str, body: object) -> bytes:
+        """A complete request posting `body` as JSON with a bearer token, for request()."""
+        data = orjson.dumps(body)
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+    async def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for _, w in self._idle), return_exceptions=True)
 
 
 def stop_process(proc: subprocess.Popen[Any], seconds: float = 10) -> None:

@@ -1,6 +1,11 @@
 """Throughput of no-op jobs: enqueue N (one call per job, and batched where a library
 has a batch API), then process them with the library's own worker at concurrency 10.
 
+Every system's processing is timed over the same window: from the moment its worker is
+started (Celery's, already running and warm, is pointed at the queue) to the moment the
+benchmark learns that the last job's end was stored. The worker's shutdown, and on
+PostgreSQL an ANALYZE after enqueueing, fall outside it.
+
 Run: .venv/bin/python -m bench.throughput [--jobs N] [--reps R] [--only NAME,...]
 """
 
@@ -23,15 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CONCURRENCY,
     PG_BASE,
     PYTHON,
     REDIS_DB,
     REDIS_URL,
     ROOT,
+    Http1Pool,
     fmt,
+    jobwire_server,
     on_postgres_for_saq,
     on_redis,
     parser,
+    pg_analyze,
     pg_database,
     procrastinate_app,
     procrastinate_count,
@@ -43,14 +52,13 @@ from bench.common import (
 )
 
 log = logging.getLogger("bench.throughput")
-CONCURRENCY = 10
 BATCH = 1000
 ARQ_POLL = 0.05  # arq's default 0.5 s caps it near 200 jobs/s here; tuned in its favour
 Rates = dict[str, float | None]  # enqueue, enqueue_batch, processed (jobs/s)
 
 
 def _timeout(n: int) -> float:
-    return 60 + n / 50  # no system here is slower than 50 jobs/s; bounds every wait
+    return 60 + n / 20  # no system is slower than 20 jobs/s, even on a loaded machine
 
 
 async def _timed(n: int, work: Awaitable[Any]) -> float:
@@ -62,6 +70,39 @@ async def _timed(n: int, work: Awaitable[Any]) -> float:
 async def _each(n: int, call: Callable[[], Awaitable[Any]]) -> None:
     for _ in range(n):
         await call()
+
+
+class Completions:
+    """Counts the completions a library's after-job hook reports; `all` is set at the n-th."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.count, self.all = n, 0, asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count >= self.n:
+            self.all.set()
+
+
+async def _processed(n: int, worker: Awaitable[Any], finished: Awaitable[Any]
+                     ) -> tuple[float, asyncio.Future[Any]]:
+    """Jobs/s from starting `worker` (the coroutine that runs or starts it) until
+    `finished`: the window every system is timed over. Also the worker's task, to stop."""
+    t0 = time.perf_counter()
+    running = asyncio.ensure_future(worker)
+    waiting = asyncio.ensure_future(finished)
+    try:
+        async with asyncio.timeout(_timeout(n)):
+            while not waiting.done():
+                await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if running.done() and not running.cancelled() and running.exception():
+                    raise RuntimeError("the worker failed") from running.exception()
+                if running.done():  # ended of its own accord: only `finished` is left
+                    await waiting
+        rate = n / (time.perf_counter() - t0)
+    finally:
+        waiting.cancel()
+    return rate, running
 
 
 async def _bounded(cleanup: Awaitable[Any], seconds: float = 30.0) -> None:
@@ -81,7 +122,28 @@ def _check(name: str, expected: int, got: int) -> None:
 # -- jobwire
 
 
-async def jobwire_run(db: str, n: int) -> Rates:
+async def _enqueue_http(db: str, n: int) -> float:
+    """POST /api/jobs to a `jobwire serve` process (no workers) on `db`, one request at a
+    time from a light client: validation, the route, and the store's submit."""
+    with jobwire_server(db, workers=False) as (url, _):
+        http = Http1Pool(url, 1)
+        try:
+            _, session = await http.request(http.post("/api/sessions", "", {}))
+            raw = http.post("/api/jobs", session["token"], {"task": "noop", "input": None})
+
+            async def submit() -> None:
+                status, answer = await http.request(raw)
+                if status != 201:
+                    raise RuntimeError(f"submit answered {status}: {answer}")
+
+            return await _timed(n, _each(n, submit))
+        finally:
+            await http.close()
+
+
+async def jobwire_run(db: str, n: int, via: str) -> Rates:
+    """`via`: "store" calls store.submit; "validated" first Jobwire.validate, as the HTTP
+    route does; "http" posts to the route of a server process."""
     from bench.tasks import jobwire
     from jobwire.model import EventType
     from jobwire.store import open_store
@@ -89,54 +151,62 @@ async def jobwire_run(db: str, n: int) -> Rates:
 
     store = open_store(db)
     await store.open()
-    finished = asyncio.Event()
-    completed = 0
+    done = Completions(n)
 
     def hint(job: str, seq: int, ev: Any) -> None:
-        nonlocal completed
         if ev is not None and ev.type == EventType.COMPLETED:
-            completed += 1
-            if completed >= n:
-                finished.set()
+            done.add()
+
+    async def validated() -> None:
+        spec, value, key = jobwire.validate("noop", None)
+        await store.submit("bench", "noop", value, key, spec.max_attempts)
 
     store.listen(hint)
     try:
-        enqueue = await _timed(n, _each(n, lambda: store.submit("bench", "noop", None, None, 1)))
+        if via == "http":
+            enqueue = await _enqueue_http(db, n)
+        else:
+            submit = validated if via == "validated" else \
+                lambda: store.submit("bench", "noop", None, None, 1)
+            enqueue = await _timed(n, _each(n, submit))
+        if db.startswith("postgresql"):
+            await pg_analyze(db)
         worker = Worker(jobwire, store, concurrency=CONCURRENCY)
 
         async def all_done() -> None:
             # The store's hints give the moment; once a second the table has the final
             # word, should a completion have been committed without its hint.
-            while not finished.is_set():
+            while not done.all.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), 1.0)
+                    await asyncio.wait_for(done.all.wait(), 1.0)
                 if (await store.count_by_status()).get("completed", 0) >= n:
                     return
 
-        t0 = time.perf_counter()
-        await worker.start()
         try:
-            await asyncio.wait_for(all_done(), _timeout(n))
-            processed = n / (time.perf_counter() - t0)
+            processed, _ = await _processed(n, worker.start(), all_done())
         finally:
             await _bounded(worker.stop())
-        if completed != n:
+        if done.count != n:
             log.warning("jobwire: %d of %d completions were hinted; the table has them all",
-                        completed, n)
+                        done.count, n)
         _check("jobwire", n, (await store.count_by_status()).get("completed", 0))
     finally:
         await _bounded(store.close())
     return {"enqueue": enqueue, "enqueue_batch": None, "processed": processed}
 
 
-async def jobwire_sqlite(n: int) -> Rates:
-    with tempfile.TemporaryDirectory() as tmp:
-        return await jobwire_run(f"sqlite:///{tmp}/bench.db", n)
+def jobwire_sqlite(via: str) -> Callable[[int], Awaitable[Rates]]:
+    async def run(n: int) -> Rates:
+        with tempfile.TemporaryDirectory() as tmp:
+            return await jobwire_run(f"sqlite:///{tmp}/bench.db", n, via)
+    return run
 
 
-async def jobwire_postgres(n: int) -> Rates:
-    with pg_database("jobwire") as url:
-        return await jobwire_run(url, n)
+def jobwire_postgres(via: str) -> Callable[[int], Awaitable[Rates]]:
+    async def run(n: int) -> Rates:
+        with pg_database("jobwire") as url:
+            return await jobwire_run(url, n, via)
+    return run
 
 
 # -- peers
@@ -145,9 +215,20 @@ async def jobwire_postgres(n: int) -> Rates:
 async def procrastinate_pg(n: int) -> Rates:
     async with procrastinate_app() as (app, noop):
         enqueue = await _timed(n, _each(n, noop.defer_async))
-        processed = await _timed(n, app.run_worker_async(
+        await pg_analyze(app.connector.pool.conninfo)
+        # Its after-job hook: the job manager's finish_job, which stores the job's end.
+        done = Completions(n)
+        finish = app.job_manager.finish_job
+
+        async def finish_job(*args: Any, **kwargs: Any) -> None:
+            await finish(*args, **kwargs)
+            done.add()
+
+        app.job_manager.finish_job = finish_job
+        processed, running = await _processed(n, app.run_worker_async(
             queues=["bench"], concurrency=CONCURRENCY, wait=False,
-            install_signal_handlers=False))
+            install_signal_handlers=False), done.all.wait())
+        await _bounded(running)  # wait=False: it returns once the queue is empty
         _check("procrastinate", n, await procrastinate_count(app, "WHERE status = 'succeeded'"))
 
         async def batches() -> None:
@@ -164,31 +245,24 @@ async def saq_run(url: str, n: int) -> Rates:
     async def noop(ctx: Any) -> None:
         return None
 
-    done = 0
-    finished = asyncio.Event()
+    done = Completions(n)
 
     async def count(ctx: Any) -> None:
-        nonlocal done
-        done += 1
-        if done >= n:
-            finished.set()
+        done.add()
 
     queue = Queue.from_url(url, name="bench")
     await queue.connect()
     try:
         enqueue = await _timed(n, _each(n, lambda: queue.enqueue("noop")))
+        if url.startswith("postgres"):
+            await pg_analyze(url)
         worker = Worker(queue, functions=[("noop", noop)], concurrency=CONCURRENCY,
                         after_process=[count])
-        t0 = time.perf_counter()
-        running = asyncio.create_task(worker.start())
-        try:
-            await asyncio.wait_for(finished.wait(), _timeout(n))
-            processed = n / (time.perf_counter() - t0)
-        finally:
-            await _bounded(worker.stop())
-            running.cancel()
-            await _bounded(asyncio.gather(running, return_exceptions=True))
-        _check("saq", n, done)
+        processed, running = await _processed(n, worker.start(), done.all.wait())
+        await _bounded(worker.stop())
+        running.cancel()
+        await _bounded(asyncio.gather(running, return_exceptions=True))
+        _check("saq", n, done.count)
     finally:
         await _bounded(queue.disconnect())
     return {"enqueue": enqueue, "enqueue_batch": None, "processed": processed}
@@ -210,14 +284,20 @@ async def arq_redis(n: int) -> Rates:
     async def noop(ctx: Any) -> None:
         return None
 
+    done = Completions(n)
+
+    async def count(ctx: Any) -> None:  # arq calls it once the job's result is stored
+        done.add()
+
     redis_flush()
     pool = await create_pool(RedisSettings(host="127.0.0.1", port=6379, database=REDIS_DB))
     try:
         enqueue = await _timed(n, _each(n, lambda: pool.enqueue_job("noop")))
         worker = Worker(functions=[func(noop, name="noop")], redis_pool=pool,
                         max_jobs=CONCURRENCY, burst=True, handle_signals=False,
-                        poll_delay=ARQ_POLL)
-        processed = await _timed(n, worker.async_run())
+                        poll_delay=ARQ_POLL, after_job_end=count)
+        processed, running = await _processed(n, worker.async_run(), done.all.wait())
+        await _bounded(running)  # burst: it returns once the queue is empty
         _check("arq", n, worker.jobs_complete)
         await worker.close()
     finally:
@@ -250,12 +330,14 @@ async def celery_redis(n: int) -> Rates:
             await asyncio.sleep(0.05)
         r.set(COUNTER, 0)
 
-        async def drain() -> None:
+        async def point() -> None:
             app.control.add_consumer("bench", reply=False)
+
+        async def drained() -> None:
             while int(r.get(COUNTER) or 0) < n:  # noqa: ASYNC110 - the count is in Redis
                 await asyncio.sleep(0.01)
 
-        processed = await _timed(n, drain())
+        processed, _ = await _processed(n, point(), drained())
         _check("celery", n, int(r.get(COUNTER) or 0))
     finally:
         stop_process(worker, 20)
@@ -264,8 +346,12 @@ async def celery_redis(n: int) -> Rates:
 
 
 SYSTEMS: dict[str, Callable[[int], Awaitable[Rates]]] = {
-    "jobwire (SQLite)": jobwire_sqlite,
-    "jobwire (PostgreSQL)": jobwire_postgres,
+    "jobwire (SQLite, store API)": jobwire_sqlite("store"),
+    "jobwire (SQLite, public submit: validated)": jobwire_sqlite("validated"),
+    "jobwire (SQLite, public submit: HTTP POST /api/jobs)": jobwire_sqlite("http"),
+    "jobwire (PostgreSQL, store API)": jobwire_postgres("store"),
+    "jobwire (PostgreSQL, public submit: validated)": jobwire_postgres("validated"),
+    "jobwire (PostgreSQL, public submit: HTTP POST /api/jobs)": jobwire_postgres("http"),
     "Procrastinate (PostgreSQL)": procrastinate_pg,
     "SAQ (PostgreSQL)": saq_pg,
     "SAQ (Redis)": saq_redis,
