@@ -63,3 +63,20 @@ async def boom(ctx: Context, input: object) -> None:
 @jobwire.task()
 async def echo(ctx: Context, input: object) -> object:
     return input
+
+
+class Hostile(BaseModel):
+    names: list[str]
+    error: str = "failed on purpose"
+
+
+@jobwire.task(input=Hostile, max_attempts=1)
+async def hostile(ctx: Context, input: Hostile) -> dict[str, list[str]]:
+    """Items named by the guest; the first fails with `error`. Then the job fails with it
+    too: every text the CLI or the log shows comes from the guest."""
+    items = await ctx.declare(input.names)
+    await ctx.failed(items[0].ref, input.error)
+    for item in items[1:]:
+        await ctx.done(item.ref, {"name": item.ref})
+    await ctx.report({"stage": input.error})
+    raise RuntimeError(input.error)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from jobwire.app import Jobwire
 from jobwire.model import JSON, Event, EventType, Item, ItemStatus, Job, Status, now
 from jobwire.store import ItemUpdate, Lease, LeaseLost, Store, StoreError, Written
+from jobwire.text import clip
 
 log = logging.getLogger("jobwire.worker")
 
@@ -213,7 +214,11 @@ class Worker:
                 # lease runs out and the job is retried, keeping its finished items.
                 log.warning("job %s: database failed under the task: %s", job.id, exc)
                 return None
-            log.exception("job %s (%s) failed", job.id, job.task)
+            # One line per failure: any guest can make jobs fail, and a traceback each
+            # would flood the log. Operators get the traceback with debug logging.
+            log.warning("job %s (%s) failed: %s: %s", job.id, job.task,
+                        type(exc).__name__, clip(str(exc)))
+            log.debug("job %s (%s) failed", job.id, job.task, exc_info=True)
             return Status.FAILED, None, f"{type(exc).__name__}: {exc}"
 
     async def _finish(self, lease: Lease, status: Status, result: JSON,
