@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from jobwire.api import jobs, live, metrics, pages
+from jobwire.api.headers import SecurityHeaders
 from jobwire.api.limits import BodyLimit, OwnerSlots
 from jobwire.app import InputError
 from jobwire.settings import Settings
@@ -25,6 +26,9 @@ def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
                settings: Settings) -> FastAPI:
     api = FastAPI(title="jobwire", version="0.1.0", lifespan=lifespan)
     api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost, so BodyLimit's refusals carry the headers too.
+    api.add_middleware(SecurityHeaders, exempt=frozenset(
+        url for url in (api.docs_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url) if url))
     api.state.connections = OwnerSlots(settings.max_connections)
     api.include_router(jobs.router)
     api.include_router(live.router)

@@ -1,0 +1,45 @@
+"""Security headers on every HTTP response: the pages may not be framed, sniffed into
+another type, or run anything but the server's own scripts."""
+
+from __future__ import annotations
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# The dashboard is one HTML file, its own stylesheet and ES modules, and fetch/WebSocket
+# to its own origin ('self' covers ws:/wss: of it in CSP Level 3 browsers). Nothing
+# inline: a guest's job name or result rendered by mistake as markup still cannot run.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+       "frame-ancestors 'none'")
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
+}
+
+
+class SecurityHeaders:
+    """ASGI middleware: HEADERS on every response, and the CSP on all but `exempt` paths
+    (FastAPI's /docs pages load Swagger UI from a CDN with an inline script)."""
+
+    def __init__(self, app: ASGIApp, exempt: frozenset[str]) -> None:
+        self.app = app
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        csp = scope["path"] not in self.exempt
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in HEADERS.items():
+                    headers.setdefault(name, value)
+                if csp:
+                    headers.setdefault("Content-Security-Policy", CSP)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
