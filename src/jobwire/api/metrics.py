@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from jobwire.api.auth import hash_token, token_of
 from jobwire.api.deps import RuntimeDep
 from jobwire.api.schemas import errors
 from jobwire.model import Status
@@ -30,9 +32,22 @@ async def healthz(rt: RuntimeDep) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/metrics", response_class=Response)
-async def metrics(rt: RuntimeDep) -> Response:
-    """Every value is read from its source of truth at scrape time."""
+def check_scraper(request: Request, token: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <token>` (any request when
+    `token` is None). Hashes are compared, in constant time: no timing leak of the token."""
+    if token is None:
+        return
+    given = token_of(request, allow_query=False) or ""
+    if not hmac.compare_digest(hash_token(given), hash_token(token)):
+        raise HTTPException(401, "metrics need Authorization: Bearer <JOBWIRE_METRICS_TOKEN>",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.get("/metrics", response_class=Response, responses=errors(401))
+async def metrics(rt: RuntimeDep, request: Request) -> Response:
+    """Every value is read from its source of truth at scrape time. With
+    JOBWIRE_METRICS_TOKEN set, only for `Authorization: Bearer <that token>`."""
+    check_scraper(request, rt.settings.metrics_token)
     counts = await rt.store.count_by_status()
     jobs = GaugeMetricFamily("jobwire_jobs", "Jobs in the store by status", labels=["status"])
     for status in Status:
