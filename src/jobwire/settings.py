@@ -24,6 +24,12 @@ def _env_flag(name: str) -> bool:
         f"JOBWIRE_{name.upper()}", "").strip().lower() in ("1", "true", "yes", "on"))
 
 
+def _env_secret(name: str) -> str | None:
+    """A secret from the environment variable JOBWIRE_<NAME>; unset or empty is None."""
+    return dataclasses.field(
+        default_factory=lambda: os.environ.get(f"JOBWIRE_{name.upper()}") or None)
+
+
 @dataclasses.dataclass
 class Settings:
     db: str = "sqlite:///jobwire.db"
@@ -41,6 +47,8 @@ class Settings:
     max_connections: int = _env_limit("max_connections", 100)  # WS + SSE per owner
     buffer_bytes: int = _env_limit("buffer_bytes", 4 << 20)  # queued for one WS or SSE
     ws_max_frame_bytes: int = _env_limit("ws_max_frame_bytes", 64 << 10)
+    max_json_depth: int = _env_limit("max_json_depth", 64)  # a body or WebSocket message
     # What tasks that fetch URLs from their input may reach (jobwire.netguard, the demo).
     fetch_allow_private: bool = _env_flag("fetch_allow_private")  # off: public addresses only
     fetch_deadline: float = _env_seconds("fetch_deadline", 15.0)  # the whole fetch, redirects too
+    metrics_token: str | None = _env_secret("metrics_token")  # None: /metrics is open

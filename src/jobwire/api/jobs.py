@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from jobwire.api.auth import COOKIE, hash_token, new_session
+from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
 from jobwire.api.deps import JobId, Owner, RuntimeDep, owned_job
 from jobwire.api.schemas import (
@@ -25,7 +26,7 @@ from jobwire.api.schemas import (
 from jobwire.model import ACTIVE, Job, Status
 from jobwire.store import JobActive, OwnerConflict, Store
 
-router = APIRouter(prefix="/api", responses=errors(503))
+router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
 
 # Concurrent submits of one (owner, task, key) share one store submit that started after
 # they all arrived: its caller gets what it answered, the others join its job, which is what

@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
 from jobwire.api.auth import owner_of
+from jobwire.api.bodies import TooDeep, loads
 from jobwire.api.deps import JobId, Owner, RuntimeDep, StreamOwner, owned_job, runtime
 from jobwire.api.limits import OwnerSlots
 from jobwire.api.schemas import EventsOut, errors
@@ -171,7 +172,10 @@ class SocketSession:
         if self.overflowed:
             return  # closing: the client must reconnect first
         try:
-            msg = orjson.loads(raw)
+            msg = loads(raw, self.rt.settings.max_json_depth)
+        except TooDeep as exc:
+            self.reply(op="error", error=str(exc))
+            return
         except orjson.JSONDecodeError:
             msg = None
         if not isinstance(msg, dict) or not isinstance(msg.get("job"), str):

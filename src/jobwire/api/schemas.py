@@ -25,8 +25,8 @@ class SubmitRequest(BaseModel):
         """Text both databases can store: valid Unicode without NUL."""
         try:
             encoded = orjson.dumps(value)
-        except orjson.JSONEncodeError:
-            raise ValueError("must be valid Unicode (no lone surrogates)") from None
+        except orjson.JSONEncodeError as exc:  # lone surrogates, nesting past orjson's 255
+            raise ValueError(f"cannot be stored as JSON: {exc}") from None
         if b"\\u0000" in encoded:
             raise ValueError("must not contain NUL (\\u0000)")
         return value
