@@ -68,6 +68,7 @@ async def echo(ctx: Context, input: object) -> object:
 class Hostile(BaseModel):
     names: list[str]
     error: str = "failed on purpose"
+    gate: str | None = None  # a file path: wait for it to exist before the items
 
 
 @jobwire.task(input=Hostile, max_attempts=1)
@@ -75,6 +76,8 @@ async def hostile(ctx: Context, input: Hostile) -> dict[str, list[str]]:
     """Items named by the guest; the first fails with `error`. Then the job fails with it
     too: every text the CLI or the log shows comes from the guest."""
     items = await ctx.declare(input.names)
+    while input.gate and not Path(input.gate).exists():
+        await asyncio.sleep(0.02)
     await ctx.failed(items[0].ref, input.error)
     for item in items[1:]:
         await ctx.done(item.ref, {"name": item.ref})

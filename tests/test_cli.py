@@ -94,16 +94,22 @@ def terminal() -> Iterator[tuple[int, int]]:
     os.close(controller)
 
 
+def in_terminal(env: dict[str, str], tty: int, *args: str) -> subprocess.Popen[bytes]:
+    """`jobwire ARGS` writing to the terminal `tty` (closed here: the child holds it)."""
+    term_env = {k: v for k, v in env.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "jobwire", *args],
+                            env={**term_env, "TERM": "xterm-256color"},
+                            cwd=ROOT, stdin=tty, stdout=tty, stderr=tty, close_fds=True)
+    os.close(tty)
+    return proc
+
+
 def test_submit_watch_in_a_terminal_shows_a_live_bar(env: dict[str, str], tmp_path: Path,
                                                      terminal: tuple[int, int]) -> None:
     controller, tty = terminal
     gate = tmp_path / "gate"
     spec = json.dumps({"n": 3, "delay": 0.1, "gate": str(gate)})
-    term_env = {k: v for k, v in env.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}
-    proc = subprocess.Popen([sys.executable, "-m", "jobwire", "submit", "steps", "--input",
-                             spec, "--watch"], env={**term_env, "TERM": "xterm-256color"},
-                            cwd=ROOT, stdin=tty, stdout=tty, stderr=tty, close_fds=True)
-    os.close(tty)
+    proc = in_terminal(env, tty, "submit", "steps", "--input", spec, "--watch")
     deadline = time.monotonic() + 60
     shown = read_pty(controller, " steps: ", deadline)
     gate.touch()
@@ -181,3 +187,40 @@ def test_unreachable_server(env: dict[str, str]) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("jobwire: cannot reach http://127.0.0.1:")
     assert "Traceback" not in done.stderr
+
+
+# What a guest can put in the names, errors and keys a terminal shows: a title change
+# (OSC 2), a line erase and carriage return drawing a fake line, a bidi override, 8-bit
+# CSI, and rich markup.
+HOSTILE = ["\x1b]2;pwned\x07", "\x1b[2K\rjob completed", "\u202egnp.exe", "[bold]x[/bold]"]
+SHOWN = ["\\x1b]2;pwned\\x07", "\\x1b[2K\\rjob completed", "\\u202egnp.exe",
+         "[bold]x[/bold]"]
+
+
+def test_text_from_the_server_cannot_drive_the_terminal(env: dict[str, str], tmp_path: Path,
+                                                        terminal: tuple[int, int]) -> None:
+    controller, tty = terminal
+    gate = tmp_path / "gate"
+    spec = json.dumps({"names": HOSTILE, "error": "\x1b]2;error\x07[red]e[/red]",
+                       "gate": str(gate)})
+    proc = in_terminal(env, tty, "submit", "hostile", "--input", spec, "--watch")
+    deadline = time.monotonic() + 60
+    shown = read_pty(controller, " hostile: ", deadline)  # watching: items go live now
+    gate.touch()
+    shown += read_pty(controller, None, deadline)
+    assert proc.wait(60) == 1, shown  # the job failed
+
+    for name in SHOWN:  # each name in visible escaped form, as typed
+        assert name in shown, (name, shown)
+    assert "item \\x1b]2;pwned\\x07 failed: \\x1b]2;error\\x07[red]e[/red]" in shown
+    assert "RuntimeError: \\x1b]2;error\\x07[red]e[/red]" in shown
+    assert "\x1b]" not in shown  # no OSC: the title stays the terminal's
+    assert "\x1b[2K\rjob" not in shown and "\u202e" not in shown
+    assert "\x1b[1m" not in shown.split("[bold]x[/bold]")[0][-20:]  # markup stayed text
+
+    # Keys may hold C1 codes (\x9b is CSI on 8-bit terminals) and bidi overrides.
+    key = "\x9b2J\u202e[bold]k[/bold]"
+    first = jobwire(env, "submit", "block", "--input", "{}", "--key", key)
+    again = jobwire(env, "submit", "block", "--input", "{}", "--key", key)
+    assert again.stdout.strip().endswith("with key \\x9b2J\\u202e[bold]k[/bold])"), again
+    assert jobwire(env, "cancel", job_id_of(first.stdout.strip())).returncode == 0

@@ -9,14 +9,17 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from typing import IO
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from jobwire.client.core import Client
 from jobwire.client.display import display_for
 from jobwire.client.errors import JobNotFound, JobwireError
 from jobwire.client.session import default_path
+from jobwire.text import printable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_JOB_FAILED = 1  # the job ended failed or cancelled
@@ -51,6 +54,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("user_token", help="printed by `jobwire users add NAME`")
 
 
+def say(line: str, file: IO[str] | None = None) -> None:
+    """Print one line with whatever came from the server or a task made `printable`: a
+    job's name or error must not retitle the terminal or draw a line of its own."""
+    print(printable(line), file=file or sys.stdout, flush=True)
+
+
 async def _follow(client: Client, job_id: str) -> int:
     display = display_for(sys.stdout)
     last = None
@@ -69,9 +78,8 @@ async def _submit(client: Client, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise JobwireError(f"--input is not valid JSON: {exc}") from None
     job, created = await client.submit(args.task, value, args.key)
-    print(f"job {job['id']} " + ("created" if created else
-                                 f"reused (already {job['status']} with key {job['key']})"),
-          flush=True)
+    say(f"job {job['id']} " + ("created" if created else
+                               f"reused (already {job['status']} with key {job['key']})"))
     return await _follow(client, job["id"]) if args.watch else 0
 
 
@@ -81,13 +89,14 @@ async def _watch(client: Client, args: argparse.Namespace) -> int:
 
 async def _jobs(client: Client, args: argparse.Namespace) -> int:
     jobs = await client.jobs(args.status, args.limit)
-    rows = [(j["id"], j["task"], j["status"],
-             f"{j['progress']['done']}/{j['progress']['total']}", j["created_at"]) for j in jobs]
+    rows = [[printable(cell) for cell in (
+        j["id"], j["task"], j["status"], f"{j['progress']['done']}/{j['progress']['total']}",
+        j["created_at"])] for j in jobs]
     console = Console()
     if console.is_terminal:
         table = Table("id", "task", "status", "done", "created")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(Text, row))  # Text: never read as markup
         console.print(table)
     else:
         for row in rows:
@@ -98,19 +107,19 @@ async def _jobs(client: Client, args: argparse.Namespace) -> int:
 async def _cancel(client: Client, args: argparse.Namespace) -> int:
     job = await client.cancel(args.id)
     state = "cancel requested" if job["status"] == "running" else job["status"]
-    print(f"job {job['id']} {state}")
+    say(f"job {job['id']} {state}")
     return 0
 
 
 async def _rm(client: Client, args: argparse.Namespace) -> int:
     await client.delete(args.id)
-    print(f"job {args.id} deleted")
+    say(f"job {args.id} deleted")
     return 0
 
 
 async def _login(client: Client, args: argparse.Namespace) -> int:
     moved = await client.login(args.user_token)
-    print(f"logged in; {moved} job(s) of the guest session now belong to the user")
+    say(f"logged in; {moved} job(s) of the guest session now belong to the user")
     return 0
 
 
@@ -134,5 +143,5 @@ def run(args: argparse.Namespace) -> int:
         message = str(exc)
     except OSError as exc:  # the session file could not be written
         message = f"cannot keep the session in {default_path()}: {exc}"
-    print(f"jobwire: {message}", file=sys.stderr)
+    say(f"jobwire: {message}", sys.stderr)
     return EXIT_ERROR

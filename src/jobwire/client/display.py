@@ -7,6 +7,7 @@ import json
 from typing import IO, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -18,6 +19,7 @@ from rich.progress import (
 from rich.text import Text
 
 from jobwire.client.snapshot import JSON, Snapshot
+from jobwire.text import printable
 
 
 def _json(value: JSON) -> str:
@@ -25,7 +27,8 @@ def _json(value: JSON) -> str:
 
 
 def changes(prev: Snapshot | None, snap: Snapshot) -> list[str]:
-    """The lines worth printing for the step from `prev` to `snap`."""
+    """The lines worth printing for the step from `prev` to `snap`, made `printable`:
+    item names, errors and results come from guests."""
     job = f"job {snap.id}"
     p = snap.progress
     counts = f"{p['done']}/{p['total']} done, {p['failed']} failed"
@@ -47,7 +50,7 @@ def changes(prev: Snapshot | None, snap: Snapshot) -> list[str]:
     if snap.terminal and (prev is None or not prev.terminal):
         outcome = {"completed": f": {_json(snap.result)}", "failed": f": {snap.error}"}
         lines.append(f"{job} {snap.status} ({counts}){outcome.get(snap.status, '')}")
-    return lines
+    return [printable(line) for line in lines]
 
 
 class Display(Protocol):
@@ -99,7 +102,9 @@ class Bar:
         for line in changes(self.prev, snap):
             self.progress.console.print(line, markup=False, highlight=False)
         p = snap.progress
-        self.progress.update(self.task, description=f"{snap.id[:8]} {snap.status}",
+        # The description is rich markup (see TextColumn above): escaped as well.
+        description = escape(printable(f"{snap.id[:8]} {snap.status}"))
+        self.progress.update(self.task, description=description,
                              total=p["total"] or None, completed=p["done"] + p["failed"],
                              done=p["done"], failed=p["failed"])
         self.prev = snap
