@@ -11,6 +11,8 @@ import orjson
 from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
+from jobwire.api.deps import runtime
+
 
 class TooDeep(ValueError):
     def __init__(self, limit: int) -> None:
@@ -23,9 +25,9 @@ def _deeper_than(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node
         if depth > limit:
             return True
+        children = node.values() if isinstance(node, dict) else node
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return False
 
@@ -50,7 +52,7 @@ def loads(raw: bytes | str, limit: int) -> Any:
 class _BodyRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            limit = self.app.state.runtime.settings.max_json_depth
+            limit = runtime(self).settings.max_json_depth
             try:
                 self._json = loads(await self.body(), limit)
             except TooDeep as exc:
