@@ -84,6 +84,16 @@ async def test_writes_need_the_current_lease(store: Store) -> None:
     [again] = await store.claim("w2", ["t"], 1, 30)
     assert again.attempt == 2
     lease2 = Lease(job.id, "w2", again.attempt)
+    # The attempt fences too, not only the worker id: w2's own earlier attempt (a task
+    # of the same worker that outlived its lease) is refused while attempt 2 runs.
+    stale = Lease(job.id, "w2", again.attempt - 1)
+    with pytest.raises(LeaseLost):
+        await store.update_items(stale, [ItemUpdate("b", ItemStatus.DONE)])
+    with pytest.raises(LeaseLost):
+        await store.report(stale, {"stale": True})
+    with pytest.raises(LeaseLost):
+        await store.finish(stale, Status.COMPLETED)
+    assert await store.heartbeat([stale], 30) == {}
     _, items = await store.declare_items(lease2, ["a", "b"])
     assert {i.ref: i.status for i in items} == {"a": ItemStatus.DONE, "b": ItemStatus.PENDING}
     with pytest.raises(IllegalTransition):  # a finished item is never counted twice
