@@ -228,5 +228,15 @@ async def client(shared_server: Proc) -> AsyncIterator[Client]:
     await c.http.aclose()
 
 
+def assert_alike(a: httpx.Response, b: httpx.Response) -> None:
+    """Two responses a client cannot tell apart: status, body bytes and every header
+    but the date."""
+    def headers(r: httpx.Response) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in r.headers.multi_items() if k != "date"]
+
+    assert (a.status_code, a.content) == (b.status_code, b.content), (a.url, b.url)
+    assert headers(a) == headers(b), (a.url, b.url)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
