@@ -289,18 +289,33 @@ async def test_concurrent_recover_is_one_request(client: Client, server: Proc) -
 async def test_restarted_process_recovers_from_its_state_file(server: Proc,
                                                               tmp_path: Path) -> None:
     state = tmp_path / "client.json"
-    gate = tmp_path / "gate"
+    gates = tmp_path / "ended", tmp_path / "active"
     async with Client(server.url, state_file=state, backoff=FAST) as first:
-        job, _ = await first.submit("steps", {"n": 2, "gate": str(gate)})
-        async for _ in first.watch(job["id"]):
+        ended, _ = await first.submit("steps", {"n": 2, "gate": str(gates[0])})
+        async for _ in first.watch(ended["id"]):
             break  # the process "dies" while the job runs
-    gate.touch()
+    async with httpx.AsyncClient(base_url=server.url,
+                                 headers={"Authorization": f"Bearer {first.token}"}) as http:
+        # Meanwhile the saved job ends, and another job (not in the file) starts.
+        gates[0].touch()
+        while (await http.get(f"/api/jobs/{ended['id']}")).json()["status"] != "completed":
+            await asyncio.sleep(0.05)
+        active = (await http.post("/api/jobs", json={
+            "task": "steps", "input": {"n": 1, "gate": str(gates[1])}})).json()["job"]
     async with Client(server.url, state_file=state, backoff=FAST) as second:
         assert second.token == first.token
-        await second.recover()
-        assert job["id"] in second.feeds or (await second.job(job["id"]))["status"] == "completed"
-        assert await second.wait(job["id"]) == {"ran": 2}
-    assert job["id"] not in state.read_text()  # ended and seen: nothing left to recover
+        recovered = await second.recover()
+        # It returns the active jobs, and watches those and the saved one, ended or not.
+        assert [j["id"] for j in recovered] == [active["id"]]
+        assert set(second.feeds) == {ended["id"], active["id"]}
+        deadline = time.monotonic() + 10  # the saved job's end is seen: the file forgets it
+        while ended["id"] in state.read_text():
+            assert time.monotonic() < deadline, state.read_text()
+            await asyncio.sleep(0.05)
+        assert active["id"] in state.read_text()
+        gates[1].touch()
+        assert await second.wait(active["id"]) == {"ran": 1}
+    assert active["id"] not in state.read_text()  # ended and seen: nothing left to recover
 
 
 async def test_second_job_sees_none_of_the_first_jobs_state(client: Client) -> None:
