@@ -11,13 +11,15 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from jobwire.store.sqlite import BUSY_SECONDS
 from tests.chaos.conftest import APP, Serve
 from tests.chaos.wire import check_log, ws_watch
 from tests.conftest import Client, guest
@@ -54,34 +56,71 @@ def integrity(path: Path) -> str:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+@contextlib.asynccontextmanager
+async def locked(db: Path) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Another process holds the file's write lock (BEGIN EXCLUSIVE) until the yielded
+    function releases it (or the block ends)."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LOCK, str(db),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdin is not None and holder.stdout is not None
+    stdin = holder.stdin
+
+    async def release() -> None:
+        if not stdin.is_closing():
+            stdin.write(b"go\n")
+            stdin.close()
+        await holder.wait()
+
+    try:
+        assert (await holder.stdout.readline()).strip() == b"locked"
+        yield release
+    finally:
+        await release()
+
+
 async def test_sqlite_locked_by_another_process(serve: Serve, tmp_path: Path) -> None:
     db = tmp_path / "locked.db"
     srv = serve(db=f"sqlite:///{db}")
     c = await guest(srv.url)
     before, _ = await c.submit("steps", {"n": 3})
     await c.wait_terminal(before["id"])
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_LOCK, str(db),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert holder.stdin is not None and holder.stdout is not None
-    try:
-        assert (await holder.stdout.readline()).strip() == b"locked"
+    async with locked(db):
+        started = time.monotonic()
         r = await c.http.post("/api/jobs", json={"task": "steps", "input": {"n": 3}})
+        waited = time.monotonic() - started
         assert r.status_code == 503, r.text
         assert "database is locked" in r.json()["detail"]
+        # It gave up after the busy timeout, not at once (nor never: the test is bounded).
+        assert waited >= BUSY_SECONDS * 0.9, waited
         # Reads still work (WAL), so the owner can see what exists; slowly, as they
         # queue behind the writes waiting for the lock on the store's one thread.
         r = await c.http.get(f"/api/jobs/{before['id']}", timeout=120)
         assert r.status_code == 200 and r.json()["status"] == "completed"
-    finally:
-        holder.stdin.write(b"go\n")
-        await holder.stdin.drain()
-        await holder.wait()
     after, created = await c.submit("steps", {"n": 3})
     assert created
     assert (await c.wait_terminal(after["id"]))["status"] == "completed"
     await consistent(c, after["id"])
     assert integrity(db) == "ok"
+    await c.http.aclose()
+
+
+async def test_sqlite_write_waits_for_a_lock_held_briefly(serve: Serve, tmp_path: Path) -> None:
+    """A lock held for well under BUSY_SECONDS delays a write; it does not fail it."""
+    db = tmp_path / "briefly.db"
+    srv = serve(db=f"sqlite:///{db}")
+    c = await guest(srv.url)
+    async with locked(db) as release:
+        submit = asyncio.create_task(
+            c.http.post("/api/jobs", json={"task": "steps", "input": {"n": 2}}))
+        await asyncio.sleep(1.5)
+        assert not submit.done(), submit.result().text  # waiting for the lock
+        await release()
+        r = await submit
+    assert r.status_code == 201, r.text
+    job = await c.wait_terminal(r.json()["job"]["id"])
+    assert job["status"] == "completed"
+    await consistent(c, job["id"])
     await c.http.aclose()
 
 
