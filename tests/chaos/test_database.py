@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -168,23 +169,43 @@ async def test_sqlite_disk_full(serve: Serve, tmp_path: Path) -> None:
         assert integrity(db) == "ok"
 
 
+async def writing(c: Client, job_ids: list[str]) -> None:
+    """Until every job has finished an item and none has ended: all are mid-write."""
+    while True:
+        jobs = [await c.job(j) for j in job_ids]
+        assert all(j["status"] in ("queued", "running") for j in jobs), jobs
+        if all(j["progress"]["done"] >= 1 for j in jobs):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_sqlite_server_killed_mid_write(serve: Serve, tmp_path: Path) -> None:
+    """SIGKILL at a random moment while five jobs write an item every few ms each."""
     db = tmp_path / "killed.db"
     srv = serve(db=f"sqlite:///{db}")
     c = await guest(srv.url)
-    jobs = []
-    for _ in range(4):
-        for _ in range(5):
-            jobs.append((await c.submit("chatter", {"n": 300, "size": 2000, "batch": 10}))[0])
-        await asyncio.sleep(0.7)  # mid-write: big transactions are in flight
+    jobs: list[str] = []
+    for _ in range(2):
+        # 150 items, each a `running` and a `done` write 10 ms apart: >= 1.5 s of writes.
+        batch = [(await c.submit("crunch", {"n": 150, "delay": 0.01}))[0]["id"]
+                 for _ in range(5)]
+        jobs += batch
+        await writing(c, batch)
+        await asyncio.sleep(random.uniform(0, 0.5))
         srv.kill()
         assert integrity(db) == "ok"
         await asyncio.to_thread(srv.start)
-    for job in jobs:
-        done = await c.wait_terminal(job["id"], timeout=60)
-        # chatter has one attempt: a kill mid-run fails it, saying why.
-        assert done["status"] == "completed" or "lease expired" in done["error"], done
-        await consistent(c, job["id"])
+    for job_id in jobs:
+        job = await c.wait_terminal(job_id, timeout=90)
+        assert job["status"] == "completed", job
+        await consistent(c, job_id)
+        # The kill landed mid-run: the attempt that was writing lost its lease, and both
+        # it and the retry recorded items (each item once: `consistent`).
+        events = await c.events(job_id)
+        retries = [e for e in events if e["type"] == "retrying"]
+        assert retries and "lease expired during attempt 1" in retries[0]["data"]["error"]
+        items = (await c.http.get(f"/api/jobs/{job_id}/items")).json()["items"]
+        assert {it["result"]["attempt"] for it in items} >= {1, 2}, job
     srv.stop()
     assert integrity(db) == "ok"
     await c.http.aclose()
