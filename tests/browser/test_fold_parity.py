@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from jobwire.model import JSON, apply_event
+from jobwire.model import JSON, ItemStatus, apply_event
+from jobwire.store import ItemUpdate, Lease, open_store
 from tests.conftest import ROOT, Proc
 
 NODE = shutil.which("node")
@@ -65,21 +67,46 @@ def finish(http: httpx.Client, job_id: str) -> dict[str, Any]:
     raise AssertionError(f"job {job_id} did not finish")
 
 
+async def lose_leases(db: str, owner: str) -> str:
+    """A job whose workers both lose their lease with an item running, acted out on the
+    store by hand (its task is not one the server's worker runs): items done, then
+    `retrying` resetting one, then a `failed` (attempts used up) resetting another."""
+    store = open_store(db)
+    await store.open()
+    try:
+        job, _ = await store.submit(owner, "by-hand", {}, None, 2)
+        for attempt, (done, running) in enumerate([("a", "b"), ("b", "c")], start=1):
+            [claimed] = await store.claim(f"w{attempt}", ["by-hand"], 1, 0.05)
+            lease = Lease(job.id, f"w{attempt}", claimed.attempt)
+            await store.declare_items(lease, ["a", "b", "c"])
+            await store.update_items(lease, [ItemUpdate(done, ItemStatus.RUNNING)])
+            await store.update_items(lease, [ItemUpdate(done, ItemStatus.DONE, {"by": attempt}),
+                                             ItemUpdate(running, ItemStatus.RUNNING)])
+            await asyncio.sleep(0.1)
+            await store.expire_leases()  # or the server's housekeeping got there first
+        return job.id
+    finally:
+        await store.close()
+
+
 @pytest.mark.skipif(NODE is None, reason="needs Node.js to run jobwire.js")
 def test_js_and_python_fold_every_event_alike(procs: Any, tmp_path: Any) -> None:
-    server: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}")
+    db = f"sqlite:///{tmp_path / 'jobwire.db'}"
+    server: Proc = procs("serve", "--db", db)
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        token = http.post("/api/sessions").json()["token"]
-        http.headers["Authorization"] = f"Bearer {token}"
+        session = http.post("/api/sessions").json()
+        http.headers["Authorization"] = f"Bearer {session['token']}"
         ids = [http.post("/api/jobs", json=body).json()["job"]["id"] for body in (
             {"task": "steps", "input": {"n": 4, "fail_at": 2}},
             {"task": "boom", "input": None},
             {"task": "block", "input": {}},
         )]
+        ids.append(asyncio.run(lose_leases(db, session["owner"])))
         blocked = ids[2]
         http.get(f"/api/jobs/{blocked}/events", params={"after": 2, "wait": 10})  # reported
         http.post(f"/api/jobs/{blocked}/cancel")
 
+        seen: set[tuple[str, bool]] = set()
         for job_id in ids:
             job = finish(http, job_id)
             events = http.get(f"/api/jobs/{job_id}/events").json()["events"]
@@ -91,4 +118,7 @@ def test_js_and_python_fold_every_event_alike(procs: Any, tmp_path: Any) -> None
                           "cancel_requested", "seq", "finished_at", "task", "key"):
                 assert snapshot[field] == job[field], field
             assert items == http.get(f"/api/jobs/{job_id}/items").json()["items"]
-        assert {e["type"] for e in events} >= {"progress", "cancel_requested", "cancelled"}
+            seen.update((e["type"], bool(e["data"].get("reset"))) for e in events)
+        # Every kind of event, and both that reset items, were folded by both.
+        assert seen >= {("progress", False), ("cancel_requested", False),
+                        ("cancelled", False), ("retrying", True), ("failed", True)}, seen
