@@ -4,6 +4,7 @@ shared subscriptions, a lost WebSocket, a killed server, cancel and delete, and 
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import pytest
@@ -113,7 +114,11 @@ def test_same_url_from_two_tabs_is_one_job_shown_in_both(app: Proc, context: Bro
 
 def test_five_components_watching_one_job_hold_one_subscription(
         app: Proc, context: BrowserContext, held_page: HeldPage) -> None:
-    dash = Dashboard(context.new_page(), app.url).open()
+    page = context.new_page()
+    sent: list[dict[str, Any]] = []  # every op the page sends on any WebSocket
+    page.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(
+        json.loads(frame))))
+    dash = Dashboard(page, app.url).open()
     job = dash.start_post(held_page.url)
     dash.wait_job(job, "d.status === 'running'")
     dash.wait_connection("live")
@@ -128,6 +133,10 @@ def test_five_components_watching_one_job_hold_one_subscription(
 
     dash.page.evaluate("window.stops.forEach((stop) => stop())")
     assert subscriptions(app.url) == 1  # the card still watches
+    page.wait_for_timeout(300)  # frames the page sent reach Python's handler
+    # The server counts subscriptions per socket, so a repeated subscribe would not move
+    # its counter: the page itself must send one subscribe and no unsubscribe.
+    assert [m["op"] for m in sent if m.get("job") == job] == ["subscribe"], sent
     held_page.release.set()
     dash.wait_job(job, "d.status === 'completed'")
     assert subscriptions(app.url) == 0  # the terminal event ended it
