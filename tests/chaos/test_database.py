@@ -157,7 +157,8 @@ async def test_sqlite_disk_full(serve: Serve, tmp_path: Path) -> None:
                 break
             assert r.status_code == 201, r.text
         assert refused is not None and "full" in refused, refused
-        assert (await c.http.get("/healthz")).status_code in (200, 503)
+        # Reads need no space: the health check (a read) still answers.
+        assert (await c.http.get("/healthz")).status_code == 200
         filler.unlink()  # space comes back: so does jobwire, without a restart
         job, created = await c.submit("steps", {"n": 5})
         assert created
