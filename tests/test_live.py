@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from datetime import datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -220,3 +223,27 @@ async def test_pending_events_share_a_frame_and_replies_come_alone() -> None:
         return frame["op"] if "op" in frame else frame["seq"]
 
     assert [shape(f) for f in ws.frames] == ["subscribed", [1, 2], 3, "unsubscribed", [4, 5]]
+
+
+async def test_events_of_another_process_on_one_sqlite_file_arrive_within_half_a_second(
+        procs: Any, tmp_path: Path) -> None:
+    """A worker process writes; another process's WebSocket subscriber gets each event
+    within 10 polls of the file (0.05 s each), measured from the event's own time."""
+    db = f"sqlite:///{tmp_path / 'jobwire.db'}"
+    api: Proc = procs("serve", "--db", db, "--no-workers")
+    procs("worker", "--db", db)
+    c = await guest(api.url)
+    gate = tmp_path / "gate"
+    job, _ = await c.submit("steps", {"n": 40, "delay": 0.02, "gate": str(gate)})
+    lags = []
+    async with websockets.connect(ws_url(api.url, c.token)) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
+        received = Messages(ws)
+        while (await received.recv()).get("op") != "subscribed":
+            pass
+        gate.touch()  # items start now: their events are written after we subscribed
+        while (msg := await asyncio.wait_for(received.recv(), 20))["type"] not in TERMINAL:
+            if msg["type"] == "item":
+                lags.append(time.time() - datetime.fromisoformat(msg["at"]).timestamp())
+    assert len(lags) == 80  # running and done, 40 items
+    assert max(lags) <= 0.5, sorted(lags)[-5:]
