@@ -95,7 +95,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 class Proc:
     """A jobwire process (`serve` or `worker`) that tests can start, SIGKILL and restart."""
 
-    def __init__(self, *args: str, port: int | None = None, log: Path) -> None:
+    def __init__(self, *args: str, port: int | None = None, log: Path,
+                 module: str = "jobwire") -> None:
+        self.module = module  # run as `python -m MODULE ARGS` (a wrapper of jobwire's CLI)
         self.args = list(args)
         self.port = port
         self.log = log
@@ -106,7 +108,7 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True) -> Proc:
-        cmd = [sys.executable, "-m", "jobwire", *self.args]
+        cmd = [sys.executable, "-m", self.module, *self.args]
         if self.port is not None:
             cmd += ["--port", str(self.port)]
         env = {**os.environ, "PYTHONPATH": PYTHONPATH}
