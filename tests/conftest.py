@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # with a virtualenv whose editable install points at another checkout.
 PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+# Test servers make many guest sessions from 127.0.0.1; a test of the rate sets its own.
+SERVER_ENV = {"JOBWIRE_SESSION_RATE": "1000000/1s,1000000"}
 
 
 def pg_base_url() -> str | None:
@@ -102,6 +104,7 @@ class Proc:
         self.port = port
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.preexec: Callable[[], None] | None = None  # run in the child before exec
 
     @property
     def url(self) -> str:
@@ -111,10 +114,10 @@ class Proc:
         cmd = [sys.executable, "-m", self.module, *self.args]
         if self.port is not None:
             cmd += ["--port", str(self.port)]
-        env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+        env = {**SERVER_ENV, **os.environ, "PYTHONPATH": PYTHONPATH}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=ROOT)
+                                         cwd=ROOT, preexec_fn=self.preexec)
         if wait and self.port is not None:
             self.wait_ready()
         return self

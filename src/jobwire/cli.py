@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from jobwire.app import Jobwire, load
 from jobwire.client import cli as client_cli
-from jobwire.settings import Settings
+from jobwire.settings import SettingError, Settings
 from jobwire.store import StoreError, open_store
 
 
@@ -146,7 +146,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         sys.exit(run(argv))
-    except (CLIError, StoreError) as exc:
+    except (CLIError, SettingError, StoreError) as exc:
         print(f"jobwire: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

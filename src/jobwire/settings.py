@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
+
+
+class SettingError(ValueError):
+    """A JOBWIRE_* variable that cannot be understood; the message names it."""
 
 
 def _env_limit(name: str, default: int) -> int:
@@ -30,6 +35,23 @@ def _env_secret(name: str) -> str | None:
         default_factory=lambda: os.environ.get(f"JOBWIRE_{name.upper()}") or None)
 
 
+def _env_text(name: str, default: str) -> str:
+    """Like _env_limit, for text (parsed where it is used)."""
+    return dataclasses.field(
+        default_factory=lambda: os.environ.get(f"JOBWIRE_{name.upper()}", default))
+
+
+def _live_connection_budget() -> int:
+    """The default cap on live connections: the process's file limit less a quarter of it
+    (at least 64) for what else needs descriptors: HTTP requests and idle keep-alive
+    connections, the database pool and files, logs. Past the file limit the process can
+    no longer accept anything, health checks included."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - max(64, soft // 4))
+
+
 @dataclasses.dataclass
 class Settings:
     db: str = "sqlite:///jobwire.db"
@@ -52,3 +74,10 @@ class Settings:
     fetch_allow_private: bool = _env_flag("fetch_allow_private")  # off: public addresses only
     fetch_deadline: float = _env_seconds("fetch_deadline", 15.0)  # the whole fetch, redirects too
     metrics_token: str | None = _env_secret("metrics_token")  # None: /metrics is open
+    # WS + SSE of all owners together, in this process
+    max_live_connections: int = _env_limit("max_live_connections", _live_connection_budget())
+    # A public server (docs/guarantees.md "A public server"; parsed in api/public.py).
+    session_rate: str = _env_text("session_rate", "30/60s,10")  # new guest sessions per address
+    trusted_proxies: str = _env_text("trusted_proxies", "")  # IPs/CIDRs whose X-Forwarded-* count
+    allowed_origins: str = _env_text("allowed_origins", "")  # other sites that may use the cookie
+    secure_cookies: bool = _env_flag("secure_cookies")  # Secure even over plain HTTP

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from jobwire.api import jobs, live, metrics, pages
 from jobwire.api.headers import SecurityHeaders
 from jobwire.api.limits import BodyLimit, OwnerSlots
+from jobwire.api.public import Origins, RateLimit, SameOrigin
 from jobwire.app import InputError
 from jobwire.settings import Settings
 from jobwire.store import StoreError
@@ -26,10 +27,14 @@ def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
                settings: Settings) -> FastAPI:
     api = FastAPI(title="jobwire", version="0.1.0", lifespan=lifespan)
     api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    api.state.origins = Origins(settings.allowed_origins)
+    api.add_middleware(SameOrigin, origins=api.state.origins)  # before any body is read
     # Outermost, so BodyLimit's refusals carry the headers too.
     api.add_middleware(SecurityHeaders, exempt=frozenset(
         url for url in (api.docs_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url) if url))
-    api.state.connections = OwnerSlots(settings.max_connections)
+    api.state.connections = OwnerSlots(settings.max_connections,
+                                       settings.max_live_connections)
+    api.state.session_rate = RateLimit.parse(settings.session_rate)
     api.include_router(jobs.router)
     api.include_router(live.router)
     api.include_router(metrics.router)

@@ -32,11 +32,14 @@ async def new_session(store: Store, owner: str | None = None,
     return token, owner
 
 
+def bearer_token(conn: HTTPConnection) -> str | None:
+    scheme, _, value = conn.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
 def token_of(conn: HTTPConnection, allow_query: bool) -> str | None:
-    header = conn.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+    if (token := bearer_token(conn)) is not None:
+        return token
     if allow_query and conn.query_params.get("token"):
         return conn.query_params["token"]
     return conn.cookies.get(COOKIE)

@@ -6,12 +6,13 @@ from collections.abc import Awaitable
 from typing import Literal
 
 import orjson
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from jobwire.api.auth import COOKIE, hash_token, new_session
+from jobwire.api.auth import COOKIE, bearer_token, hash_token, new_session, owner_of
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
 from jobwire.api.deps import JobId, Owner, RuntimeDep, owned_job
+from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
     ClaimOut,
     ClaimRequest,
@@ -36,18 +37,34 @@ _submits: Coalescer[tuple[Store, str, str, str], tuple[Job, bool]] = Coalescer()
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOut)
-async def create_session(rt: RuntimeDep, response: Response) -> dict[str, str]:
-    """A new guest session. The token is also set as an HttpOnly cookie for browsers."""
+@router.post("/sessions", status_code=201, response_model=SessionOut, responses={
+    200: {"model": SessionOut, "description": "the caller's session (bearer or cookie), "
+          "which is valid: returned as it is, not replaced"},
+    **errors(403, 429)})
+async def create_session(rt: RuntimeDep, request: Request, response: Response
+                         ) -> dict[str, str | None]:
+    """A new guest session. The token is also set as an HttpOnly cookie for browsers.
+    A caller that already has a valid session keeps it: 200 with its owner, and the
+    token only if it came as a bearer token (a cookie's stays out of reach of scripts)."""
+    try:
+        who = await owner_of(request, rt.store)
+    except HTTPException:
+        pass  # none, or not valid any more: a new one
+    else:
+        response.status_code = 200
+        return {"token": bearer_token(request), "owner": who}
+    check_session_rate(request)
     token, who = await new_session(rt.store, ttl=rt.settings.guest_ttl_seconds)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                        max_age=int(rt.settings.guest_ttl_seconds))
+                        max_age=int(rt.settings.guest_ttl_seconds),
+                        secure=rt.settings.secure_cookies or request.url.scheme == "https")
     return {"token": token, "owner": who}
 
 
 @router.post("/sessions/claim", response_model=ClaimOut, responses={
     **errors(400, 401, 413),
-    403: {"model": ErrorOut, "description": "the caller is not a user"},
+    403: {"model": ErrorOut, "description": "the caller is not a user, or a cross-site "
+          "request with the session cookie"},
     404: {"model": ErrorOut, "description": "no such guest session, or it expired"},
     409: {"model": ErrorOut,
           "description": "an active job of each side has the same task and key"}})
@@ -67,7 +84,7 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
 
 @router.post("/jobs", status_code=201, response_model=SubmitOut,
              responses={200: {"model": SubmitOut, "description": "an active job with this key"},
-                        **errors(400, 401, 413)})
+                        **errors(400, 401, 403, 413)})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
     spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
     store = rt.store
@@ -108,7 +125,7 @@ async def get_items(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, obje
     return {"job": job.id, "seq": job.seq, "items": [i.as_dict() for i in items]}
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 404))
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 403, 404))
 async def cancel(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
     """Cancel a queued job at once, or ask a running one to stop. Idempotent."""
     job = await rt.store.request_cancel(job_id, who)
@@ -118,7 +135,7 @@ async def cancel(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]
 
 
 @router.delete("/jobs/{job_id}", status_code=204,
-               responses=errors(401, 404, 409))
+               responses=errors(401, 403, 404, 409))
 async def delete(job_id: JobId, rt: RuntimeDep, who: Owner) -> Response:
     try:
         deleted = await rt.store.delete_job(job_id, who)

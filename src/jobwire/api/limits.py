@@ -1,8 +1,10 @@
 """Limits that keep one client from exhausting the server: request body size and live
-connections per owner, each refused with a JSON 413/429 that says what the limit is."""
+connections per owner and per process, each refused with a JSON 413/429/503 (or a
+WebSocket close code) that says what the limit is."""
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import Counter
 
@@ -96,24 +98,42 @@ class Slot:
         weakref.finalize(obj, self.release)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a live connection was not opened: the HTTP status for SSE, the WebSocket
+    close code, and the reason."""
+
+    status: int
+    ws_code: int
+    reason: str
+
+
 class OwnerSlots:
-    """Counts live WebSocket and SSE connections per owner in this process."""
+    """Counts live WebSocket and SSE connections in this process, per owner and in all.
+    The total stays under the process's file limit, so however many owners open
+    connections, the server still has descriptors to answer health checks and REST."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, total: int) -> None:
         self.limit = limit
+        self.total = total
         self._held: Counter[str] = Counter()
+        self._count = 0
 
-    def acquire(self, owner: str) -> Slot | None:
-        """A slot, or None when the owner already holds `limit` connections here."""
+    def acquire(self, owner: str) -> Slot | Refusal:
+        """A slot, or why not: this process holds `total` connections (503, close 1013
+        "try again later"), or the owner holds `limit` of them here (429, close 4429)."""
+        if self._count >= self.total:
+            return Refusal(503, 1013, f"server busy: at most {self.total} live connections "
+                           "per server process; retry later")
         if self._held[owner] >= self.limit:
-            return None
+            return Refusal(429, 4429, f"too many live connections: at most {self.limit} "
+                           "per owner; close one first")
         self._held[owner] += 1
+        self._count += 1
         return Slot(self, owner)
 
     def _release(self, owner: str) -> None:
+        self._count -= 1
         self._held[owner] -= 1
         if self._held[owner] <= 0:
             del self._held[owner]
-
-    def refusal(self) -> str:
-        return f"too many live connections: at most {self.limit} per owner; close one first"

@@ -21,8 +21,9 @@ from starlette.websockets import WebSocketDisconnect
 from jobwire.api.auth import owner_of
 from jobwire.api.bodies import TooDeep, loads
 from jobwire.api.deps import JobId, Owner, RuntimeDep, StreamOwner, owned_job, runtime
-from jobwire.api.limits import OwnerSlots
-from jobwire.api.schemas import EventsOut, errors
+from jobwire.api.limits import OwnerSlots, Refusal
+from jobwire.api.public import cross_site
+from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
 from jobwire.store import StoreError
@@ -59,7 +60,9 @@ async def poll_events(job_id: JobId, rt: RuntimeDep, who: Owner,
 
 @router.get("/jobs/{job_id}/stream", response_class=StreamingResponse,
             responses={204: {"description": "the job ended before the given seq"},
-                       **errors(401, 404, 429)})
+                       **errors(401, 404, 429),
+                       503: {"model": ErrorOut, "description": "the database is unavailable, "
+                             "or this server holds its most live connections; retry later"}})
 async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
@@ -73,8 +76,8 @@ async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Reque
     if job.status.terminal and after >= job.seq:
         return Response(status_code=204)  # tells EventSource to stop reconnecting
     slot = connections(request).acquire(who)
-    if slot is None:
-        raise HTTPException(429, connections(request).refusal())
+    if isinstance(slot, Refusal):
+        raise HTTPException(slot.status, slot.reason)
 
     async def frames() -> AsyncIterator[bytes]:
         try:
@@ -270,6 +273,9 @@ async def websocket(ws: WebSocket) -> None:
     one JSON object (a reply, or one event) or a JSON array of events in order."""
     rt = runtime(ws)
     await ws.accept()
+    if (refused := cross_site(ws, allow_query=True)) is not None:
+        await ws.close(code=4403, reason=refused)
+        return
     try:
         who = await owner_of(ws, rt.store, allow_query=True)
     except HTTPException as exc:
@@ -279,8 +285,8 @@ async def websocket(ws: WebSocket) -> None:
         await ws.close(code=1011, reason="the database is unavailable; retry later")
         return
     slot = connections(ws).acquire(who)
-    if slot is None:
-        await ws.close(code=4429, reason=connections(ws).refusal())
+    if isinstance(slot, Refusal):
+        await ws.close(code=slot.ws_code, reason=slot.reason)
         return
     session = SocketSession(ws, who)
     try:

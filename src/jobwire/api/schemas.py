@@ -39,11 +39,11 @@ class ErrorOut(BaseModel):
 ERRORS = {
     400: "the body is not valid JSON",
     401: "no token, or an invalid or expired one",
-    403: "the caller is not allowed to do this",
+    403: "the caller is not allowed to do this (or a cross-site request with the cookie)",
     404: "no such job (a job of another owner answers the same)",
     409: "the job's state does not allow this",
     413: "the request body is over the size limit",
-    429: "too many live connections for this owner",
+    429: "over a limit of this caller (the detail says which); retry later",
     503: "the database is unavailable; retry later",
 }
 
@@ -83,7 +83,8 @@ class SubmitOut(BaseModel):
 
 
 class SessionOut(BaseModel):
-    token: str
+    token: str | None = Field(description="null for a session the request's HttpOnly "
+                                          "cookie holds")
     owner: str
 
 

@@ -138,4 +138,5 @@ class Store(Protocol):
         """Requeue (or fail after max_attempts, or cancel if asked) jobs whose lease ran out."""
 
     async def prune(self, finished_before: float) -> int:
-        """Delete terminal jobs finished before the given time, with items and events."""
+        """Delete terminal jobs finished before the given time, with items and events,
+        and sessions that have expired; the number of jobs deleted."""

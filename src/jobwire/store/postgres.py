@@ -758,6 +758,7 @@ class PostgresStore:
         return await self._transact(expire)
 
     async def prune(self, finished_before: float) -> int:
+        await self._execute("DELETE FROM sessions WHERE expires_at <= %s", (now(),))
         return await self._execute(
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN "
             f"{TERMINAL_SQL} AND finished_at < %s FOR UPDATE SKIP LOCKED)",

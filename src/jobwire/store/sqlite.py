@@ -715,6 +715,7 @@ class SQLiteStore:
 
     async def prune(self, finished_before: float) -> int:
         def prune(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now(),))
             return conn.execute(
                 f"DELETE FROM jobs WHERE status IN {_TERMINAL_SQL} AND finished_at < ?",
                 (finished_before,)).rowcount
