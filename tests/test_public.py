@@ -246,13 +246,14 @@ async def test_cookie_is_kept_and_not_usable_from_other_sites(
         async with connect(ws_url(srv.url), origin=origin,  # type: ignore[arg-type]
                            additional_headers=cookie) as ws:
             with pytest.raises(ConnectionClosed) as closed:
-                await ws.recv()
+                await asyncio.wait_for(ws.recv(), 5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
     for origin in (own, partner, "http://x.test:81"):
         async with connect(ws_url(srv.url), origin=origin,  # type: ignore[arg-type]
                            additional_headers=cookie) as ws:
             await ws.send(orjson.dumps({"op": "subscribe", "job": job}).decode())
-            assert orjson.loads(await ws.recv())["op"] == "subscribed", origin
+            reply = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert reply["op"] == "subscribed", origin
     # The dashboard's own calls (Origin = the server's) still work.
     r = await browser.post(cancel, headers={"Origin": own})
     assert r.status_code == 200 and r.json()["cancel_requested"]
