@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from jobwire.api.auth import COOKIE, hash_token
-from jobwire.api.public import RateLimit
+from jobwire.api.public import RateLimit, rate_key
 from jobwire.model import now
 from jobwire.store import open_store
 from tests.chaos.wire import ws_url
@@ -116,6 +116,13 @@ def test_idle_buckets_are_forgotten() -> None:
     assert limit.take("10.8.8.8") == 0 and len(limit) == 1
     assert [limit.take("10.9.9.9") for _ in range(11)] == [0] * 10 + [2.0]
     assert len(limit) == 2
+
+
+def test_ipv6_clients_are_counted_by_their_64() -> None:
+    assert rate_key("2001:db8:1:2:aaaa::1") == rate_key("2001:db8:1:2:ffff::9") == (
+        "2001:db8:1:2::/64")
+    assert rate_key("2001:db8:1:3::1") != rate_key("2001:db8:1:2::1")
+    assert rate_key("10.1.2.3") == "10.1.2.3" != rate_key("10.1.2.4")
 
 
 def raw_sessions(db: str) -> set[str]:

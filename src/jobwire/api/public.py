@@ -84,10 +84,20 @@ def client_address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else ""
 
 
+def rate_key(address: str) -> str:
+    """What one client's rate is counted by: its IPv4 address, or its IPv6 /64 (one host
+    commonly has a whole /64 to pick addresses from)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else address
+
+
 def check_session_rate(conn: HTTPConnection) -> None:
     """429 with Retry-After when the caller's address has used up its new sessions."""
     limit: RateLimit = conn.app.state.session_rate
-    wait = limit.take(client_address(conn))
+    wait = limit.take(rate_key(client_address(conn)))
     if wait > 0:
         seconds = math.ceil(wait)
         raise HTTPException(429, f"too many new sessions from your address: {limit}; "
