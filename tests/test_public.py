@@ -21,7 +21,7 @@ from jobwire.api.public import RateLimit, rate_key
 from jobwire.model import now
 from jobwire.store import open_store
 from tests.chaos.wire import ws_url
-from tests.conftest import Proc, guest
+from tests.conftest import Proc, cli, free_port, guest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,3 +265,13 @@ async def test_cookie_is_kept_and_not_usable_from_other_sites(
     r = await browser.post(cancel, headers={"Origin": own})
     assert r.status_code == 200 and r.json()["cancel_requested"]
     await browser.aclose()
+
+
+@pytest.mark.parametrize(("name", "value"), [("session_rate", "30 a minute"),
+                                              ("trusted_proxies", "10.0.0.0/8, proxy.lan"),
+                                              ("allowed_origins", "app.example.com")])
+def test_a_setting_that_makes_no_sense_stops_the_server(name: str, value: str) -> None:
+    out = cli("serve", "--db", "sqlite:///:memory:", "--port", str(free_port()),
+              env={f"JOBWIRE_{name.upper()}": value})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"JOBWIRE_{name.upper()}" in out.stderr and repr(value.split(", ")[-1]) in out.stderr

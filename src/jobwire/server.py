@@ -56,14 +56,14 @@ def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
 def serve(settings: Settings, jobwire: Jobwire) -> None:
     from jobwire.api.public import trusted_proxies
 
-    # No permessage-deflate: its per-socket zlib state costs ~150 KB per WebSocket and a
-    # compression of every event for every subscriber (bench/README.md: 2.5x the memory of
-    # 10,000 idle sockets, half the fan-out rate), for events of a few hundred bytes.
     # X-Forwarded-For/-Proto count only from JOBWIRE_TRUSTED_PROXIES (uvicorn's default
     # trusts 127.0.0.1: any local process could then pick its own address, and so its
     # own rate limit); uvicorn sets the client and scheme from them, rightmost untrusted
     # hop first.
     proxies = trusted_proxies(settings.trusted_proxies)
+    # No permessage-deflate: its per-socket zlib state costs ~150 KB per WebSocket and a
+    # compression of every event for every subscriber (bench/README.md: 2.5x the memory of
+    # 10,000 idle sockets, half the fan-out rate), for events of a few hundred bytes.
     uvicorn.run(create_server(settings, jobwire), host=settings.host, port=settings.port,
                 log_level="info", ws_max_size=settings.ws_max_frame_bytes,
                 ws_per_message_deflate=False,

@@ -62,7 +62,7 @@ async def poll_events(job_id: JobId, rt: RuntimeDep, who: Owner,
             responses={204: {"description": "the job ended before the given seq"},
                        **errors(401, 404, 429),
                        503: {"model": ErrorOut, "description": "the database is unavailable, "
-                             "or this server holds its most live connections; retry later"}})
+                             "or this process is at its live-connection limit; retry later"}})
 async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
