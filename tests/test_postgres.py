@@ -19,8 +19,8 @@ import websockets
 from psycopg.conninfo import conninfo_to_dict
 
 from jobwire.hub import Hub
-from jobwire.model import Event, Status
-from jobwire.store import Lease, StoreError, open_store
+from jobwire.model import Event, ItemStatus, Status
+from jobwire.store import ItemUpdate, Lease, StoreError, open_store
 from jobwire.store.pg_schema import MIGRATIONS
 from jobwire.store.postgres import PostgresStore
 from tests.conftest import Client, Proc, guest
@@ -329,3 +329,35 @@ async def test_failure_after_commit_still_reaches_local_subscribers(pg_url: str)
     assert got == [claimed.seq + 1], "the committed terminal event reached the subscriber"
     sub.close()
     await store.close()
+
+
+async def test_cancelled_writes_never_hand_their_results_to_the_next(pg_url: str) -> None:
+    """A worker cancels a task mid-write when its lease is lost. The write's connection
+    may be mid round trip (a pipeline's BEGIN sent, its results unread); reused from the
+    pool, the next write read those results as its own: it applied but saw "SELECT 0",
+    and its retry on the general path failed the job with "item cannot go from done to
+    done" (or ran uncommitted in a transaction it did not know of). Every write after a
+    cancelled one must get its own answer."""
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        n = 100
+        job, _ = await store.submit("o", "t", {}, None, 1)
+        [claimed] = await store.claim("w", ["t"], 1, 60)
+        lease = Lease(job.id, "w", claimed.attempt)
+        await store.declare_items(lease, [f"k{k}" for k in range(n)])
+        for k in range(n):
+            # A pipelined write (a progress report), cancelled at a varying point.
+            victim = asyncio.create_task(store.report(lease, {"k": k}))
+            await asyncio.sleep((k % 15) * 0.0005)
+            victim.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await victim
+            written = await store.update_items(lease, [ItemUpdate(f"k{k}", ItemStatus.DONE)])
+            assert [e.data["ref"] for e in written.events] == [f"k{k}"]
+        ended = await store.job_with_items(job.id)
+        assert ended is not None
+        assert ended[0].progress.done == n
+        assert all(it.status == ItemStatus.DONE for it in ended[1])
+    finally:
+        await store.close()

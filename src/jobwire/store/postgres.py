@@ -183,7 +183,17 @@ class PostgresStore:
     async def _connection(self) -> AsyncIterator[Conn]:
         try:
             async with self.pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except Exception:
+                    raise
+                except BaseException:
+                    # Cancelled mid round trip (a task stopped for a lost lease, a client
+                    # gone): results may still be on their way, and a pipeline may have
+                    # sent a BEGIN whose transaction the pool cannot see. The next user
+                    # would read them as its own answers, so the connection goes.
+                    await conn.close()
+                    raise
         except psycopg.Error as exc:  # unreachable, refused or rejected: a clear error
             raise StoreError(f"database error: {exc}") from exc
 
