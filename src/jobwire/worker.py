@@ -166,6 +166,11 @@ class Worker:
                 except StoreError as exc:
                     log.warning("claim failed: %s", exc)
             for job in jobs:
+                if (earlier := self._running.get(job.id)) is not None:
+                    # Its lease ran out unnoticed (a stalled loop, failing heartbeats) and
+                    # we claimed the job again: that attempt lost it. Its entry is
+                    # replaced below, so stop it now, or nothing ever would.
+                    self._lose(earlier[0].lease)
                 lease = Lease(job.id, self.id, job.attempt)
                 ctx = Context(job, lease, self.store, self.max_items)
                 inner = asyncio.create_task(self._call(job, ctx))
@@ -186,8 +191,10 @@ class Worker:
     async def _supervise(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> None:
         end = await self._outcome(job, ctx, inner)
         # The slot is free once the task has stopped: the next claim does not wait for
-        # this job's end to be written.
-        self._running.pop(job.id, None)
+        # this job's end to be written. A later attempt of the job may hold it by now.
+        running = self._running.get(job.id)
+        if running is not None and running[0] is ctx:
+            del self._running[job.id]
         self._wake.set()
         if end is not None:
             await self._finish(ctx.lease, *end)
@@ -246,15 +253,19 @@ class Worker:
                 continue
             for lease in leases:
                 if lease.job not in held:
-                    running = self._running.get(lease.job)
-                    # Else it stopped while we asked (its slot is freed before its end is
-                    # written, so a job still here has not ended), or it is a later attempt.
-                    if running is not None and running[0].lease == lease:
-                        log.warning("lost the lease of job %s; stopping it", lease.job)
-                        running[0].lost = True
-                        running[1].cancel()
+                    self._lose(lease)
                 elif held[lease.job]:
                     self._cancel(lease.job)
+
+    def _lose(self, lease: Lease) -> None:
+        """Stop the task of an attempt that lost its lease: nothing of it is recorded."""
+        running = self._running.get(lease.job)
+        # Else it stopped meanwhile (its slot is freed before its end is written, so a job
+        # still here has not ended), or it is a later attempt.
+        if running is not None and running[0].lease == lease:
+            log.warning("lost the lease of job %s; stopping it", lease.job)
+            running[0].lost = True
+            running[1].cancel()
 
     async def _housekeeping_loop(self) -> None:
         last_prune = 0.0
