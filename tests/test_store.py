@@ -99,6 +99,15 @@ async def test_writes_need_the_current_lease(store: Store) -> None:
     with pytest.raises(IllegalTransition):  # a finished item is never counted twice
         await store.update_items(lease2, [ItemUpdate("a", ItemStatus.DONE)])
     await store.update_items(lease2, [ItemUpdate("b", ItemStatus.DONE)])
+    # Whatever the stale attempt writes, it hears LeaseLost, never about the items (both
+    # are done now): its error never reads as the task's own mistake.
+    for stale in (lambda: store.update_items(lease, [ItemUpdate("a", ItemStatus.DONE)]),
+                  lambda: store.update_items(lease, [ItemUpdate("b", ItemStatus.RUNNING),
+                                                     ItemUpdate("b", ItemStatus.DONE)]),
+                  lambda: store.declare_items(lease, ["a", "c"]),
+                  lambda: store.finish(lease, Status.FAILED, error="stale")):
+        with pytest.raises(LeaseLost):
+            await stale()
     await store.finish(lease2, Status.COMPLETED, {"ok": True})
     snap, _ = await replay(store, job.id)
     assert snap["status"] == "completed" and snap["progress"]["done"] == 2
