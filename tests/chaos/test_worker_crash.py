@@ -62,6 +62,34 @@ async def submit_all(c: Client) -> list[str]:
     return list(await asyncio.gather(*(one(k) for k in range(JOBS))))
 
 
+async def busy_pids(c: Client) -> set[int]:
+    """Workers mid-job: each finished an item, in its current attempt, of a job still
+    running (crunch stamps items with the pid and attempt)."""
+    running = (await c.http.get("/api/jobs", params={"status": "running"})).json()
+    pids: set[int] = set()
+    for job in [j for j in running if j["progress"]["done"]][:10]:
+        items = (await c.http.get(f"/api/jobs/{job['id']}/items")).json()["items"]
+        pids |= {it["result"]["pid"] for it in items
+                 if it["status"] == "done" and it["result"]["attempt"] == job["attempt"]}
+    return pids
+
+
+async def mid_job(c: Client, workers: list[Proc], submitting: asyncio.Task[Any],
+                  rng: random.Random) -> Proc | None:
+    """A worker to kill while it runs jobs, not one still starting or idle (on a loaded
+    machine a new worker takes seconds to start); None once no job is left to run."""
+    for _ in range(600):
+        busy = await busy_pids(c)
+        found = [w for w in workers if w.proc is not None and w.proc.pid in busy]
+        if found:
+            return rng.choice(found)
+        if submitting.done() and not busy and not (await c.http.get(
+                "/api/jobs", params={"status": "active"})).json():
+            return None
+        await asyncio.sleep(0.1)
+    raise AssertionError("no worker was ever seen mid-job")
+
+
 async def test_sigkill_workers_under_load(serve: Serve, procs: Any, db_url: str) -> None:
     srv = serve("--no-workers", db=db_url)
     c = await guest(srv.url)
@@ -72,13 +100,21 @@ async def test_sigkill_workers_under_load(serve: Serve, procs: Any, db_url: str)
         return p
 
     workers = [worker() for _ in range(WORKERS)]
-    ids = await submit_all(c)
+    # Kills start while jobs are still being submitted: on a loaded machine the workers
+    # can keep up with the submissions, leaving nothing to kill a worker in the middle of.
+    submitting = asyncio.create_task(submit_all(c))
     rng = random.Random(11)
+    kills = 0
     for _ in range(KILLS):
         await asyncio.sleep(rng.uniform(0.5, 1.5))
-        victim = workers.pop(rng.randrange(len(workers)))
+        victim = await mid_job(c, workers, submitting, rng)
+        if victim is None:
+            break
+        workers.remove(victim)
         victim.kill()
+        kills += 1
         workers.append(worker())
+    ids = await submitting
 
     for _ in range(1200):  # the survivors finish everything, expiring the dead leases
         active = (await c.http.get("/api/jobs", params={"status": "active"})).json()
@@ -98,7 +134,7 @@ async def test_sigkill_workers_under_load(serve: Serve, procs: Any, db_url: str)
         check_job(job, found["items"], events)
         outcomes[job["status"]] = outcomes.get(job["status"], 0) + 1
         retried += any(e["type"] == "retrying" for e in events)
-    print(f"outcomes {outcomes}, {retried} jobs retried")
+    print(f"outcomes {outcomes}, {kills} workers killed mid-job, {retried} jobs retried")
     assert retried > 0, "no worker was killed mid-job: the test proved nothing"
     assert outcomes.get("completed", 0) >= JOBS * 0.9, outcomes
     await c.http.aclose()
