@@ -65,8 +65,10 @@ class Connection:
 
     @property
     def mode(self) -> str:
-        """"socket", "polling" or "connecting" (for tests and status displays)."""
-        return "socket" if self._ws is not None else "polling" if self.polling else "connecting"
+        """"socket", "polling" or "connecting" (for tests and status displays). A socket
+        that is open but has not yet proved it works is not in use yet: the pollers go
+        on until its first message."""
+        return "polling" if self.polling else "socket" if self._ws is not None else "connecting"
 
     def subscribe(self, feed: Feed) -> None:
         self.feeds[feed.job_id] = feed
