@@ -270,6 +270,26 @@ async def test_server_limits_push_jobs_to_polling(procs: Any, tmp_path: Path,
             assert await waiting == {"ran": 2}
 
 
+async def test_a_refused_subscription_refused_again_keeps_one_poller(
+        procs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job the socket cannot carry is polled; when the server refuses it again (a
+    re-subscribe after a resync), the poller already running goes on alone."""
+    monkeypatch.setenv("JOBWIRE_MAX_SUBSCRIPTIONS", "1")
+    server: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'limits.db'}")
+    gate = tmp_path / "gate"
+    async with Client(server.url, backoff=FAST, poll_wait=5) as jw:
+        jobs = [(await jw.submit("steps", {"n": 2, "gate": str(gate)}))[0] for _ in range(2)]
+        watching = [asyncio.create_task(jw.wait(j["id"])) for j in jobs]
+        await eventually(lambda: _true(len(jw.connection.pollers) == 1))
+        [(polled, poller)] = jw.connection.pollers.items()
+        jw.connection._send(op="subscribe", job=polled, after=0)  # refused again: 429
+        await asyncio.sleep(0.5)
+        assert jw.connection.pollers == {polled: poller}
+        assert not poller.task.done()
+        gate.touch()
+        assert await asyncio.gather(*watching) == [{"ran": 2}, {"ran": 2}]
+
+
 async def test_concurrent_recover_is_one_request(client: Client, server: Proc) -> None:
     jobs = [(await client.submit("block", {}))[0] for _ in range(3)]
     counting = Counting()

@@ -77,7 +77,7 @@ class Connection:
             self._runner = asyncio.create_task(self._run())
         if self._ws is not None:
             self._send(op="subscribe", job=feed.job_id, after=feed.seq)
-        elif self.polling and feed.job_id not in self.pollers:
+        elif self.polling:
             self._poll(feed)
 
     def unsubscribe(self, feed: Feed) -> None:
@@ -96,14 +96,15 @@ class Connection:
         self._outbox.put_nowait(orjson.dumps(message))
 
     def _poll(self, feed: Feed) -> None:
-        self.pollers[feed.job_id] = Poller(feed, self.api, self.poll_wait,
-                                           self._backoff_factory())
+        """Poll the job unless it is polled already: one poller per job, whatever asks."""
+        if feed.job_id not in self.pollers:
+            self.pollers[feed.job_id] = Poller(feed, self.api, self.poll_wait,
+                                               self._backoff_factory())
 
     def _start_polling(self) -> None:
         self.polling = True
-        for job_id, feed in self.feeds.items():
-            if job_id not in self.pollers:
-                self._poll(feed)
+        for feed in self.feeds.values():
+            self._poll(feed)
 
     def _stop_polling(self) -> None:
         self.polling = False
