@@ -149,7 +149,7 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
     from jobwire.store import open_store
     from jobwire.worker import Worker
 
-    store = open_store(db)
+    store = open_store(db, max_active_jobs=n)  # one owner queues all n
     await store.open()
     done = Completions(n)
 

@@ -63,7 +63,7 @@ async def submit_all(c: Client) -> list[str]:
 
 
 async def test_sigkill_workers_under_load(serve: Serve, procs: Any, db_url: str) -> None:
-    srv = serve("--no-workers", db=db_url)
+    srv = serve("--no-workers", db=db_url, max_active_jobs=JOBS)  # one guest queues them all
     c = await guest(srv.url)
 
     def worker() -> Proc:
