@@ -122,3 +122,38 @@ async def test_an_owners_first_job_overtakes_another_owners_backlog(
     assert overtaking <= CONCURRENCY, f"{overtaking} of A's jobs started before B's one"
     for c in (a, b):
         await c.http.aclose()
+
+
+async def test_a_database_of_the_first_schema_is_upgraded(db_url: str) -> None:
+    """A job queued before ranks existed is kept, ranked as its owner's first, and claimed."""
+    row = ("INSERT INTO jobs (id, task, owner, status, input, max_attempts, seq, created_at, "
+           "updated_at) VALUES ('old', 't', 'o', 'queued', 'null', 1, 1, 0, 0)")
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        from jobwire.store.sqlite import MIGRATIONS, _path_of
+
+        with sqlite3.connect(_path_of(db_url)) as conn:
+            conn.executescript(MIGRATIONS[0])
+            conn.execute(row)
+            conn.execute("PRAGMA user_version = 1")
+    else:
+        import psycopg
+
+        from jobwire.store import pg_schema
+
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            pg.execute(pg_schema.MIGRATIONS[0].encode())
+            pg.execute("CREATE TABLE jobwire_migrations (version integer PRIMARY KEY, "
+                       "applied_at double precision NOT NULL)")
+            pg.execute("INSERT INTO jobwire_migrations VALUES (1, 0)")
+            pg.execute(row)
+    store = open_store(db_url)
+    await store.open()
+    try:
+        new, _ = await store.submit("o", "t", {}, None, 1)
+        other, _ = await store.submit("p", "t", {}, None, 1)
+        claimed = [j.id for _ in range(3) for j in await store.claim("w", ["t"], 1, 30)]
+    finally:
+        await store.close()
+    assert claimed == ["old", other.id, new.id]
