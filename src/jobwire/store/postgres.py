@@ -102,9 +102,16 @@ _HELD_SQL = ("SELECT jobs.id FROM jobs JOIN leases ON jobs.id = leases.job "
              "AND jobs.status = 'running' AND jobs.worker = leases.worker "
              "AND jobs.attempt = leases.attempt ORDER BY jobs.id FOR NO KEY UPDATE OF jobs")
 
-# Serialises one owner's submits. The first key ("jo") keeps these apart from other
-# advisory locks (the migrations' is "jw"); owners whose names hash alike merely take turns.
-_LOCK_OWNER = f"SELECT pg_advisory_xact_lock({0x6A6F}, hashtext(%s))"
+# Serialises one owner's submits that may create a job: those whose key has no active job
+# (joining one is never refused, so a dedup storm's joiners need not take turns). It notes
+# in a transaction-local setting that it took the lock, for the submit statement to check.
+# The first key ("jo") keeps these apart from other advisory locks (the migrations' is
+# "jw"); owners whose names hash alike merely take turns.
+_OWNER_LOCKED = "current_setting('jobwire.owner_locked', true) = 'on'"
+_LOCK_OWNER = (
+    f"SELECT pg_advisory_xact_lock({0x6A6F}, hashtext(%s)), "
+    "set_config('jobwire.owner_locked', 'on', true) WHERE NOT EXISTS (SELECT FROM jobs "
+    f"WHERE owner = %s AND task = %s AND key = %s AND status IN {ACTIVE_SQL})")
 
 _WRITE_EVENTS = (
     "WITH written AS (INSERT INTO events (job_id, seq, type, data, at) "
@@ -385,12 +392,13 @@ class PostgresStore:
         while True:
             at = now()
             async with self._connection() as conn:
-                # One owner's submits take turns on a lock held to commit (other owners'
-                # run in parallel), so the count the submit statement makes, in a snapshot
-                # taken after the lock, is exact: the cap holds across any number of
-                # processes. Pipelined, lock and submit and commit are one round trip.
+                # One owner's submits that may create a job take turns on a lock held to
+                # commit (other owners' run in parallel), so the count the submit statement
+                # makes, in a snapshot taken after the lock, is exact: the cap holds across
+                # any number of processes. Pipelined: lock, submit and commit are one round
+                # trip.
                 async with conn.pipeline(), conn.transaction():
-                    await conn.execute(_LOCK_OWNER, (owner,))
+                    await conn.execute(_LOCK_OWNER, (owner, owner, task, key))
                     cur = await conn.execute(self._submit_sql, (
                         owner, task, key, owner, cap,
                         uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts,
@@ -405,16 +413,17 @@ class PostgresStore:
                     self._publish([Event(job=job.id, seq=1, type=EventType.CREATED.value,
                                          data=rows[0][-1], at=at)])
                 return job, created
-            # Empty: the insert met an active job of the key that the statement's snapshot
-            # cannot see (moved to this owner by a session claim meanwhile, which does not
-            # take the owner's lock). The next statement sees it.
+            # Empty: the key's active job, seen before the lock was skipped, ended before
+            # the submit statement; or the insert met an active job of the key that the
+            # statement's snapshot cannot see (moved to this owner by a session claim, which
+            # does not take the owner's lock). The next round sees how things are now.
 
     @functools.cached_property
     def _submit_sql(self) -> str:
         """Returns the active job of (owner, task, key) with a NULL event, if there is one;
-        else, if the owner has fewer than the cap of active jobs, inserts a job ranked by
-        their number, writing and notifying its `created` event, and returns it with the
-        event's data; else one row of NULLs (refused)."""
+        else, only under the owner's lock: if the owner has fewer than the cap of active
+        jobs, inserts a job ranked by their number, writing and notifying its `created`
+        event, and returns it with the event's data; else one row of NULLs (refused)."""
         data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
         refused = ", ".join(["NULL"] * (JOB_COLUMNS.count(",") + 3))
         return (
@@ -426,12 +435,13 @@ class PostgresStore:
             "new AS (INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, "
             "seq, rank, created_at, updated_at) SELECT %s, %s, %s, %s, 'queued', %s, %s, 1, "
             "n, %s, %s FROM active WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
+            f"AND {_OWNER_LOCKED} "
             "ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
             f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
             f"{self._with_events('new', 'created', data, JOB_COLUMNS)} "
             f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM existing "
             f"UNION ALL SELECT {refused} FROM active "
-            "WHERE n >= %s AND NOT EXISTS (SELECT FROM existing)")
+            f"WHERE n >= %s AND NOT EXISTS (SELECT FROM existing) AND {_OWNER_LOCKED}")
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         async with self._connection() as conn:
