@@ -111,7 +111,7 @@ async def grow(db: str, fill: Callable[[str, int, int], None], sizes: list[int],
               flush=True)
         # Opened after the fill, so the store does not take the bulk rows for fresh
         # events written by another process and relay them to (absent) listeners.
-        store = open_store(db)
+        store = open_store(db, max_active_jobs=calls)  # `calls` jobs of one owner at once
         await store.open()
         try:
             runs = [await measure(store, calls, f"{size}-{r}") for r in range(reps)]

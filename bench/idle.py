@@ -27,7 +27,7 @@ async def _prepare(db: str, jobs: int) -> tuple[str, list[str]]:
     from jobwire.api.auth import new_session
     from jobwire.store import open_store
 
-    store = open_store(db)
+    store = open_store(db, max_active_jobs=jobs)  # one owner queues all of them
     await store.open()
     try:
         token, owner = await new_session(store)

@@ -125,7 +125,8 @@ def _check(name: str, expected: int, got: int) -> None:
 async def _enqueue_http(db: str, n: int) -> float:
     """POST /api/jobs to a `jobwire serve` process (no workers) on `db`, one request at a
     time from a light client: validation, the route, and the store's submit."""
-    with jobwire_server(db, workers=False) as (url, _):
+    cap = {"JOBWIRE_MAX_ACTIVE_JOBS": str(n)}  # one guest queues all n
+    with jobwire_server(db, workers=False, env=cap) as (url, _):
         http = Http1Pool(url, 1)
         try:
             _, session = await http.request(http.post("/api/sessions", "", {}))
@@ -149,7 +150,7 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
     from jobwire.store import open_store
     from jobwire.worker import Worker
 
-    store = open_store(db)
+    store = open_store(db, max_active_jobs=n)  # one owner queues all n
     await store.open()
     done = Completions(n)
 

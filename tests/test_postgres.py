@@ -256,7 +256,7 @@ async def test_servers_and_migrate_on_a_fresh_schema_at_once(pg_url: str, procs:
 
 
 async def test_concurrent_claims_and_expiries_take_each_job_once(pg_url: str) -> None:
-    stores = [open_store(pg_url) for _ in range(4)]
+    stores = [open_store(pg_url, max_active_jobs=120) for _ in range(4)]  # one owner's 120
     for s in stores:
         await s.open()
     try:

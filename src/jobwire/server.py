@@ -32,7 +32,7 @@ def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings.db)
+        store = open_store(settings.db, max_active_jobs=settings.max_active_jobs)
         await store.open()
         hub = Hub(store)
         worker = None

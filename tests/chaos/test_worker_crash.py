@@ -91,7 +91,7 @@ async def mid_job(c: Client, workers: list[Proc], submitting: asyncio.Task[Any],
 
 
 async def test_sigkill_workers_under_load(serve: Serve, procs: Any, db_url: str) -> None:
-    srv = serve("--no-workers", db=db_url)
+    srv = serve("--no-workers", db=db_url, max_active_jobs=JOBS)  # one guest queues them all
     c = await guest(srv.url)
 
     def worker() -> Proc:

@@ -25,14 +25,19 @@ from jobwire.api.schemas import (
     errors,
 )
 from jobwire.model import ACTIVE, Job, Status
-from jobwire.store import JobActive, OwnerConflict, Store
+from jobwire.store import JobActive, OwnerConflict, Store, TooManyActive
 
 router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
 
 # Concurrent submits of one (owner, task, key) share one store submit that started after
 # they all arrived: its caller gets what it answered, the others join its job, which is what
 # the dedup index would have answered each of them, for one transaction instead of one each.
+# A refusal by the cap is shared alike: that key had no active job, so each would hear it.
 _submits: Coalescer[tuple[Store, str, str, str], tuple[Job, bool]] = Coalescer()
+
+# When an owner at the cap may try again: jobs end at no predictable time, and a client
+# retrying every few seconds costs one cheap refused submit each time.
+RETRY_AFTER = "5"
 
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
@@ -84,7 +89,14 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
 
 @router.post("/jobs", status_code=201, response_model=SubmitOut,
              responses={200: {"model": SubmitOut, "description": "an active job with this key"},
-                        **errors(400, 401, 403, 413)})
+                        **errors(400, 401, 403, 413),
+                        429: {"model": ErrorOut, "description": (
+                            "the owner has the most active jobs allowed "
+                            "(JOBWIRE_MAX_ACTIVE_JOBS); a submit of an active job's key "
+                            "is never refused"),
+                            "headers": {"Retry-After": {
+                                "description": "seconds to wait before submitting again",
+                                "schema": {"type": "integer"}}}}})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
     spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
     store = rt.store
@@ -92,11 +104,14 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
     def call() -> Awaitable[tuple[Job, bool]]:
         return store.submit(who, body.task, value, key, spec.max_attempts)
 
-    if key is None:
-        job, created = await call()
-    else:
-        (job, created), own = await _submits.run((store, who, body.task, key), call)
-        created = created and own
+    try:
+        if key is None:
+            job, created = await call()
+        else:
+            (job, created), own = await _submits.run((store, who, body.task, key), call)
+            created = created and own
+    except TooManyActive as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")

@@ -11,20 +11,22 @@ from jobwire.store.base import (
     OwnerConflict,
     Store,
     StoreError,
+    TooManyActive,
     UnknownItem,
     Written,
 )
 
 
-def open_store(url: str) -> Store:
-    """`postgresql://…` for the distributed backend, anything else is a SQLite path or URL."""
+def open_store(url: str, max_active_jobs: int | None = None) -> Store:
+    """`postgresql://…` for the distributed backend, anything else is a SQLite path or URL.
+    `max_active_jobs` caps each owner's queued + running jobs (default: the Settings one)."""
     if url.startswith(("postgres://", "postgresql://")):
         from jobwire.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, max_active_jobs=max_active_jobs)
     from jobwire.store.sqlite import SQLiteStore
 
-    return SQLiteStore(url)
+    return SQLiteStore(url, max_active_jobs=max_active_jobs)
 
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "OwnerConflict",
     "Store",
     "StoreError",
+    "TooManyActive",
     "UnknownItem",
     "Written",
     "open_store",

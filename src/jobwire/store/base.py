@@ -44,6 +44,15 @@ class OwnerConflict(StoreError):
     """Moving jobs to another owner would give it two active jobs with one dedup key."""
 
 
+class TooManyActive(StoreError):
+    """The owner already has the most active (queued or running) jobs a store allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"too many active jobs: at most {limit} per owner; "
+                         "wait for one to end or cancel one")
+        self.limit = limit
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lease:
     """A worker's claim on one attempt of a job; every write a worker makes is fenced by it."""
@@ -88,7 +97,10 @@ class Store(Protocol):
     async def submit(
         self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int
     ) -> tuple[Job, bool]:
-        """Create a job, or return the active job of (owner, task, key) with created=False."""
+        """Create a job, or return the active job of (owner, task, key) with created=False.
+        TooManyActive, creating nothing, if the owner has `max_active_jobs` active jobs
+        (joining an active job by its key is never refused). A new job's fairness rank is
+        the owner's number of active jobs: claims take low ranks first."""
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None: ...
 
@@ -113,7 +125,9 @@ class Store(Protocol):
     # -- the worker's side
     async def claim(
         self, worker: str, tasks: Collection[str], limit: int, lease_seconds: float
-    ) -> list[Job]: ...
+    ) -> list[Job]:
+        """Start up to `limit` queued jobs of `tasks`, lowest fairness rank first, then
+        oldest first: an owner's first active job overtakes another owner's backlog."""
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         """Extend the leases still held; returns {job id: cancel_requested} for those."""

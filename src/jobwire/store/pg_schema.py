@@ -73,6 +73,14 @@ MIGRATIONS: list[str] = [
         expires_at double precision
     );
     """,
+    # Fair claiming and the per-owner cap (see PostgresStore.submit). Jobs queued before
+    # this migration get rank 0, as if each were its owner's first.
+    f"""
+    ALTER TABLE jobs ADD COLUMN rank integer NOT NULL DEFAULT 0;
+    DROP INDEX jobs_queue;
+    CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
+    CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {ACTIVE_SQL};
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

@@ -50,6 +50,7 @@ from jobwire.model import (
     item_sources,
     now,
 )
+from jobwire.settings import Settings
 from jobwire.store.base import (
     UNKNOWN_SEQ,
     Hint,
@@ -59,6 +60,7 @@ from jobwire.store.base import (
     LeaseLost,
     OwnerConflict,
     StoreError,
+    TooManyActive,
     UnknownItem,
     Written,
 )
@@ -99,6 +101,17 @@ _LEASE = "status = 'running' AND worker = %s AND attempt = %s"
 _HELD_SQL = ("SELECT jobs.id FROM jobs JOIN leases ON jobs.id = leases.job "
              "AND jobs.status = 'running' AND jobs.worker = leases.worker "
              "AND jobs.attempt = leases.attempt ORDER BY jobs.id FOR NO KEY UPDATE OF jobs")
+
+# Serialises one owner's submits that may create a job: those whose key has no active job
+# (joining one is never refused, so a dedup storm's joiners need not take turns). It notes
+# in a transaction-local setting that it took the lock, for the submit statement to check.
+# The first key ("jo") keeps these apart from other advisory locks (the migrations' is
+# "jw"); owners whose names hash alike merely take turns.
+_OWNER_LOCKED = "current_setting('jobwire.owner_locked', true) = 'on'"
+_LOCK_OWNER = (
+    f"SELECT pg_advisory_xact_lock({0x6A6F}, hashtext(%s)), "
+    "set_config('jobwire.owner_locked', 'on', true) WHERE NOT EXISTS (SELECT FROM jobs "
+    f"WHERE owner = %s AND task = %s AND key = %s AND status IN {ACTIVE_SQL})")
 
 _WRITE_EVENTS = (
     "WITH written AS (INSERT INTO events (job_id, seq, type, data, at) "
@@ -158,8 +171,10 @@ async def _check(conn: Conn) -> None:
 class PostgresStore:
     """The distributed backend (`postgresql://user@host:port/db?options=-csearch_path=…`)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_active_jobs: int | None = None) -> None:
         self.url = url
+        self.max_active_jobs = (Settings().max_active_jobs if max_active_jobs is None
+                                else max_active_jobs)
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._hints: list[Hint] = []
         self._listener: Listener | None = None
@@ -383,37 +398,60 @@ class PostgresStore:
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
                      max_attempts: int) -> tuple[Job, bool]:
+        cap = self.max_active_jobs
         while True:
             at = now()
-            rows = await self._query(self._submit_sql, (
-                uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at,
-                self.listener.channel, owner, task, key))
+            async with self._connection() as conn:
+                # One owner's submits that may create a job take turns on a lock held to
+                # commit (other owners' run in parallel), so the count the submit statement
+                # makes, in a snapshot taken after the lock, is exact: the cap holds across
+                # any number of processes. Pipelined: lock, submit and commit are one round
+                # trip.
+                async with conn.pipeline(), conn.transaction():
+                    await conn.execute(_LOCK_OWNER, (owner, owner, task, key))
+                    cur = await conn.execute(self._submit_sql, (
+                        owner, task, key, owner, cap,
+                        uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts,
+                        at, at, cap, self.listener.channel, cap))
+                rows = await cur.fetchall()
             if rows:
+                if rows[0][0] is None:
+                    raise TooManyActive(cap)
                 job = job_from_row(rows[0], decode=False)
                 created = rows[0][-1] is not None
                 if created:
                     self._publish([Event(job=job.id, seq=1, type=EventType.CREATED.value,
                                          data=rows[0][-1], at=at)])
                 return job, created
-            # Empty: the insert waited for a concurrent one of the same key to commit,
-            # whose row this statement's snapshot cannot see, or the active job ended
-            # meanwhile. The next statement sees it (or inserts).
+            # Empty: the key's active job, seen before the lock was skipped, ended before
+            # the submit statement; or the insert met an active job of the key that the
+            # statement's snapshot cannot see (moved to this owner by a session claim, which
+            # does not take the owner's lock). The next round sees how things are now.
 
     @functools.cached_property
     def _submit_sql(self) -> str:
-        """Inserts a job unless (owner, task, key) has an active one, writing and
-        notifying its `created` event; returns the new job with the event's data, or the
-        active job with NULL."""
+        """Returns the active job of (owner, task, key) with a NULL event, if there is one;
+        else, only under the owner's lock: if the owner has fewer than the cap of active
+        jobs, inserts a job ranked by their number, writing and notifying its `created`
+        event, and returns it with the event's data; else one row of NULLs (refused)."""
         data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
+        refused = ", ".join(["NULL"] * (JOB_COLUMNS.count(",") + 3))
         return (
-            "WITH new AS (INSERT INTO jobs (id, task, key, owner, status, input, "
-            "max_attempts, seq, created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', "
-            "%s, %s, 1, %s, %s) ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
+            f"WITH existing AS (SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s "
+            f"AND task = %s AND key = %s AND status IN {ACTIVE_SQL}), "
+            # Counted through the partial index of active jobs, and never past the cap.
+            "active AS (SELECT count(*) AS n FROM (SELECT FROM jobs WHERE owner = %s "
+            f"AND status IN {ACTIVE_SQL} LIMIT %s) AS counted), "
+            "new AS (INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, "
+            "seq, rank, created_at, updated_at) SELECT %s, %s, %s, %s, 'queued', %s, %s, 1, "
+            "n, %s, %s FROM active WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
+            f"AND {_OWNER_LOCKED} "
+            "ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
             f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
             f"{self._with_events('new', 'created', data, JOB_COLUMNS)} "
-            f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM jobs WHERE owner = %s "
-            f"AND task = %s AND key = %s AND status IN {ACTIVE_SQL} "
-            "AND NOT EXISTS (SELECT FROM new)")
+            f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM existing "
+            f"UNION ALL SELECT {refused} FROM active "
+            f"WHERE n >= %s AND NOT EXISTS (SELECT FROM existing) AND {_OWNER_LOCKED}")
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         async with self._connection() as conn:
@@ -518,7 +556,7 @@ class PostgresStore:
         data = event_data_sql("'running'", "total", "done", "failed", attempt="attempt")
         return (
             "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
-            "AND task = ANY(%s) ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED), "
+            "AND task = ANY(%s) ORDER BY rank, created_at LIMIT %s FOR UPDATE SKIP LOCKED), "
             "claimed AS (UPDATE jobs SET status = 'running', attempt = attempt + 1, "
             f"worker = %s, lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
             f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}), "

@@ -32,6 +32,7 @@ from jobwire.model import (
     counts_delta,
     now,
 )
+from jobwire.settings import Settings
 from jobwire.store.base import (
     Hint,
     ItemUpdate,
@@ -39,6 +40,7 @@ from jobwire.store.base import (
     Lease,
     OwnerConflict,
     StoreError,
+    TooManyActive,
     UnknownItem,
     Written,
 )
@@ -135,6 +137,14 @@ MIGRATIONS: list[str] = [
         expires_at REAL
     );
     """,
+    # Fair claiming and the per-owner cap (see `submit`). Jobs queued before this
+    # migration get rank 0, as if each were its owner's first.
+    f"""
+    ALTER TABLE jobs ADD COLUMN rank INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_queue;
+    CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
+    CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {_ACTIVE_SQL};
+    """,
 ]
 
 
@@ -167,8 +177,11 @@ def _path_of(url: str) -> str:
 class SQLiteStore:
     """The embedded backend (`sqlite:///path/to/file.db`, or a plain path)."""
 
-    def __init__(self, url: str, poll_interval: float = 0.05) -> None:
+    def __init__(self, url: str, poll_interval: float = 0.05,
+                 max_active_jobs: int | None = None) -> None:
         self.path = _path_of(url)
+        self.max_active_jobs = (Settings().max_active_jobs if max_active_jobs is None
+                                else max_active_jobs)
         self._poll_interval = poll_interval
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite")
         self._conn: sqlite3.Connection | None = None
@@ -449,23 +462,30 @@ class SQLiteStore:
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
                      max_attempts: int) -> tuple[Job, bool]:
+        cap = self.max_active_jobs
+
+        # Writers are serialised (BEGIN IMMEDIATE, across processes), so the count below
+        # is exact until this transaction commits: the cap holds under any concurrency.
         def submit(conn: sqlite3.Connection) -> tuple[tuple[Job, bool], list[Event]]:
+            if key is not None:
+                row = conn.execute(
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND key = ? "
+                    f"AND status IN {_ACTIVE_SQL}", (owner, task, key)).fetchone()
+                if row is not None:
+                    return (job_from_row(row), False), []
+            rank = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE owner = ? "
+                f"AND status IN {_ACTIVE_SQL} LIMIT ?)", (owner, cap)).fetchone()[0]
+            if rank >= cap:
+                raise TooManyActive(cap)
             job_id, at = uuid.uuid4().hex, now()
-            inserted = conn.execute(
+            conn.execute(
                 "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?) "
-                f"ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
-                f"AND status IN {_ACTIVE_SQL} DO NOTHING",
-                (job_id, task, key, owner, dumps(input), max_attempts, at, at),
-            ).rowcount
-            if inserted:
-                ev = self._add_event(conn, job_id, 1, EventType.CREATED,
-                                     event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
-                return (self._job(conn, job_id), True), [ev]
-            row = conn.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? AND task = ? AND key = ? "
-                f"AND status IN {_ACTIVE_SQL}", (owner, task, key)).fetchone()
-            return (job_from_row(row), False), []
+                "rank, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?)",
+                (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at))
+            ev = self._add_event(conn, job_id, 1, EventType.CREATED,
+                                 event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
+            return (self._job(conn, job_id), True), [ev]
 
         return await self._transact(submit)
 
@@ -577,7 +597,7 @@ class SQLiteStore:
                 "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
                 "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
                 "SELECT id FROM jobs WHERE status = 'queued' AND task IN "
-                f"({', '.join('?' * len(tasks))}) ORDER BY created_at LIMIT ?) "
+                f"({', '.join('?' * len(tasks))}) ORDER BY rank, created_at LIMIT ?) "
                 f"RETURNING {JOB_COLUMNS}",
                 (worker, at + lease_seconds, at, *tasks, limit)).fetchall()
             jobs = [job_from_row(r) for r in rows]
