@@ -2,9 +2,10 @@
 resumable progress for web UIs."""
 
 from jobwire.app import InputError, Jobwire
+from jobwire.context import Cancelled, Context
 from jobwire.model import Event, Item, ItemStatus, Job, Status
 from jobwire.store import ItemUpdate
-from jobwire.worker import Cancelled, Context, Worker
+from jobwire.worker import Worker
 
 __all__ = [
     "Cancelled",

@@ -12,7 +12,7 @@ import pydantic
 from jobwire.model import JSON
 
 if TYPE_CHECKING:
-    from jobwire.worker import Context
+    from jobwire.context import Context
 
 TaskFn = Callable[["Context", Any], Awaitable[JSON]]
 
