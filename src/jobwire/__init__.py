@@ -2,7 +2,7 @@
 resumable progress for web UIs."""
 
 from jobwire.app import InputError, Jobwire
-from jobwire.context import Cancelled, Context
+from jobwire.context import Cancelled, Context, SyncContext
 from jobwire.model import Event, Item, ItemStatus, Job, Status
 from jobwire.store import ItemUpdate
 from jobwire.worker import Worker
@@ -18,6 +18,7 @@ __all__ = [
     "Job",
     "Jobwire",
     "Status",
+    "SyncContext",
     "Worker",
 ]
 __version__ = "0.1.0"

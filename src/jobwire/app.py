@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
 from jobwire.model import JSON
 
 if TYPE_CHECKING:
-    from jobwire.context import Context
+    from jobwire.context import Context, SyncContext
 
-TaskFn = Callable[["Context", Any], Awaitable[JSON]]
+AsyncTaskFn = Callable[["Context", Any], Awaitable[JSON]]
+SyncTaskFn = Callable[["SyncContext", Any], JSON]  # runs on a thread of its own
+TaskFn = TypeVar("TaskFn", AsyncTaskFn, SyncTaskFn)
 
 
 class InputError(ValueError):
@@ -29,10 +32,16 @@ class InputError(ValueError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskSpec:
     name: str
-    fn: TaskFn
+    fn: AsyncTaskFn | SyncTaskFn
     input_model: type[pydantic.BaseModel] | None
     max_attempts: int
     key: Callable[[Any], str] | None = None  # dedup key derived from the input
+    timeout: float | None = None  # seconds per attempt; None: the worker's default
+
+    @property
+    def sync(self) -> bool:
+        """A plain `def`, run on a thread (jobwire.runner)."""
+        return not inspect.iscoroutinefunction(self.fn)
 
     def parse(self, raw: JSON) -> Any:
         """The value handed to the task: the validated model, or the raw JSON."""
@@ -42,8 +51,9 @@ class TaskSpec:
 
 
 class Jobwire:
-    """A set of tasks. Register with `@jw.task(input=Model)` on an async function
-    `(ctx, input) -> JSON result`."""
+    """A set of tasks. Register with `@jw.task(input=Model)` on a function
+    `(ctx, input) -> JSON result`: an `async def` taking a `Context`, or a plain `def`
+    taking a `SyncContext` (run on a thread)."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskSpec] = {}
@@ -55,17 +65,21 @@ class Jobwire:
         input: type[pydantic.BaseModel] | None = None,
         max_attempts: int = 3,
         key: Callable[[Any], str] | None = None,
+        timeout: float | None = None,
     ) -> Callable[[TaskFn], TaskFn]:
         """`key(input)` gives submissions without an explicit key one, so the same input
-        while a job for it is active joins that job."""
+        while a job for it is active joins that job. `timeout` (seconds per attempt)
+        replaces the worker's default (`Settings.task_timeout`)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be more than 0 seconds")
 
         def register(fn: TaskFn) -> TaskFn:
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered")
-            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key)
+            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout)
             return fn
 
         return register

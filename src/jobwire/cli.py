@@ -87,7 +87,9 @@ async def _run_worker(settings: Settings, jobwire: Jobwire) -> None:
     worker = Worker(jobwire, store, concurrency=settings.concurrency or 1,
                     lease_seconds=settings.lease_seconds,
                     retention_seconds=settings.retention_seconds,
-                    max_items=settings.max_items_per_job)
+                    max_items=settings.max_items_per_job,
+                    threads=settings.sync_threads or None,
+                    task_timeout=settings.task_timeout or None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,11 +1,16 @@
-"""What a running task sees of its job: its input, its items, and cancellation."""
+"""What a running task sees of its job: `Context` for `async def` tasks, `SyncContext`
+(the same calls, blocking) for plain `def` tasks running on threads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from jobwire.model import JSON, Item, ItemStatus, Job
 from jobwire.store import ItemUpdate, Lease, Store, Written
+
+T = TypeVar("T")
 
 
 class Cancelled(Exception):
@@ -74,3 +79,75 @@ class Context:
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
             raise Cancelled()
+
+
+class Closed(Cancelled):
+    """A sync task called its context after its attempt had ended (timed out, cancelled,
+    lease lost, worker stopping): nothing is recorded. A `Cancelled`, so a task that
+    stops on cancellation stops on this too."""
+
+
+class SyncContext:
+    """What a plain `def` task sees: `Context`'s calls, blocking, safe to make from the
+    task's thread. Each runs on the worker's event loop and returns what `Context`'s
+    returns; once the attempt has ended each raises `Closed` and records nothing."""
+
+    def __init__(self, ctx: Context, loop: asyncio.AbstractEventLoop) -> None:
+        self._ctx = ctx
+        self._loop = loop
+        self.closed = False  # set on the loop when the attempt ends
+
+    @property
+    def job(self) -> Job:
+        return self._ctx.job
+
+    @property
+    def lease(self) -> Lease:
+        return self._ctx.lease
+
+    @property
+    def attempt(self) -> int:
+        return self._ctx.attempt
+
+    @property
+    def cancelled(self) -> bool:
+        return self._ctx.cancelled or self.closed
+
+    def _call(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        self._raise_if_closed()
+        return asyncio.run_coroutine_threadsafe(self._on_loop(call), self._loop).result()
+
+    async def _on_loop(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        # Checked again on the loop, where the attempt ends: a call that was on its way
+        # when the attempt ended is refused too.
+        self._raise_if_closed()
+        return await call()
+
+    def _raise_if_closed(self) -> None:
+        if self.closed:
+            raise Closed(f"job {self._ctx.job.id}: this attempt has ended; "
+                         "its context is closed")
+
+    def declare(self, refs: Sequence[str]) -> list[Item]:
+        return self._call(lambda: self._ctx.declare(refs))
+
+    def running(self, ref: str) -> None:
+        self._call(lambda: self._ctx.running(ref))
+
+    def done(self, ref: str, result: JSON = None) -> None:
+        self._call(lambda: self._ctx.done(ref, result))
+
+    def failed(self, ref: str, error: str) -> None:
+        self._call(lambda: self._ctx.failed(ref, error))
+
+    def update(self, updates: Sequence[ItemUpdate]) -> None:
+        """Several item changes in one transaction (one event each)."""
+        self._call(lambda: self._ctx.update(updates))
+
+    def report(self, info: JSON) -> None:
+        """Free-form progress (a stage name, a message) shown as the job's `info`."""
+        self._call(lambda: self._ctx.report(info))
+
+    def raise_if_cancelled(self) -> None:
+        self._raise_if_closed()
+        self._ctx.raise_if_cancelled()

@@ -40,7 +40,9 @@ def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
             worker = Worker(jobwire, store, concurrency=settings.concurrency,
                             lease_seconds=settings.lease_seconds,
                             retention_seconds=settings.retention_seconds,
-                            max_items=settings.max_items_per_job)
+                            max_items=settings.max_items_per_job,
+                            threads=settings.sync_threads or None,
+                            task_timeout=settings.task_timeout or None)
             await worker.start()
         api.state.runtime = Runtime(settings, jobwire, store, hub, worker)
         try:

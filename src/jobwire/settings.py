@@ -82,3 +82,7 @@ class Settings:
     trusted_proxies: str = _env_text("trusted_proxies", "")  # IPs/CIDRs whose X-Forwarded-* count
     allowed_origins: str = _env_text("allowed_origins", "")  # other sites that may use the cookie
     secure_cookies: bool = _env_flag("secure_cookies")  # Secure even over plain HTTP
+    # How tasks run (jobwire.runner): seconds per attempt unless the task sets its own
+    # (0: no limit), and threads for plain `def` tasks (0: as many as `concurrency`).
+    task_timeout: float = _env_seconds("task_timeout", 3600.0)
+    sync_threads: int = _env_limit("sync_threads", 0)

@@ -12,6 +12,7 @@ import uuid
 from jobwire.app import Jobwire
 from jobwire.context import Cancelled, Context
 from jobwire.model import JSON, Event, EventType, Job, Status, now
+from jobwire.runner import Runner, error_text
 from jobwire.store import Lease, LeaseLost, Store, StoreError
 from jobwire.text import clip
 
@@ -19,7 +20,9 @@ log = logging.getLogger("jobwire.worker")
 
 
 class Worker:
-    """Runs up to `concurrency` jobs at once from `store` using the tasks of `jobwire`."""
+    """Runs up to `concurrency` jobs at once from `store` using the tasks of `jobwire`;
+    plain `def` tasks on up to `threads` threads (default: `concurrency`), each attempt
+    for at most its task's timeout (default: `task_timeout`; None: no limit)."""
 
     def __init__(
         self,
@@ -32,6 +35,8 @@ class Worker:
         retention_seconds: float = 24 * 3600,
         worker_id: str | None = None,
         max_items: int = 100_000,
+        threads: int | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         self.jobwire = jobwire
         self.store = store
@@ -45,6 +50,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._jobs: set[asyncio.Task[None]] = set()
+        self._runner = Runner(concurrency if threads is None else threads, task_timeout,
+                              self._wake.set)
         store.listen(self._hint)
 
     @property
@@ -91,10 +98,10 @@ class Worker:
         while True:
             free = self.concurrency - len(self._running)
             jobs: list[Job] = []
-            if free > 0:
+            names, free = self._runner.claimable(self.jobwire.tasks, free)
+            if free > 0 and names:
                 try:
-                    jobs = await self.store.claim(self.id, list(self.jobwire.tasks), free,
-                                                  self.lease_seconds)
+                    jobs = await self.store.claim(self.id, names, free, self.lease_seconds)
                 except StoreError as exc:
                     log.warning("claim failed: %s", exc)
             for job in jobs:
@@ -105,7 +112,7 @@ class Worker:
                     self._lose(earlier[0].lease)
                 lease = Lease(job.id, self.id, job.attempt)
                 ctx = Context(job, lease, self.store, self.max_items)
-                inner = asyncio.create_task(self._call(job, ctx))
+                inner = self._runner.start(self.jobwire.tasks[job.task], ctx)
                 self._running[job.id] = (ctx, inner)
                 outer = asyncio.create_task(self._supervise(job, ctx, inner))
                 self._jobs.add(outer)
@@ -115,10 +122,6 @@ class Worker:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-
-    async def _call(self, job: Job, ctx: Context) -> JSON:
-        spec = self.jobwire.tasks[job.task]
-        return await spec.fn(ctx, spec.parse(job.input))
 
     async def _supervise(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> None:
         end = await self._outcome(job, ctx, inner)
@@ -158,7 +161,7 @@ class Worker:
             log.warning("job %s (%s) failed: %s: %s", job.id, job.task,
                         type(exc).__name__, clip(str(exc)))
             log.debug("job %s (%s) failed", job.id, job.task, exc_info=True)
-            return Status.FAILED, None, f"{type(exc).__name__}: {exc}"
+            return Status.FAILED, None, error_text(exc)
 
     async def _finish(self, lease: Lease, status: Status, result: JSON,
                       error: str | None) -> None:
