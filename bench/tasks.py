@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from jobwire import Context, Jobwire
+from jobwire import Context, Jobwire, SyncContext
 
 jobwire = Jobwire()
 
@@ -37,3 +37,22 @@ async def progress(ctx: Context, input: Progress) -> int:
     for ref in refs:
         await ctx.done(ref, {"t": time.time()})
     return input.items
+
+
+class Busy(BaseModel):
+    seconds: float = Field(gt=0, le=60)
+
+
+@jobwire.task(input=Busy, max_attempts=1)
+def spin(ctx: SyncContext, input: Busy) -> int:
+    """A sync task that keeps the CPU busy in pure Python (holding the GIL) for a while."""
+    end, rounds = time.monotonic() + input.seconds, 0
+    while time.monotonic() < end:
+        rounds += sum(range(1000)) > 0
+    return rounds
+
+
+@jobwire.task(input=Busy, max_attempts=1)
+def snooze(ctx: SyncContext, input: Busy) -> None:
+    """A sync task blocked in a call that releases the GIL (I/O, a C library's wait)."""
+    time.sleep(input.seconds)
