@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from jobwire import Context, Jobwire
+from jobwire import Cancelled, Context, Jobwire, SyncContext
 
 jobwire = Jobwire()
 
@@ -83,3 +86,60 @@ async def hostile(ctx: Context, input: Hostile) -> dict[str, list[str]]:
         await ctx.done(item.ref, {"name": item.ref})
     await ctx.report({"stage": input.error})
     raise RuntimeError(input.error)
+
+
+@jobwire.task(input=Steps, max_attempts=2)
+def sync_steps(ctx: SyncContext, input: Steps) -> dict[str, object]:
+    """`steps` as a plain def, on a thread: its items, a report, and the thread's name."""
+    items = ctx.declare([f"i{k}" for k in range(input.n)])
+    ctx.report({"stage": "items", "thread": threading.current_thread().name})
+    for k, item in enumerate(items):
+        ctx.running(item.ref)
+        if input.delay:
+            time.sleep(input.delay)
+        if k == input.fail_at:
+            ctx.failed(item.ref, "item failed on purpose")
+        else:
+            ctx.done(item.ref, {"k": k})
+    return {"ran": len(items), "thread": threading.current_thread().name}
+
+
+class Marked(BaseModel):
+    marker: str  # a file the task writes what happened to it into, when it is over
+    seconds: float = Field(0.0, ge=0, le=30)
+
+
+@jobwire.task(input=Marked)
+def sync_block(ctx: SyncContext, input: Marked) -> None:
+    """Runs until cancelled, polling raise_if_cancelled; writes down what it saw."""
+    ctx.report({"stage": "blocking"})
+    try:
+        while True:
+            ctx.raise_if_cancelled()
+            time.sleep(0.01)
+    except Cancelled as exc:
+        Path(input.marker).write_text(type(exc).__name__)
+        raise
+
+
+@jobwire.task(input=Marked, timeout=0.5, max_attempts=1)
+async def nap(ctx: Context, input: Marked) -> str:
+    """Sleeps `seconds`, past its 0.5 s timeout if asked."""
+    await ctx.report({"stage": "napping"})
+    await asyncio.sleep(input.seconds)
+    return "woke"
+
+
+@jobwire.task(input=Marked, timeout=0.5, max_attempts=1)
+def sync_nap(ctx: SyncContext, input: Marked) -> str:
+    """Blocks in time.sleep (deaf to cancellation), then tries to record its item and
+    writes down whether that was refused, and when it returned."""
+    ctx.declare(["late"])
+    time.sleep(input.seconds)
+    try:
+        ctx.done("late", "recorded after the nap")
+        outcome = "recorded"
+    except Cancelled as exc:
+        outcome = f"refused: {type(exc).__name__}: {exc}"
+    Path(input.marker).write_text(json.dumps({"outcome": outcome, "at": time.time()}))
+    return "woke"
