@@ -89,9 +89,13 @@ class Runner:
                     loop.call_soon_threadsafe(self._release)
 
         outcome.set_running_or_notify_cancel()  # so cutting our wait short leaves it be
-        # A daemon: an orphan must not hold up the process's exit.
-        threading.Thread(target=body, name=f"jobwire {spec.name} {ctx.job.id}",
-                         daemon=True).start()
+        try:
+            # A daemon: an orphan must not hold up the process's exit.
+            threading.Thread(target=body, name=f"jobwire {spec.name} {ctx.job.id}",
+                             daemon=True).start()
+        except BaseException:  # no thread to give it back (out of threads, say)
+            self._release()
+            raise
         try:
             return await asyncio.wrap_future(outcome)
         finally:
