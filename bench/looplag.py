@@ -33,22 +33,26 @@ async def loop_lag(db: str, task: str | None, seconds: float, tasks: int = TASKS
     async def all_running() -> bool:
         return len(worker.running) == tasks
 
-    async def none_running() -> bool:
-        return not worker.running
+    async def threads_returned() -> bool:
+        return worker._runner.busy == 0
 
     await worker.start()
     try:
         if task is not None:
-            # The tasks outlast the window, so every sample is taken while all of them run.
-            for _ in range(tasks):
-                await store.submit("bench", task, {"seconds": seconds + 0.5}, None, 1)
+            # The tasks outlast the window (they are cancelled after it), so every sample
+            # is taken while all of them run.
+            jobs = [(await store.submit("bench", task, {"seconds": 600}, None, 1))[0]
+                    for _ in range(tasks)]
             await wait_until(all_running, 10)
         lags = []
         end = time.monotonic() + seconds
         while (start := time.monotonic()) < end:
             await asyncio.sleep(TICK)
             lags.append(time.monotonic() - start - TICK)
-        await wait_until(none_running, 10)  # the tasks' last half second
+        if task is not None:
+            for job in jobs:
+                await store.request_cancel(job.id, "bench")
+            await wait_until(threads_returned, 10)
         return lags
     finally:
         await worker.stop()

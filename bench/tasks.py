@@ -40,19 +40,23 @@ async def progress(ctx: Context, input: Progress) -> int:
 
 
 class Busy(BaseModel):
-    seconds: float = Field(gt=0, le=60)
+    seconds: float = Field(gt=0, le=600)
 
 
 @jobwire.task(input=Busy, max_attempts=1)
 def spin(ctx: SyncContext, input: Busy) -> int:
-    """A sync task that keeps the CPU busy in pure Python (holding the GIL) for a while."""
+    """A sync task that keeps the CPU busy in pure Python (holding the GIL) for a while,
+    or until cancelled."""
     end, rounds = time.monotonic() + input.seconds, 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and not ctx.cancelled:
         rounds += sum(range(1000)) > 0
     return rounds
 
 
 @jobwire.task(input=Busy, max_attempts=1)
 def snooze(ctx: SyncContext, input: Busy) -> None:
-    """A sync task blocked in a call that releases the GIL (I/O, a C library's wait)."""
-    time.sleep(input.seconds)
+    """A sync task blocked in a call that releases the GIL (I/O, a C library's wait) for a
+    while, or until cancelled."""
+    end = time.monotonic() + input.seconds
+    while time.monotonic() < end and not ctx.cancelled:
+        time.sleep(0.1)
