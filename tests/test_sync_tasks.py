@@ -194,7 +194,7 @@ async def test_a_timeout_through_a_real_server(procs: Any, db_url: str,
 async def test_loop_lag_under_busy_sync_tasks(tmp_path: Path) -> None:
     """The loop that serves the API keeps ticking while 10 sync tasks run. Figures are
     printed (-s); the bound only tells threads from the loop: a task run on the loop
-    would stall it for its whole 2 s."""
+    would stall it for the whole window and more."""
     rows = {}
     for task in (None, "snooze", "spin"):
         db = f"sqlite:///{tmp_path / f'{task}.db'}"
