@@ -457,10 +457,13 @@ class PostgresStore:
         async with self._connection() as conn:
             return await self._find(conn, job_id, owner)
 
-    async def list_jobs(self, owner: str, statuses: Collection[Status] | None,
+    async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
                         limit: int) -> list[Job]:
-        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s"
-        params: list[Any] = [owner]
+        query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true"
+        params: list[Any] = []
+        if owner is not None:  # (not `owner = coalesce(%s, owner)`: that skips the index)
+            query += " AND owner = %s"
+            params.append(owner)
         if statuses is not None:
             query += " AND status = ANY(%s)"
             params.append([s.value for s in statuses])

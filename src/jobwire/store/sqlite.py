@@ -506,10 +506,13 @@ class SQLiteStore:
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         return await self._read(self._find, job_id, owner)
 
-    async def list_jobs(self, owner: str, statuses: Collection[Status] | None,
+    async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
                         limit: int) -> list[Job]:
         def get(conn: sqlite3.Connection) -> list[Job]:
-            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ?", [owner]
+            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true", list[str]()
+            if owner is not None:
+                sql += " AND owner = ?"
+                args.append(owner)
             if statuses is not None:
                 sql += f" AND status IN ({', '.join('?' * len(statuses))})"
                 args += [s.value for s in statuses]
