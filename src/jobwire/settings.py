@@ -86,3 +86,14 @@ class Settings:
     # (0: no limit), and threads for plain `def` tasks (0: as many as `concurrency`).
     task_timeout: float = _env_seconds("task_timeout", 3600.0)
     sync_threads: int = _env_limit("sync_threads", 0)
+    # The host app's identity (docs/identity.md): its JWTs and its backend's service key.
+    service_key: str | None = _env_secret("service_key")
+    jwt_secret: str | None = _env_secret("jwt_secret")  # HS256/384/512
+    jwt_public_key: str | None = _env_secret("jwt_public_key")  # PEM text or a PEM file's path
+    jwt_jwks: str | None = _env_secret("jwt_jwks")  # a JWKS file's path or URL
+    jwt_audience: str | None = _env_secret("jwt_audience")  # checked when set
+    jwt_issuer: str | None = _env_secret("jwt_issuer")  # checked when set
+    jwt_owner_claim: str | None = _env_secret("jwt_owner_claim")  # None: sub
+    jwt_guest_claim: str | None = _env_secret("jwt_guest_claim")  # this claim true: a guest
+    jwt_leeway_seconds: float = _env_seconds("jwt_leeway_seconds", 30.0)  # for exp and nbf
+    jwt_jwks_refresh_seconds: float = _env_seconds("jwt_jwks_refresh_seconds", 30.0)

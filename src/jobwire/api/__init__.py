@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from jobwire.api import jobs, live, metrics, pages
 from jobwire.api.headers import SecurityHeaders
+from jobwire.api.identity import Identity
 from jobwire.api.limits import BodyLimit, OwnerSlots
 from jobwire.api.public import Origins, RateLimit, SameOrigin
 from jobwire.app import InputError
@@ -35,6 +36,7 @@ def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
     api.state.connections = OwnerSlots(settings.max_connections,
                                        settings.max_live_connections)
     api.state.session_rate = RateLimit.parse(settings.session_rate)
+    api.state.identity = Identity(settings)
     api.include_router(jobs.router)
     api.include_router(live.router)
     api.include_router(metrics.router)

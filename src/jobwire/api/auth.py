@@ -9,6 +9,7 @@ from fastapi import HTTPException
 from starlette.requests import HTTPConnection
 
 from jobwire.api.coalesce import Coalescer
+from jobwire.api.identity import identify
 from jobwire.model import now
 from jobwire.store import Store
 
@@ -45,12 +46,17 @@ def token_of(conn: HTTPConnection, allow_query: bool) -> str | None:
     return conn.cookies.get(COOKIE)
 
 
-async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False) -> str:
-    """The caller's owner id, or 401. The lookup is by hash, so no token is ever compared
-    byte by byte in Python."""
-    token = token_of(conn, allow_query)
-    if not token:
-        raise HTTPException(401, "missing token: send Authorization: Bearer <token>")
+async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False
+                   ) -> str | None:
+    """The owner the caller acts as (None: every owner's, the service key alone), or 401
+    (jobwire.api.identity: JWTs and the service key)."""
+    return await identify(conn, token_of(conn, allow_query),
+                          lambda token: session_owner(store, token))
+
+
+async def session_owner(store: Store, token: str) -> str:
+    """The owner of a session token, or 401. The lookup is by hash, so no token is ever
+    compared byte by byte in Python."""
     token_hash = hash_token(token)
     owner, _ = await _lookups.run((store, token_hash), lambda: store.session_owner(token_hash))
     if owner is None:

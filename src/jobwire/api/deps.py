@@ -28,20 +28,31 @@ RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
 async def owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
+    """The owner a write acts as: the service key must name one."""
+    who = await owner_of(conn, rt.store)
+    if who is None:
+        raise HTTPException(400, "X-Jobwire-Owner header required: the service key writes "
+                                 "only as a named owner")
+    return who
+
+
+async def reader(conn: HTTPConnection, rt: RuntimeDep) -> str | None:
+    """The owner whose jobs a read sees; None: every owner's (the service key alone)."""
     return await owner_of(conn, rt.store)
 
 
-async def stream_owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
-    """Like `owner`, also taking ?token= (EventSource and WebSocket cannot set headers)."""
+async def stream_reader(conn: HTTPConnection, rt: RuntimeDep) -> str | None:
+    """Like `reader`, also taking ?token= (EventSource and WebSocket cannot set headers)."""
     return await owner_of(conn, rt.store, allow_query=True)
 
 
 JobId = Annotated[str, Path(max_length=200, pattern=NO_NUL)]
 Owner = Annotated[str, Depends(owner)]
-StreamOwner = Annotated[str, Depends(stream_owner)]
+Reader = Annotated[str | None, Depends(reader)]
+StreamReader = Annotated[str | None, Depends(stream_reader)]
 
 
-async def owned_job(rt: Runtime, job_id: str, who: str) -> Job:
+async def owned_job(rt: Runtime, job_id: str, who: str | None) -> Job:
     """The job if `who` owns it; 404 alike for missing and foreign jobs, so ids reveal nothing."""
     job = await rt.store.get_job(job_id, who)
     if job is None:

@@ -11,7 +11,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from jobwire.api.auth import COOKIE, bearer_token, hash_token, new_session, owner_of
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
-from jobwire.api.deps import JobId, Owner, RuntimeDep, owned_job
+from jobwire.api.deps import JobId, Owner, Reader, RuntimeDep, owned_job
+from jobwire.api.identity import valid_owner
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
     ClaimOut,
@@ -117,21 +118,31 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
                     status_code=201 if created else 200, media_type="application/json")
 
 
-@router.get("/jobs", response_model=list[JobOut], responses=errors(401))
-async def list_jobs(rt: RuntimeDep, who: Owner, status: StatusFilter | None = None,
-                    limit: int = Query(50, ge=1, le=500)) -> list[dict[str, object]]:
-    """The caller's jobs, newest first. `status=active` is queued and running only."""
+@router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
+async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = None,
+                    limit: int = Query(50, ge=1, le=500),
+                    owner: str | None = Query(None, max_length=210)
+                    ) -> list[dict[str, object]]:
+    """The caller's jobs, newest first. `status=active` is queued and running only.
+    The service key without X-Jobwire-Owner lists every owner's, or `owner`'s."""
+    if owner is not None:
+        if who is not None:
+            raise HTTPException(403, "the owner filter is for the service key without "
+                                     "X-Jobwire-Owner")
+        if valid_owner(owner) is None:
+            raise HTTPException(400, "owner must be user:<id> or guest:<id>")
+        who = owner
     statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
     return [j.snapshot() for j in await rt.store.list_jobs(who, statuses, limit)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))
-async def get_job(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+async def get_job(job_id: JobId, rt: RuntimeDep, who: Reader) -> dict[str, object]:
     return (await owned_job(rt, job_id, who)).snapshot()
 
 
 @router.get("/jobs/{job_id}/items", response_model=ItemsOut, responses=errors(401, 404))
-async def get_items(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
+async def get_items(job_id: JobId, rt: RuntimeDep, who: Reader) -> dict[str, object]:
     """The job's items at one seq: their states agree with the job's counts at that seq."""
     found = await rt.store.job_with_items(job_id, who)
     if found is None:

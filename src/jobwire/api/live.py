@@ -20,7 +20,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from jobwire.api.auth import owner_of
 from jobwire.api.bodies import TooDeep, loads
-from jobwire.api.deps import JobId, Owner, RuntimeDep, StreamOwner, owned_job, runtime
+from jobwire.api.deps import JobId, Reader, RuntimeDep, StreamReader, owned_job, runtime
+from jobwire.api.identity import SERVICE
 from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
@@ -46,7 +47,7 @@ def connections(conn: HTTPConnection) -> OwnerSlots:
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventsOut, responses=errors(401, 404))
-async def poll_events(job_id: JobId, rt: RuntimeDep, who: Owner,
+async def poll_events(job_id: JobId, rt: RuntimeDep, who: Reader,
                       after: int = Query(0, ge=0),
                       wait: float = Query(0, ge=0, le=60)) -> Response:
     """Events with seq > after; with `wait`, hold the request up to that many seconds
@@ -63,7 +64,7 @@ async def poll_events(job_id: JobId, rt: RuntimeDep, who: Owner,
                        **errors(401, 404, 429),
                        503: {"model": ErrorOut, "description": "the database is unavailable, "
                              "or this process is at its live-connection limit; retry later"}})
-async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Request,
+async def stream(job_id: JobId, rt: RuntimeDep, who: StreamReader, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
     """Server-Sent Events: `id` is the seq; reconnecting with Last-Event-ID resumes."""
@@ -75,7 +76,7 @@ async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Reque
             raise HTTPException(422, "Last-Event-ID must be a seq number") from None
     if job.status.terminal and after >= job.seq:
         return Response(status_code=204)  # tells EventSource to stop reconnecting
-    slot = connections(request).acquire(who)
+    slot = connections(request).acquire(who or SERVICE)
     if isinstance(slot, Refusal):
         raise HTTPException(slot.status, slot.reason)
 
@@ -120,7 +121,7 @@ class SocketSession:
                  "who", "ws")
     pumping = 0  # sessions of this process with a pump running
 
-    def __init__(self, ws: WebSocket, who: str) -> None:
+    def __init__(self, ws: WebSocket, who: str | None) -> None:
         self.ws = ws
         self.who = who
         self.rt = runtime(ws)
@@ -279,12 +280,12 @@ async def websocket(ws: WebSocket) -> None:
     try:
         who = await owner_of(ws, rt.store, allow_query=True)
     except HTTPException as exc:
-        await ws.close(code=4401, reason=str(exc.detail))
+        await ws.close(code=4000 + exc.status_code, reason=str(exc.detail))  # 4401, 4403…
         return
     except StoreError:
         await ws.close(code=1011, reason="the database is unavailable; retry later")
         return
-    slot = connections(ws).acquire(who)
+    slot = connections(ws).acquire(who or SERVICE)
     if isinstance(slot, Refusal):
         await ws.close(code=slot.ws_code, reason=slot.reason)
         return
