@@ -321,6 +321,11 @@ async def test_the_service_key_alone_reads_every_owner_but_writes_nothing(supa: 
             assert r.status_code == 400 and "X-Jobwire-Owner" in r.json()["detail"], path
         assert (await a.get(f"/api/jobs/{ja['id']}")).status_code == 200, "still there"
     assert (await subscribe(supa, SERVICE_KEY, jb["id"]))["op"] == "subscribed"
+    async with http(supa, SERVICE_KEY) as svc, http(supa, ta) as a:
+        r = await svc.post("/api/sessions")  # the service key alone is no session to keep
+        assert r.status_code == 201 and r.json()["owner"].startswith("guest:")
+        r = await a.post("/api/sessions")  # a JWT is the caller's session, kept as it is
+        assert (r.status_code, r.json()["owner"]) == (200, f"user:{alice}")
 
 
 async def test_public_key_pem_refuses_algorithm_confusion(tmp_path: Path) -> None:

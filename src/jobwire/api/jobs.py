@@ -55,8 +55,8 @@ async def create_session(rt: RuntimeDep, request: Request, response: Response
     try:
         who = await owner_of(request, rt.store)
     except HTTPException:
-        pass  # none, or not valid any more: a new one
-    else:
+        who = None  # none, or not valid any more: a new one
+    if who is not None:  # (the service key alone is no owner: it gets a new guest too)
         response.status_code = 200
         return {"token": bearer_token(request), "owner": who}
     check_session_rate(request)
