@@ -441,6 +441,27 @@ class SQLiteStore:
             return None if row is None else str(row[0])
         return await self._read(get)
 
+    async def live_sessions(self, token_hashes: Collection[str]) -> set[str]:
+        def get(conn: sqlite3.Connection) -> set[str]:
+            # One JSON parameter rather than one per hash: no limit on how many.
+            return {str(r[0]) for r in conn.execute(
+                "SELECT token_hash FROM sessions WHERE token_hash IN "
+                "(SELECT value FROM json_each(?)) AND (expires_at IS NULL OR expires_at > ?)",
+                (dumps(list(token_hashes)), now()))}
+        return await self._read(get)
+
+    async def sessions_of(self, owner: str) -> list[tuple[str, float, float | None]]:
+        def get(conn: sqlite3.Connection) -> list[tuple[str, float, float | None]]:
+            return [(str(r[0]), float(r[1]), r[2]) for r in conn.execute(
+                "SELECT token_hash, created_at, expires_at FROM sessions WHERE owner = ? "
+                "ORDER BY created_at, token_hash", (owner,))]
+        return await self._read(get)
+
+    async def revoke_sessions(self, owner: str) -> int:
+        def revoke(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("DELETE FROM sessions WHERE owner = ?", (owner,)).rowcount)
+        return await self._run(self._write, revoke)
+
     async def claim_session(self, token_hash: str, owner: str) -> int | None:
         def claim(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
