@@ -82,3 +82,8 @@ class Settings:
     trusted_proxies: str = _env_text("trusted_proxies", "")  # IPs/CIDRs whose X-Forwarded-* count
     allowed_origins: str = _env_text("allowed_origins", "")  # other sites that may use the cookie
     secure_cookies: bool = _env_flag("secure_cookies")  # Secure even over plain HTTP
+    # A WebSocket without a token in its request must send {"op": "auth"} this soon.
+    ws_auth_seconds: float = _env_seconds("ws_auth_seconds", 10.0)
+    # How often a process re-checks the sessions of its live connections (ended sessions
+    # close theirs: docs/guarantees.md "A public server").
+    session_check_seconds: float = _env_seconds("session_check_seconds", 2.0)

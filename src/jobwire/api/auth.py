@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
+from typing import NamedTuple
 
+import orjson
 from fastapi import HTTPException
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from jobwire.api.coalesce import Coalescer
 from jobwire.model import now
@@ -45,14 +49,52 @@ def token_of(conn: HTTPConnection, allow_query: bool) -> str | None:
     return conn.cookies.get(COOKIE)
 
 
-async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False) -> str:
-    """The caller's owner id, or 401. The lookup is by hash, so no token is ever compared
-    byte by byte in Python."""
-    token = token_of(conn, allow_query)
+class Caller(NamedTuple):
+    owner: str
+    token_hash: str  # which session: live connections end with it (jobwire.sessions)
+
+
+async def authenticate(store: Store, token: str | None) -> Caller:
+    """The caller holding `token`, or 401. The lookup is by hash, so no token is ever
+    compared byte by byte in Python."""
     if not token:
         raise HTTPException(401, "missing token: send Authorization: Bearer <token>")
     token_hash = hash_token(token)
     owner, _ = await _lookups.run((store, token_hash), lambda: store.session_owner(token_hash))
     if owner is None:
         raise HTTPException(401, "invalid or expired token")
-    return owner
+    return Caller(owner, token_hash)
+
+
+async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False) -> str:
+    """The caller's owner id, or 401."""
+    return (await authenticate(store, token_of(conn, allow_query))).owner
+
+
+AUTH_FIRST = 'send {"op": "auth", "token": "<token>"} first'
+
+
+async def socket_caller(ws: WebSocket, store: Store, wait: float) -> Caller:
+    """The caller of an accepted WebSocket, or 401. Without a token in the header, the
+    query or a cookie, the first frame must be {"op": "auth", "token": …} (so the token
+    stays out of URLs, and so out of logs), within `wait` seconds; it is answered with
+    {"op": "authenticated", "owner": …}. WebSocketDisconnect if the peer leaves first."""
+    token = token_of(ws, allow_query=True)
+    if token:
+        return await authenticate(store, token)
+    try:
+        message = await asyncio.wait_for(ws.receive(), wait)
+    except TimeoutError:
+        raise HTTPException(401, f"no token within {wait:g} s: {AUTH_FIRST}") from None
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    try:
+        msg = orjson.loads(message.get("text") or b"")
+    except orjson.JSONDecodeError:
+        msg = None
+    if not isinstance(msg, dict) or msg.get("op") != "auth" or not isinstance(
+            msg.get("token"), str):
+        raise HTTPException(401, f"missing token: {AUTH_FIRST}")
+    caller = await authenticate(store, msg["token"])
+    await ws.send_text(orjson.dumps({"op": "authenticated", "owner": caller.owner}).decode())
+    return caller

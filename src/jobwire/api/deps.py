@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path
 from starlette.requests import HTTPConnection
 
-from jobwire.api.auth import owner_of
+from jobwire.api.auth import Caller, authenticate, owner_of, token_of
 from jobwire.api.schemas import NO_NUL
 from jobwire.model import Job
 from jobwire.server import Runtime
@@ -31,14 +31,15 @@ async def owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
     return await owner_of(conn, rt.store)
 
 
-async def stream_owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
-    """Like `owner`, also taking ?token= (EventSource and WebSocket cannot set headers)."""
-    return await owner_of(conn, rt.store, allow_query=True)
+async def stream_caller(conn: HTTPConnection, rt: RuntimeDep) -> Caller:
+    """Like `owner`, also taking ?token= (EventSource cannot set headers), and saying
+    which session: the stream ends with it."""
+    return await authenticate(rt.store, token_of(conn, allow_query=True))
 
 
 JobId = Annotated[str, Path(max_length=200, pattern=NO_NUL)]
 Owner = Annotated[str, Depends(owner)]
-StreamOwner = Annotated[str, Depends(stream_owner)]
+StreamCaller = Annotated[Caller, Depends(stream_caller)]
 
 
 async def owned_job(rt: Runtime, job_id: str, who: str) -> Job:

@@ -78,12 +78,14 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
     guest's token is in the body), all or none; the guest token then stops working."""
     if not who.startswith("user:"):
         raise HTTPException(403, "only a user can claim a guest session: send a user's token")
+    guest = hash_token(body.token)
     try:
-        moved = await rt.store.claim_session(hash_token(body.token), who)
+        moved = await rt.store.claim_session(guest, who)
     except OwnerConflict as exc:
         raise HTTPException(409, str(exc)) from None
     if moved is None:
         raise HTTPException(404, "guest session not found or expired")
+    rt.live.end(guest)  # its sockets here close now; other processes' at their next check
     return {"owner": who, "moved": moved}
 
 

@@ -18,14 +18,15 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
-from jobwire.api.auth import owner_of
+from jobwire.api.auth import socket_caller
 from jobwire.api.bodies import TooDeep, loads
-from jobwire.api.deps import JobId, Owner, RuntimeDep, StreamOwner, owned_job, runtime
+from jobwire.api.deps import JobId, Owner, RuntimeDep, StreamCaller, owned_job, runtime
 from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
+from jobwire.sessions import ENDED
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
@@ -63,10 +64,11 @@ async def poll_events(job_id: JobId, rt: RuntimeDep, who: Owner,
                        **errors(401, 404, 429),
                        503: {"model": ErrorOut, "description": "the database is unavailable, "
                              "or this process is at its live-connection limit; retry later"}})
-async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Request,
+async def stream(job_id: JobId, rt: RuntimeDep, caller: StreamCaller, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
     """Server-Sent Events: `id` is the seq; reconnecting with Last-Event-ID resumes."""
+    who = caller.owner
     job = await owned_job(rt, job_id, who)
     if last_event_id is not None:
         try:
@@ -82,18 +84,25 @@ async def stream(job_id: JobId, rt: RuntimeDep, who: StreamOwner, request: Reque
     async def frames() -> AsyncIterator[bytes]:
         try:
             async with rt.hub.stream(job_id, after, rt.settings.buffer_bytes) as queue:
-                while True:
-                    try:
-                        ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
-                    except TimeoutError:
-                        yield b": keepalive\n\n"
-                        continue
-                    if ev is None:
-                        return  # fell behind: the client reconnects with Last-Event-ID
-                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                        ev.seq, ev.type.encode(), ev.wire)
-                    if ev.terminal:
-                        return
+                # The session ending ends the stream (None: as if it fell behind).
+                unwatch = rt.live.watch(caller.token_hash, lambda: queue.put_nowait(None))
+                try:
+                    while True:
+                        try:
+                            ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                        except TimeoutError:
+                            yield b": keepalive\n\n"
+                            continue
+                        if ev is None:
+                            # Fell behind (the client reconnects with Last-Event-ID), or
+                            # the session ended.
+                            return
+                        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                            ev.seq, ev.type.encode(), ev.wire)
+                        if ev.terminal:
+                            return
+                finally:
+                    unwatch()
         finally:
             slot.release()
 
@@ -116,7 +125,7 @@ class SocketSession:
     lets one process feed a thousand sockets. Idle, a session holds no task or future.
     """
 
-    __slots__ = ("drained", "limit", "out", "overflowed", "pump", "queued", "rt", "subs",
+    __slots__ = ("closing", "drained", "limit", "out", "pump", "queued", "rt", "subs",
                  "who", "ws")
     pumping = 0  # sessions of this process with a pump running
 
@@ -128,18 +137,18 @@ class SocketSession:
         self.subs: dict[str, Subscription] = {}
         self.out: list[bytes] = []  # messages not yet sent, in order
         self.queued = 0  # bytes in `out`, bounded by `limit`
-        self.overflowed = False
+        self.closing: tuple[int, str] | None = None  # (code, reason) the pump closes with
         self.pump: asyncio.Task[None] | None = None  # runs only while `out` has messages
         self.drained: asyncio.Event | None = None  # replays waiting for `out` to half empty
 
     def send(self, message: bytes) -> None:
-        if self.overflowed:
+        if self.closing:
             return
         # (A message bigger than the whole buffer still goes through, alone.)
         if self.queued and self.queued + len(message) > self.limit:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
-            self.overflowed = True
+            self.closing = (1013, "too slow: reconnect and resume from your seq")
             self.close()
         else:
             self.out.append(message)
@@ -150,7 +159,7 @@ class SocketSession:
     async def ready(self) -> None:
         """Paces replays from the store to what the client reads, so catching up on a
         long log never counts as too slow."""
-        if self.queued > self.limit // 2 and not self.overflowed:
+        if self.queued > self.limit // 2 and not self.closing:
             if self.drained is None:
                 self.drained = asyncio.Event()
             await self.drained.wait()
@@ -172,8 +181,8 @@ class SocketSession:
         return sub is not None
 
     async def handle(self, raw: str) -> None:
-        if self.overflowed:
-            return  # closing: the client must reconnect first
+        if self.closing:
+            return  # the client must reconnect first
         try:
             msg = loads(raw, self.rt.settings.max_json_depth)
         except TooDeep as exc:
@@ -218,7 +227,7 @@ class SocketSession:
             return
         # Its terminal event may already have been delivered (and the subscription closed)
         # while the hub started: then there is nothing left to hold.
-        if not sub.closed and not self.overflowed:
+        if not sub.closed and not self.closing:
             self.subs[job] = sub
         else:
             sub.close()
@@ -253,9 +262,8 @@ class SocketSession:
                     await self.ws.send_text(frame.decode())
                     del frame  # not held through the pause (up to a frame per socket)
                 await asyncio.sleep(min(PACE_MAX, SocketSession.pumping * PACE_PER_SOCKET))
-            if self.overflowed:
-                await self.ws.close(code=1013,
-                                    reason="too slow: reconnect and resume from your seq")
+            if self.closing:
+                await self.ws.close(*self.closing)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the peer went away: the receive loop sees it and ends the session
         finally:
@@ -266,18 +274,35 @@ class SocketSession:
         for job in list(self.subs):
             self.drop(job)
 
+    def end(self) -> None:
+        """The session that authenticated the socket ended: nothing more goes out, not
+        even what is pending, and the socket closes with 4401."""
+        self.closing = (4401, ENDED)
+        self.close()
+        self.out.clear()
+        self.queued = 0
+        if self.drained is not None:  # a replay waiting for room: let it see the end
+            self.drained.set()
+            self.drained = None
+        if self.pump is None:
+            self.pump = asyncio.create_task(self._pump())
+
 
 async def websocket(ws: WebSocket) -> None:
-    """Subscribe with {"op":"subscribe","job":ID,"after":N}; events arrive as
-    {"job","seq","type","data","at"} in seq order, replay first, then live. A frame is
-    one JSON object (a reply, or one event) or a JSON array of events in order."""
+    """Authenticate by header, cookie or {"op":"auth","token":T} as the first frame
+    (`?token=` too, for old clients); subscribe with {"op":"subscribe","job":ID,"after":N};
+    events arrive as {"job","seq","type","data","at"} in seq order, replay first, then
+    live. A frame is one JSON object (a reply, or one event) or a JSON array of events in
+    order."""
     rt = runtime(ws)
     await ws.accept()
     if (refused := cross_site(ws, allow_query=True)) is not None:
         await ws.close(code=4403, reason=refused)
         return
     try:
-        who = await owner_of(ws, rt.store, allow_query=True)
+        who, token_hash = await socket_caller(ws, rt.store, rt.settings.ws_auth_seconds)
+    except WebSocketDisconnect:
+        return
     except HTTPException as exc:
         await ws.close(code=4401, reason=str(exc.detail))
         return
@@ -289,6 +314,7 @@ async def websocket(ws: WebSocket) -> None:
         await ws.close(code=slot.ws_code, reason=slot.reason)
         return
     session = SocketSession(ws, who)
+    unwatch = rt.live.watch(token_hash, session.end)
     try:
         # No task per connection while idle: this coroutine waits on the socket, and
         # the pump (which also sends the 1013 close) exists only while there is output.
@@ -300,6 +326,7 @@ async def websocket(ws: WebSocket) -> None:
     except (WebSocketDisconnect, RuntimeError):
         pass  # the peer went away mid-send
     finally:
+        unwatch()
         slot.release()
         session.close()
         if session.pump is not None:
