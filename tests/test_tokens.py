@@ -45,12 +45,12 @@ async def closed_with(ws: ClientConnection, within: float) -> int | None:
     return ws.close_code
 
 
-async def sse_ended(client: Client, server: Proc, job: str, within: float,
+async def sse_ended(params: dict[str, str], server: Proc, job: str, within: float,
                     opened: asyncio.Semaphore, started: asyncio.Event) -> float:
-    """Stream the job's events (by ?token=) until the server ends the stream, releasing
-    `opened` once it is open; how long the end took after `started` was set."""
+    """Stream the job's events (authenticated by `params`) until the server ends the
+    stream, releasing `opened` once it is open; how long the end took after `started`."""
     async with httpx.AsyncClient(timeout=30) as http, http.stream(
-            "GET", f"{server.url}/api/jobs/{job}/stream", params={"token": client.token}) as r:
+            "GET", f"{server.url}/api/jobs/{job}/stream", params=params) as r:
         assert r.status_code == 200
         lines = r.aiter_lines()
         await anext(lines)
@@ -147,6 +147,34 @@ async def test_websocket_authenticates_with_its_first_message(
         pass
 
 
+async def test_a_ticket_opens_one_stream(procs: Any, tmp_path: Any,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBWIRE_TICKET_SECONDS", "2")
+    server: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}")
+    c = await guest(server.url)
+    job, _ = await c.submit("echo", 1)
+    await c.wait_terminal(job["id"])
+    stream = f"{server.url}/api/jobs/{job['id']}/stream"
+
+    async def ticket() -> str:
+        r = await c.http.post("/api/tickets")
+        assert r.status_code == 201 and r.json()["expires_in"] == 2, r.text
+        return str(r.json()["ticket"])
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(f"{server.url}/api/tickets")).status_code == 401
+        used = await ticket()
+        r = await http.get(stream, params={"ticket": used})
+        assert r.status_code == 200 and '"type":"completed"' in r.text
+        for bad in (used, "not-a-ticket"):
+            r = await http.get(stream, params={"ticket": bad})
+            assert r.status_code == 401, r.text
+            assert r.json()["detail"] == "invalid, used or expired ticket"
+        late = await ticket()
+        await asyncio.sleep(2.5)
+        assert (await http.get(stream, params={"ticket": late})).status_code == 401
+
+
 # -- live connections end with their session
 
 
@@ -167,8 +195,10 @@ async def test_claim_closes_the_guests_live_connections_on_every_server(
         await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
         sockets.append(ws)
     opened, claimed = asyncio.Semaphore(0), asyncio.Event()
-    sse = [asyncio.create_task(sse_ended(g, s, job["id"], 10, opened, claimed))
-           for s in (here, there)]
+    r = await g.http.post("/api/tickets")  # a ticket from one server works on any
+    assert r.status_code == 201, r.text
+    sse = [asyncio.create_task(sse_ended(params, s, job["id"], 10, opened, claimed))
+           for s, params in ((here, {"token": g.token}), (there, {"ticket": r.json()["ticket"]}))]
     for _ in sse:
         await opened.acquire()
 

@@ -87,3 +87,4 @@ class Settings:
     # How often a process re-checks the sessions of its live connections (ended sessions
     # close theirs: docs/guarantees.md "A public server").
     session_check_seconds: float = _env_seconds("session_check_seconds", 2.0)
+    ticket_seconds: int = _env_limit("ticket_seconds", 30)  # how long a ticket is usable

@@ -66,6 +66,21 @@ async def authenticate(store: Store, token: str | None) -> Caller:
     return Caller(owner, token_hash)
 
 
+async def new_ticket(store: Store, caller: Caller, ttl: float) -> str:
+    """A single-use ticket for the caller's session, to put in a URL instead of the token."""
+    ticket = secrets.token_urlsafe(32)
+    await store.add_ticket(hash_token(ticket), caller.token_hash, now() + ttl)
+    return ticket
+
+
+async def redeem(store: Store, ticket: str) -> Caller:
+    """The caller a ticket stands for, or 401; the ticket is spent either way."""
+    found = await store.use_ticket(hash_token(ticket))
+    if found is None:
+        raise HTTPException(401, "invalid, used or expired ticket")
+    return Caller(*found)
+
+
 async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False) -> str:
     """The caller's owner id, or 401."""
     return (await authenticate(store, token_of(conn, allow_query))).owner

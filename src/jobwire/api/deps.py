@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path
 from starlette.requests import HTTPConnection
 
-from jobwire.api.auth import Caller, authenticate, owner_of, token_of
+from jobwire.api.auth import Caller, authenticate, owner_of, redeem, token_of
 from jobwire.api.schemas import NO_NUL
 from jobwire.model import Job
 from jobwire.server import Runtime
@@ -31,14 +31,21 @@ async def owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
     return await owner_of(conn, rt.store)
 
 
+async def caller(conn: HTTPConnection, rt: RuntimeDep) -> Caller:
+    return await authenticate(rt.store, token_of(conn, allow_query=False))
+
+
 async def stream_caller(conn: HTTPConnection, rt: RuntimeDep) -> Caller:
-    """Like `owner`, also taking ?token= (EventSource cannot set headers), and saying
-    which session: the stream ends with it."""
+    """Like `caller`, also taking ?ticket= or ?token= (EventSource cannot set headers)."""
+    ticket = conn.query_params.get("ticket")
+    if ticket:
+        return await redeem(rt.store, ticket)
     return await authenticate(rt.store, token_of(conn, allow_query=True))
 
 
 JobId = Annotated[str, Path(max_length=200, pattern=NO_NUL)]
 Owner = Annotated[str, Depends(owner)]
+CallerDep = Annotated[Caller, Depends(caller)]
 StreamCaller = Annotated[Caller, Depends(stream_caller)]
 
 

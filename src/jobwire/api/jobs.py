@@ -8,10 +8,17 @@ from typing import Literal
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from jobwire.api.auth import COOKIE, bearer_token, hash_token, new_session, owner_of
+from jobwire.api.auth import (
+    COOKIE,
+    bearer_token,
+    hash_token,
+    new_session,
+    new_ticket,
+    owner_of,
+)
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
-from jobwire.api.deps import JobId, Owner, RuntimeDep, owned_job
+from jobwire.api.deps import CallerDep, JobId, Owner, RuntimeDep, owned_job
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
     ClaimOut,
@@ -22,6 +29,7 @@ from jobwire.api.schemas import (
     SessionOut,
     SubmitOut,
     SubmitRequest,
+    TicketOut,
     errors,
 )
 from jobwire.model import ACTIVE, Job, Status
@@ -64,6 +72,15 @@ async def create_session(rt: RuntimeDep, request: Request, response: Response
                         max_age=int(rt.settings.guest_ttl_seconds),
                         secure=rt.settings.secure_cookies or request.url.scheme == "https")
     return {"token": token, "owner": who}
+
+
+@router.post("/tickets", status_code=201, response_model=TicketOut, responses=errors(401))
+async def create_ticket(rt: RuntimeDep, caller: CallerDep) -> dict[str, object]:
+    """A single-use ticket for the caller's session, valid for `expires_in` seconds: pass it
+    as `?ticket=` to `/stream` where the token cannot go in a header (EventSource). The
+    stream it opens ends with the session, like one opened with the token."""
+    ttl = rt.settings.ticket_seconds
+    return {"ticket": await new_ticket(rt.store, caller, ttl), "expires_in": ttl}
 
 
 @router.post("/sessions/claim", response_model=ClaimOut, responses={

@@ -386,6 +386,23 @@ class PostgresStore:
     async def revoke_sessions(self, owner: str) -> int:
         return await self._execute("DELETE FROM sessions WHERE owner = %s", (owner,))
 
+    async def add_ticket(self, ticket_hash: str, token_hash: str, expires_at: float) -> None:
+        async def add(conn: Conn) -> tuple[None, list[Event]]:
+            await conn.execute("DELETE FROM tickets WHERE expires_at <= %s", (now(),))
+            await conn.execute("INSERT INTO tickets VALUES (%s, %s, %s)",
+                               (ticket_hash, token_hash, expires_at))
+            return None, []
+        await self._transact(add)
+
+    async def use_ticket(self, ticket_hash: str) -> tuple[str, str] | None:
+        at = now()
+        rows = await self._query(
+            "WITH used AS (DELETE FROM tickets WHERE ticket_hash = %s AND expires_at > %s "
+            "RETURNING token_hash) SELECT s.owner, s.token_hash FROM used JOIN sessions s "
+            "USING (token_hash) WHERE s.expires_at IS NULL OR s.expires_at > %s",
+            (ticket_hash, at, at))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
     async def claim_session(self, token_hash: str, owner: str) -> int | None:
         async def claim(conn: Conn) -> tuple[int | None, list[Event]]:
             cur = await conn.execute(
