@@ -142,9 +142,16 @@ async def test_websocket_authenticates_with_its_first_message(
             assert reason in ws.close_reason, (first, ws.close_reason)
             if first is None:
                 assert 0.9 < time.monotonic() - started < 5
-    # The refusals cost nothing else: the server still serves.
-    async with await authed_socket(server, c.token):
-        pass
+    # With ?auth=message the first frame wins over a session cookie (a page's token does).
+    other = await guest(server.url)
+    cookie = {"Cookie": f"jobwire_token={other.token}"}
+    async with websockets.connect(f"{ws_base(server)}?auth=message",
+                                  additional_headers=cookie) as ws:
+        await ws.send(json.dumps({"op": "auth", "token": c.token}))
+        assert json.loads(await ws.recv()) == {"op": "authenticated", "owner": c.owner}
+    async with websockets.connect(ws_base(server), additional_headers=cookie) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job": job["id"], "after": 0}))
+        assert json.loads(await ws.recv())["code"] == 404  # the cookie's owner: not c
 
 
 async def test_a_ticket_opens_one_stream(procs: Any, tmp_path: Any,

@@ -284,7 +284,7 @@ test("a token goes in headers and the socket's first message, never in a URL", a
   await until(() => seen.length >= 2, "REST reads");
   for (const round of [1, 2]) { // the first socket, then the one that replaces it
     const ws = FakeSocket.last;
-    assert.equal(ws.url, "ws://jw.test/api/ws");
+    assert.equal(ws.url, "ws://jw.test/api/ws?auth=message");
     ws.open();
     await until(() => ws.ops("subscribe").length === 1, `subscribe (socket ${round})`);
     // The server must read the auth op before anything else on the socket.

@@ -91,10 +91,12 @@ AUTH_FIRST = 'send {"op": "auth", "token": "<token>"} first'
 
 async def socket_caller(ws: WebSocket, store: Store, wait: float) -> Caller:
     """The caller of an accepted WebSocket, or 401. Without a token in the header, the
-    query or a cookie, the first frame must be {"op": "auth", "token": …} (so the token
-    stays out of URLs, and so out of logs), within `wait` seconds; it is answered with
-    {"op": "authenticated", "owner": …}. WebSocketDisconnect if the peer leaves first."""
-    token = token_of(ws, allow_query=True)
+    query or a cookie, or with `?auth=message` (a page whose own token must win over
+    a session cookie the browser sends anyway), the first frame must be {"op": "auth",
+    "token": …} (so the token stays out of URLs, and so out of logs), within `wait`
+    seconds; it is answered with {"op": "authenticated", "owner": …}.
+    WebSocketDisconnect if the peer leaves first."""
+    token = None if ws.query_params.get("auth") == "message" else token_of(ws, True)
     if token:
         return await authenticate(store, token)
     try:

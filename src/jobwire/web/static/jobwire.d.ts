@@ -57,9 +57,9 @@ export interface JobEvent {
 
 /**
  * The first message a WebSocket without a token in its request (no bearer header, no
- * cookie) must send, within 10 s, before any other op; the server answers
- * `{op: "authenticated", owner}` or closes with 4401. The client sends it when given a
- * `token`, so tokens never appear in URLs.
+ * cookie), or opened as `/api/ws?auth=message`, must send, within 10 s, before any other
+ * op; the server answers `{op: "authenticated", owner}` or closes with 4401. The client
+ * sends it (on `?auth=message`) when given a `token`, so tokens never appear in URLs.
  */
 export interface SocketAuth {
   readonly op: "auth";

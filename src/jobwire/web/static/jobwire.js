@@ -481,9 +481,9 @@ export class Client {
   connect() {
     if (this._closed || this._socket || this._reconnectTimer) return;
     if (this.state === ConnectionState.IDLE) this._setState(ConnectionState.CONNECTING);
-    // The token goes in the first message, never in the URL (URLs end up in logs);
-    // without one the browser sends the session cookie with the handshake.
-    const url = `${this.base.replace(/^http/, "ws")}/api/ws`;
+    // The token goes in the first message, never in the URL (URLs end up in logs), and
+    // wins over any session cookie the browser sends; without one, the cookie is used.
+    const url = `${this.base.replace(/^http/, "ws")}/api/ws${this.token ? "?auth=message" : ""}`;
     let socket;
     try {
       socket = new this._WS(url);
