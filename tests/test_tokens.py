@@ -142,11 +142,13 @@ async def test_websocket_authenticates_with_its_first_message(
             assert reason in ws.close_reason, (first, ws.close_reason)
             if first is None:
                 assert 0.9 < time.monotonic() - started < 5
-    # With ?auth=message the first frame wins over a session cookie (a page's token does).
+    # With ?auth=message the first frame wins over a session cookie (a page's token does),
+    # so the cookie's same-origin check does not apply either.
     other = await guest(server.url)
     cookie = {"Cookie": f"jobwire_token={other.token}"}
     async with websockets.connect(f"{ws_base(server)}?auth=message",
-                                  additional_headers=cookie) as ws:
+                                  additional_headers=cookie,
+                                  origin="http://elsewhere.example") as ws:
         await ws.send(json.dumps({"op": "auth", "token": c.token}))
         assert json.loads(await ws.recv()) == {"op": "authenticated", "owner": c.owner}
     async with websockets.connect(ws_base(server), additional_headers=cookie) as ws:

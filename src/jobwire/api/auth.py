@@ -86,6 +86,12 @@ async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False
     return (await authenticate(store, token_of(conn, allow_query))).owner
 
 
+def by_message(ws: HTTPConnection) -> bool:
+    """Whether a WebSocket said (`?auth=message`) that its first message authenticates
+    it, whatever cookie the browser sends."""
+    return ws.query_params.get("auth") == "message"
+
+
 AUTH_FIRST = 'send {"op": "auth", "token": "<token>"} first'
 
 
@@ -96,7 +102,7 @@ async def socket_caller(ws: WebSocket, store: Store, wait: float) -> Caller:
     "token": …} (so the token stays out of URLs, and so out of logs), within `wait`
     seconds; it is answered with {"op": "authenticated", "owner": …}.
     WebSocketDisconnect if the peer leaves first."""
-    token = None if ws.query_params.get("auth") == "message" else token_of(ws, True)
+    token = None if by_message(ws) else token_of(ws, True)
     if token:
         return await authenticate(store, token)
     try:
