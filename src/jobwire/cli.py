@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
 import signal
@@ -60,9 +61,15 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("users", help="manage users")
     users = p.add_subparsers(dest="users_command", required=True)
-    add = users.add_parser("add", help="create a token for user NAME (prints it)")
-    add.add_argument("name")
-    _add_db(add)
+    add = users.add_parser("add", help="create user NAME and print its token")
+    add.add_argument("--new-token", action="store_true",
+                     help="NAME exists: issue another token (the others keep working)")
+    revoke = users.add_parser("revoke", help="revoke all of NAME's tokens (live connections "
+                              "using them close within seconds)")
+    tokens = users.add_parser("tokens", help="list NAME's tokens (ids, never the tokens)")
+    for p in (add, revoke, tokens):
+        p.add_argument("name")
+        _add_db(p)
     client_cli.add_commands(sub)
     return root
 
@@ -103,18 +110,42 @@ async def _run_worker(settings: Settings, jobwire: Jobwire) -> None:
         await store.close()
 
 
-async def _with_store(url: str, name: str | None) -> str | None:
-    from jobwire.api.auth import new_session
-
+async def _migrate(url: str) -> None:
     store = open_store(url)
     await store.open()
+    await store.close()
+
+
+async def _users(args: argparse.Namespace) -> str:
+    """What `jobwire users …` prints."""
+    from jobwire.api.auth import new_session
+
+    name = args.name.strip()
+    if not name or len(name) > 100 or ":" in name:
+        raise CLIError("a user name is 1 to 100 characters without ':'")
+    owner = f"user:{name}"
+    store = open_store(args.db)
+    await store.open()
     try:
-        if name is None:
-            return None
-        token, _ = await new_session(store, f"user:{name}", ttl=None)
+        if args.users_command == "revoke":
+            return f"revoked {await store.revoke_sessions(owner)} token(s) of {name}"
+        sessions = await store.sessions_of(owner)
+        if args.users_command == "tokens":
+            # A token is never shown again: its id is the start of its hash.
+            return "\n".join(f"{h[:8]}  created {_utc(created)}"
+                             f"{'' if expires is None else '  expires ' + _utc(expires)}"
+                             for h, created, expires in sessions) or f"{name} has no tokens"
+        if sessions and not args.new_token:
+            raise CLIError(f"user {name} exists ({len(sessions)} token(s)); "
+                           "--new-token issues another")
+        token, _ = await new_session(store, owner, ttl=None)
         return token
     finally:
         await store.close()
+
+
+def _utc(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -135,13 +166,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings, jobwire = _settings(args)
         asyncio.run(_run_worker(settings, jobwire))
     elif args.command == "migrate":
-        asyncio.run(_with_store(args.db, None))
+        asyncio.run(_migrate(args.db))
         print(f"schema is up to date on {args.db}")
     elif args.command == "users":
-        name = args.name.strip()
-        if not name or len(name) > 100 or ":" in name:
-            raise CLIError("a user name is 1 to 100 characters without ':'")
-        print(asyncio.run(_with_store(args.db, name)))
+        print(asyncio.run(_users(args)))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -9,8 +10,10 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI
 
+from jobwire import redact
 from jobwire.app import Jobwire
 from jobwire.hub import Hub
+from jobwire.sessions import LiveSessions
 from jobwire.settings import Settings
 from jobwire.store import Store, open_store
 from jobwire.worker import Worker
@@ -25,6 +28,7 @@ class Runtime:
     store: Store
     hub: Hub
     worker: Worker | None
+    live: LiveSessions
 
 
 def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
@@ -44,10 +48,13 @@ def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
                             threads=settings.sync_threads or None,
                             task_timeout=settings.task_timeout or None)
             await worker.start()
-        api.state.runtime = Runtime(settings, jobwire, store, hub, worker)
+        live = LiveSessions()
+        checker = asyncio.create_task(live.run(store, settings.session_check_seconds))
+        api.state.runtime = Runtime(settings, jobwire, store, hub, worker, live)
         try:
             yield
         finally:
+            checker.cancel()
             if worker is not None:
                 await worker.stop()
             await store.close()
@@ -56,6 +63,10 @@ def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
 
 
 def serve(settings: Settings, jobwire: Jobwire) -> None:
+    # Access lines and WebSocket handshake lines carry the query string: no token in them.
+    # (uvicorn's logging setup replaces handlers, not logger filters, so this stays.)
+    redact.install("uvicorn.access", "uvicorn.error")
+
     from jobwire.api.public import trusted_proxies
 
     # X-Forwarded-For/-Proto count only from JOBWIRE_TRUSTED_PROXIES (uvicorn's default

@@ -97,3 +97,9 @@ class Settings:
     jwt_guest_claim: str | None = _env_secret("jwt_guest_claim")  # this claim true: a guest
     jwt_leeway_seconds: float = _env_seconds("jwt_leeway_seconds", 30.0)  # for exp and nbf
     jwt_jwks_refresh_seconds: float = _env_seconds("jwt_jwks_refresh_seconds", 30.0)
+    # A WebSocket without a token in its request must send {"op": "auth"} this soon.
+    ws_auth_seconds: float = _env_seconds("ws_auth_seconds", 10.0)
+    # How often a process re-checks the sessions of its live connections (ended sessions
+    # close theirs: docs/guarantees.md "A public server").
+    session_check_seconds: float = _env_seconds("session_check_seconds", 2.0)
+    ticket_seconds: int = _env_limit("ticket_seconds", 30)  # how long a ticket is usable

@@ -274,17 +274,29 @@ test("a submitted job starts from its own seq 1 without a REST read", async () =
   assert.equal(fetch.calls.filter((c) => c.method === "GET").length, 0);
 });
 
-test("a token goes as a bearer header and on the socket URL", async () => {
+test("a token goes in headers and the socket's first message, never in a URL", async () => {
   const log = running(1);
   const seen = [];
-  const fetch = setup(log, {}, { token: "t0k" });
+  const fetch = setup(log, {}, { token: "t0k", fallbackAfter: 1 });
   const inner = client._fetch;
   client._fetch = (url, init) => { seen.push(init.headers.authorization); return inner(url, init); };
   client.watch(log.id, () => {});
   await until(() => seen.length >= 2, "REST reads");
+  for (const round of [1, 2]) { // the first socket, then the one that replaces it
+    const ws = FakeSocket.last;
+    assert.equal(ws.url, "ws://jw.test/api/ws?auth=message");
+    ws.open();
+    await until(() => ws.ops("subscribe").length === 1, `subscribe (socket ${round})`);
+    // The server must read the auth op before anything else on the socket.
+    assert.deepEqual(ws.sent[0], { op: "auth", token: "t0k" });
+    assert.equal(ws.ops("auth").length, 1);
+    ws.drop(); // with fallbackAfter 1 the job is long-polled meanwhile
+    await until(() => FakeSocket.all.length === round + 1, "a new socket");
+  }
+  await until(() => fetch.calls.some((c) => c.path.includes("wait=")), "a long-poll");
   assert.ok(seen.every((h) => h === "Bearer t0k"));
-  assert.equal(FakeSocket.last.url, "ws://jw.test/api/ws?token=t0k");
-  assert.ok(fetch.calls.length >= 2);
+  for (const c of fetch.calls) assert.ok(!c.path.includes("t0k"), c.path);
+  for (const ws of FakeSocket.all) assert.ok(!ws.url.includes("t0k"), ws.url);
 });
 
 test("a job that is gone (404) is reported to its watchers", async () => {

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path
 from starlette.requests import HTTPConnection
 
-from jobwire.api.auth import owner_of
+from jobwire.api.auth import authenticate, owner_of, redeem, token_of
+from jobwire.api.identity import Caller
 from jobwire.api.schemas import NO_NUL
 from jobwire.model import Job
 from jobwire.server import Runtime
@@ -41,15 +42,23 @@ async def reader(conn: HTTPConnection, rt: RuntimeDep) -> str | None:
     return await owner_of(conn, rt.store)
 
 
-async def stream_reader(conn: HTTPConnection, rt: RuntimeDep) -> str | None:
-    """Like `reader`, also taking ?token= (EventSource and WebSocket cannot set headers)."""
-    return await owner_of(conn, rt.store, allow_query=True)
+async def caller(conn: HTTPConnection, rt: RuntimeDep) -> Caller:
+    return await authenticate(conn, rt.store, token_of(conn, allow_query=False))
+
+
+async def stream_caller(conn: HTTPConnection, rt: RuntimeDep) -> Caller:
+    """Like `caller`, also taking ?ticket= or ?token= (EventSource cannot set headers)."""
+    ticket = conn.query_params.get("ticket")
+    if ticket:
+        return await redeem(rt.store, ticket)
+    return await authenticate(conn, rt.store, token_of(conn, allow_query=True))
 
 
 JobId = Annotated[str, Path(max_length=200, pattern=NO_NUL)]
 Owner = Annotated[str, Depends(owner)]
 Reader = Annotated[str | None, Depends(reader)]
-StreamReader = Annotated[str | None, Depends(stream_reader)]
+CallerDep = Annotated[Caller, Depends(caller)]
+StreamCaller = Annotated[Caller, Depends(stream_caller)]
 
 
 async def owned_job(rt: Runtime, job_id: str, who: str | None) -> Job:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import jwt
@@ -51,7 +51,16 @@ _REFUSALS: list[tuple[type[Exception], str]] = [
 ]
 
 Key = Any  # bytes (HMAC) or a cryptography public key
-Sessions = Callable[[str], Awaitable[str]]
+
+
+class Caller(NamedTuple):
+    """Who a request or live connection acts as, and what its access ends with."""
+
+    owner: str | None  # None: every owner's (the service key alone, for reads)
+    token_hash: str | None = None  # a session's: its live connections end with it
+
+
+Sessions = Callable[[str], Awaitable[Caller]]
 
 
 def algorithms_for(key: Key) -> list[str]:
@@ -199,7 +208,7 @@ class Identity:
             raise jwt.DecodeError("kid is not a string")
         return await self.jwks.key(kid)
 
-    async def jwt_owner(self, token: str) -> str:
+    async def jwt_caller(self, token: str) -> Caller:
         """The owner a JWT names, or 401 saying in general terms what is wrong with it."""
         s = self.settings
         try:
@@ -220,25 +229,25 @@ class Identity:
             raise HTTPException(401, f"token claim {claim!r} is missing or not "
                                 f"an id (1 to {MAX_OWNER_ID} printable characters)")
         guest = s.jwt_guest_claim is not None and claims.get(s.jwt_guest_claim) is True
-        return f"{'guest' if guest else 'user'}:{subject}"
+        return Caller(f"{'guest' if guest else 'user'}:{subject}")
 
 
-async def identify(conn: HTTPConnection, token: str | None, sessions: Sessions) -> str | None:
-    """The owner whose jobs the caller acts on, or 401/403/400. None means every owner's:
-    only the service key without X-Jobwire-Owner, for reads (deps.owner refuses writes)."""
+async def identify(conn: HTTPConnection, token: str | None, sessions: Sessions) -> Caller:
+    """The caller, or 401/403/400. An owner of None means every owner's: only the
+    service key without X-Jobwire-Owner, for reads (deps.owner refuses writes)."""
     identity: Identity = conn.app.state.identity
     acting_as = conn.headers.get(OWNER_HEADER)
     if not token:
         raise HTTPException(401, "missing token: send Authorization: Bearer <token>")
     if identity.is_service(token):
         if acting_as is None:
-            return None
+            return Caller(None)
         if valid_owner(acting_as) is None:
             raise HTTPException(400, f"X-Jobwire-Owner must be user:<id> or guest:<id>, "
                                 f"the id 1 to {MAX_OWNER_ID} printable characters")
-        return acting_as
+        return Caller(acting_as)
     if acting_as is not None:
         raise HTTPException(403, "only the service key may send X-Jobwire-Owner")
     if token.count(".") == 2:
-        return await identity.jwt_owner(token)
+        return await identity.jwt_caller(token)
     return await sessions(token)

@@ -8,10 +8,17 @@ from typing import Literal
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from jobwire.api.auth import COOKIE, bearer_token, hash_token, new_session, owner_of
+from jobwire.api.auth import (
+    COOKIE,
+    bearer_token,
+    hash_token,
+    new_session,
+    new_ticket,
+    owner_of,
+)
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
-from jobwire.api.deps import JobId, Owner, Reader, RuntimeDep, owned_job
+from jobwire.api.deps import CallerDep, JobId, Owner, Reader, RuntimeDep, owned_job
 from jobwire.api.identity import valid_owner
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
@@ -23,6 +30,7 @@ from jobwire.api.schemas import (
     SessionOut,
     SubmitOut,
     SubmitRequest,
+    TicketOut,
     errors,
 )
 from jobwire.model import ACTIVE, Job, Status
@@ -67,6 +75,15 @@ async def create_session(rt: RuntimeDep, request: Request, response: Response
     return {"token": token, "owner": who}
 
 
+@router.post("/tickets", status_code=201, response_model=TicketOut, responses=errors(401))
+async def create_ticket(rt: RuntimeDep, caller: CallerDep) -> dict[str, object]:
+    """A single-use ticket for the caller's session, valid for `expires_in` seconds: pass it
+    as `?ticket=` to `/stream` where the token cannot go in a header (EventSource). The
+    stream it opens ends with the session, like one opened with the token."""
+    ttl = rt.settings.ticket_seconds
+    return {"ticket": await new_ticket(rt.store, caller, ttl), "expires_in": ttl}
+
+
 @router.post("/sessions/claim", response_model=ClaimOut, responses={
     **errors(400, 401, 413),
     403: {"model": ErrorOut, "description": "the caller is not a user, or a cross-site "
@@ -79,12 +96,14 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
     guest's token is in the body), all or none; the guest token then stops working."""
     if not who.startswith("user:"):
         raise HTTPException(403, "only a user can claim a guest session: send a user's token")
+    guest = hash_token(body.token)
     try:
-        moved = await rt.store.claim_session(hash_token(body.token), who)
+        moved = await rt.store.claim_session(guest, who)
     except OwnerConflict as exc:
         raise HTTPException(409, str(exc)) from None
     if moved is None:
         raise HTTPException(404, "guest session not found or expired")
+    rt.live.end(guest)  # its sockets here close now; other processes' at their next check
     return {"owner": who, "moved": moved}
 
 

@@ -18,15 +18,16 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
-from jobwire.api.auth import owner_of
+from jobwire.api.auth import socket_caller
 from jobwire.api.bodies import TooDeep, loads
-from jobwire.api.deps import JobId, Reader, RuntimeDep, StreamReader, owned_job, runtime
+from jobwire.api.deps import JobId, Reader, RuntimeDep, StreamCaller, owned_job, runtime
 from jobwire.api.identity import SERVICE
 from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
+from jobwire.sessions import ENDED
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
@@ -64,10 +65,11 @@ async def poll_events(job_id: JobId, rt: RuntimeDep, who: Reader,
                        **errors(401, 404, 429),
                        503: {"model": ErrorOut, "description": "the database is unavailable, "
                              "or this process is at its live-connection limit; retry later"}})
-async def stream(job_id: JobId, rt: RuntimeDep, who: StreamReader, request: Request,
+async def stream(job_id: JobId, rt: RuntimeDep, caller: StreamCaller, request: Request,
                  after: int = Query(0, ge=0),
                  last_event_id: str | None = Header(None)) -> Response:
     """Server-Sent Events: `id` is the seq; reconnecting with Last-Event-ID resumes."""
+    who = caller.owner
     job = await owned_job(rt, job_id, who)
     if last_event_id is not None:
         try:
@@ -83,18 +85,25 @@ async def stream(job_id: JobId, rt: RuntimeDep, who: StreamReader, request: Requ
     async def frames() -> AsyncIterator[bytes]:
         try:
             async with rt.hub.stream(job_id, after, rt.settings.buffer_bytes) as queue:
-                while True:
-                    try:
-                        ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
-                    except TimeoutError:
-                        yield b": keepalive\n\n"
-                        continue
-                    if ev is None:
-                        return  # fell behind: the client reconnects with Last-Event-ID
-                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                        ev.seq, ev.type.encode(), ev.wire)
-                    if ev.terminal:
-                        return
+                # The session ending ends the stream (None: as if it fell behind).
+                unwatch = rt.live.watch(caller.token_hash, lambda: queue.put_nowait(None))
+                try:
+                    while True:
+                        try:
+                            ev = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                        except TimeoutError:
+                            yield b": keepalive\n\n"
+                            continue
+                        if ev is None:
+                            # Fell behind (the client reconnects with Last-Event-ID), or
+                            # the session ended.
+                            return
+                        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                            ev.seq, ev.type.encode(), ev.wire)
+                        if ev.terminal:
+                            return
+                finally:
+                    unwatch()
         finally:
             slot.release()
 
@@ -117,7 +126,7 @@ class SocketSession:
     lets one process feed a thousand sockets. Idle, a session holds no task or future.
     """
 
-    __slots__ = ("drained", "limit", "out", "overflowed", "pump", "queued", "rt", "subs",
+    __slots__ = ("closing", "drained", "limit", "out", "pump", "queued", "rt", "subs",
                  "who", "ws")
     pumping = 0  # sessions of this process with a pump running
 
@@ -129,18 +138,18 @@ class SocketSession:
         self.subs: dict[str, Subscription] = {}
         self.out: list[bytes] = []  # messages not yet sent, in order
         self.queued = 0  # bytes in `out`, bounded by `limit`
-        self.overflowed = False
+        self.closing: tuple[int, str] | None = None  # (code, reason) the pump closes with
         self.pump: asyncio.Task[None] | None = None  # runs only while `out` has messages
         self.drained: asyncio.Event | None = None  # replays waiting for `out` to half empty
 
     def send(self, message: bytes) -> None:
-        if self.overflowed:
+        if self.closing:
             return
         # (A message bigger than the whole buffer still goes through, alone.)
         if self.queued and self.queued + len(message) > self.limit:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
-            self.overflowed = True
+            self.closing = (1013, "too slow: reconnect and resume from your seq")
             self.close()
         else:
             self.out.append(message)
@@ -151,7 +160,7 @@ class SocketSession:
     async def ready(self) -> None:
         """Paces replays from the store to what the client reads, so catching up on a
         long log never counts as too slow."""
-        if self.queued > self.limit // 2 and not self.overflowed:
+        if self.queued > self.limit // 2 and not self.closing:
             if self.drained is None:
                 self.drained = asyncio.Event()
             await self.drained.wait()
@@ -173,8 +182,8 @@ class SocketSession:
         return sub is not None
 
     async def handle(self, raw: str) -> None:
-        if self.overflowed:
-            return  # closing: the client must reconnect first
+        if self.closing:
+            return  # the client must reconnect first
         try:
             msg = loads(raw, self.rt.settings.max_json_depth)
         except TooDeep as exc:
@@ -219,7 +228,7 @@ class SocketSession:
             return
         # Its terminal event may already have been delivered (and the subscription closed)
         # while the hub started: then there is nothing left to hold.
-        if not sub.closed and not self.overflowed:
+        if not sub.closed and not self.closing:
             self.subs[job] = sub
         else:
             sub.close()
@@ -254,9 +263,8 @@ class SocketSession:
                     await self.ws.send_text(frame.decode())
                     del frame  # not held through the pause (up to a frame per socket)
                 await asyncio.sleep(min(PACE_MAX, SocketSession.pumping * PACE_PER_SOCKET))
-            if self.overflowed:
-                await self.ws.close(code=1013,
-                                    reason="too slow: reconnect and resume from your seq")
+            if self.closing:
+                await self.ws.close(*self.closing)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the peer went away: the receive loop sees it and ends the session
         finally:
@@ -267,29 +275,47 @@ class SocketSession:
         for job in list(self.subs):
             self.drop(job)
 
+    def end(self) -> None:
+        """The session that authenticated the socket ended: nothing more goes out, not
+        even what is pending, and the socket closes with 4401."""
+        self.closing = (4401, ENDED)
+        self.close()
+        self.out.clear()
+        self.queued = 0
+        if self.drained is not None:  # a replay waiting for room: let it see the end
+            self.drained.set()
+            self.drained = None
+        if self.pump is None:
+            self.pump = asyncio.create_task(self._pump())
+
 
 async def websocket(ws: WebSocket) -> None:
-    """Subscribe with {"op":"subscribe","job":ID,"after":N}; events arrive as
-    {"job","seq","type","data","at"} in seq order, replay first, then live. A frame is
-    one JSON object (a reply, or one event) or a JSON array of events in order."""
+    """Authenticate by header, cookie or {"op":"auth","token":T} as the first frame
+    (`?token=` too, for old clients); subscribe with {"op":"subscribe","job":ID,"after":N};
+    events arrive as {"job","seq","type","data","at"} in seq order, replay first, then
+    live. A frame is one JSON object (a reply, or one event) or a JSON array of events in
+    order."""
     rt = runtime(ws)
     await ws.accept()
     if (refused := cross_site(ws, allow_query=True)) is not None:
         await ws.close(code=4403, reason=refused)
         return
     try:
-        who = await owner_of(ws, rt.store, allow_query=True)
+        caller = await socket_caller(ws, rt.store, rt.settings.ws_auth_seconds)
+    except WebSocketDisconnect:
+        return
     except HTTPException as exc:
         await ws.close(code=4000 + exc.status_code, reason=str(exc.detail))  # 4401, 4403…
         return
     except StoreError:
         await ws.close(code=1011, reason="the database is unavailable; retry later")
         return
-    slot = connections(ws).acquire(who or SERVICE)
+    slot = connections(ws).acquire(caller.owner or SERVICE)
     if isinstance(slot, Refusal):
         await ws.close(code=slot.ws_code, reason=slot.reason)
         return
-    session = SocketSession(ws, who)
+    session = SocketSession(ws, caller.owner)
+    unwatch = rt.live.watch(caller.token_hash, session.end)
     try:
         # No task per connection while idle: this coroutine waits on the socket, and
         # the pump (which also sends the 1013 close) exists only while there is output.
@@ -301,6 +327,7 @@ async def websocket(ws: WebSocket) -> None:
     except (WebSocketDisconnect, RuntimeError):
         pass  # the peer went away mid-send
     finally:
+        unwatch()
         slot.release()
         session.close()
         if session.pump is not None:

@@ -17,7 +17,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from jobwire.api.auth import COOKIE, bearer_token, token_of
+from jobwire.api.auth import COOKIE, bearer_token, by_message, token_of
 from jobwire.settings import SettingError
 
 # Browsers send these without asking the server first, and cannot be made to change
@@ -157,7 +157,7 @@ def cross_site(conn: HTTPConnection, allow_query: bool) -> str | None:
     """Why a connection that would authenticate by the session cookie alone (which the
     browser attaches whichever page opened it) is refused, or None."""
     cookie = conn.cookies.get(COOKIE)
-    if cookie is None or token_of(conn, allow_query) != cookie:
+    if cookie is None or token_of(conn, allow_query) != cookie or by_message(conn):
         return None
     origins: Origins = conn.app.state.origins
     return origins.refusal(conn)

@@ -88,6 +88,11 @@ class SessionOut(BaseModel):
     owner: str
 
 
+class TicketOut(BaseModel):
+    ticket: str
+    expires_in: int  # seconds
+
+
 class ClaimRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -87,6 +87,22 @@ class Store(Protocol):
     async def session_owner(self, token_hash: str) -> str | None:
         """The owner of an unexpired session, or None."""
 
+    async def live_sessions(self, token_hashes: Collection[str]) -> set[str]:
+        """Those of the given token hashes whose session exists and has not expired."""
+
+    async def sessions_of(self, owner: str) -> list[tuple[str, float, float | None]]:
+        """The owner's sessions as (token hash, created_at, expires_at), oldest first."""
+
+    async def revoke_sessions(self, owner: str) -> int:
+        """End all of the owner's sessions; how many there were."""
+
+    async def add_ticket(self, ticket_hash: str, token_hash: str, expires_at: float) -> None:
+        """A ticket standing for the session of `token_hash` until `expires_at`."""
+
+    async def use_ticket(self, ticket_hash: str) -> tuple[str, str] | None:
+        """End an unexpired ticket (once: concurrent uses, one wins) and return its
+        session's (owner, token hash), or None if either is gone."""
+
     async def claim_session(self, token_hash: str, owner: str) -> int | None:
         """Give an unexpired guest session's jobs to `owner` and end the session, in one
         transaction; the number of jobs moved, or None if there is no such guest session.

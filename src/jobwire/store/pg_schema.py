@@ -81,6 +81,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
     CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {ACTIVE_SQL};
     """,
+    """
+    -- Single-use stand-ins for a session's token in URLs (SSE), short-lived.
+    CREATE TABLE tickets (
+        ticket_hash text PRIMARY KEY,
+        token_hash text NOT NULL,
+        expires_at double precision NOT NULL
+    );
+    CREATE INDEX tickets_expiry ON tickets (expires_at);
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

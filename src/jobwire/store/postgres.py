@@ -371,6 +371,38 @@ class PostgresStore:
             "AND (expires_at IS NULL OR expires_at > %s)", (token_hash, now()))
         return str(rows[0][0]) if rows else None
 
+    async def live_sessions(self, token_hashes: Collection[str]) -> set[str]:
+        rows = await self._query(
+            "SELECT token_hash FROM sessions WHERE token_hash = ANY(%s) "
+            "AND (expires_at IS NULL OR expires_at > %s)", (list(token_hashes), now()))
+        return {str(r[0]) for r in rows}
+
+    async def sessions_of(self, owner: str) -> list[tuple[str, float, float | None]]:
+        rows = await self._query(
+            "SELECT token_hash, created_at, expires_at FROM sessions WHERE owner = %s "
+            "ORDER BY created_at, token_hash", (owner,))
+        return [(str(r[0]), float(r[1]), r[2]) for r in rows]
+
+    async def revoke_sessions(self, owner: str) -> int:
+        return await self._execute("DELETE FROM sessions WHERE owner = %s", (owner,))
+
+    async def add_ticket(self, ticket_hash: str, token_hash: str, expires_at: float) -> None:
+        async def add(conn: Conn) -> tuple[None, list[Event]]:
+            await conn.execute("DELETE FROM tickets WHERE expires_at <= %s", (now(),))
+            await conn.execute("INSERT INTO tickets VALUES (%s, %s, %s)",
+                               (ticket_hash, token_hash, expires_at))
+            return None, []
+        await self._transact(add)
+
+    async def use_ticket(self, ticket_hash: str) -> tuple[str, str] | None:
+        at = now()
+        rows = await self._query(
+            "WITH used AS (DELETE FROM tickets WHERE ticket_hash = %s AND expires_at > %s "
+            "RETURNING token_hash) SELECT s.owner, s.token_hash FROM used JOIN sessions s "
+            "USING (token_hash) WHERE s.expires_at IS NULL OR s.expires_at > %s",
+            (ticket_hash, at, at))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
     async def claim_session(self, token_hash: str, owner: str) -> int | None:
         async def claim(conn: Conn) -> tuple[int | None, list[Event]]:
             cur = await conn.execute(

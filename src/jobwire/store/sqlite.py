@@ -145,6 +145,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
     CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {_ACTIVE_SQL};
     """,
+    """
+    -- Single-use stand-ins for a session's token in URLs (SSE), short-lived.
+    CREATE TABLE tickets (
+        ticket_hash TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX tickets_expiry ON tickets (expires_at);
+    """,
 ]
 
 
@@ -440,6 +449,47 @@ class SQLiteStore:
                 "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now())).fetchone()
             return None if row is None else str(row[0])
         return await self._read(get)
+
+    async def live_sessions(self, token_hashes: Collection[str]) -> set[str]:
+        def get(conn: sqlite3.Connection) -> set[str]:
+            # One JSON parameter rather than one per hash: no limit on how many.
+            return {str(r[0]) for r in conn.execute(
+                "SELECT token_hash FROM sessions WHERE token_hash IN "
+                "(SELECT value FROM json_each(?)) AND (expires_at IS NULL OR expires_at > ?)",
+                (dumps(list(token_hashes)), now()))}
+        return await self._read(get)
+
+    async def sessions_of(self, owner: str) -> list[tuple[str, float, float | None]]:
+        def get(conn: sqlite3.Connection) -> list[tuple[str, float, float | None]]:
+            return [(str(r[0]), float(r[1]), r[2]) for r in conn.execute(
+                "SELECT token_hash, created_at, expires_at FROM sessions WHERE owner = ? "
+                "ORDER BY created_at, token_hash", (owner,))]
+        return await self._read(get)
+
+    async def revoke_sessions(self, owner: str) -> int:
+        def revoke(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("DELETE FROM sessions WHERE owner = ?", (owner,)).rowcount)
+        return await self._run(self._write, revoke)
+
+    async def add_ticket(self, ticket_hash: str, token_hash: str, expires_at: float) -> None:
+        def add(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM tickets WHERE expires_at <= ?", (now(),))
+            conn.execute("INSERT INTO tickets VALUES (?, ?, ?)",
+                         (ticket_hash, token_hash, expires_at))
+        await self._run(self._write, add)
+
+    async def use_ticket(self, ticket_hash: str) -> tuple[str, str] | None:
+        def use(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            at = now()
+            row = conn.execute("DELETE FROM tickets WHERE ticket_hash = ? AND expires_at > ? "
+                               "RETURNING token_hash", (ticket_hash, at)).fetchone()
+            if row is None:
+                return None
+            session = conn.execute(
+                "SELECT owner FROM sessions WHERE token_hash = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)", (row[0], at)).fetchone()
+            return None if session is None else (str(session[0]), str(row[0]))
+        return await self._run(self._write, use)
 
     async def claim_session(self, token_hash: str, owner: str) -> int | None:
         def claim(conn: sqlite3.Connection) -> int | None:

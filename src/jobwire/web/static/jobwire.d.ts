@@ -55,9 +55,22 @@ export interface JobEvent {
   readonly at?: string;
 }
 
+/**
+ * The first message a WebSocket without a token in its request (no bearer header, no
+ * cookie), or opened as `/api/ws?auth=message`, must send, within 10 s, before any other
+ * op; the server answers `{op: "authenticated", owner}` or closes with 4401. The client
+ * sends it (on `?auth=message`) when given a `token`, so tokens never appear in URLs.
+ */
+export interface SocketAuth {
+  readonly op: "auth";
+  readonly token: string;
+}
+
 /** A control reply on the WebSocket (`/api/ws`). */
 export interface SocketReply {
-  readonly op: "subscribed" | "unsubscribed" | "error";
+  readonly op: "authenticated" | "subscribed" | "unsubscribed" | "error";
+  /** Who the socket is authenticated as (on "authenticated"). */
+  readonly owner?: string;
   readonly job?: string;
   readonly after?: number;
   readonly code?: number;
@@ -76,7 +89,10 @@ export type ConnectionState = "idle" | "connecting" | "live" | "reconnecting" | 
 export interface ClientOptions {
   /** Server origin, e.g. "https://jobs.example.com"; default: the page's origin. */
   url?: string;
-  /** A bearer token; without one the page's session cookie is used (same origin). */
+  /**
+   * A bearer token; without one the page's session cookie is used (same origin). It is
+   * sent in headers and the WebSocket's first message, never in a URL.
+   */
   token?: string;
   /** First reconnect delay in ms, doubled per failure (with jitter). Default 250. */
   backoffMs?: number;

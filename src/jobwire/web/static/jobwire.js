@@ -481,8 +481,9 @@ export class Client {
   connect() {
     if (this._closed || this._socket || this._reconnectTimer) return;
     if (this.state === ConnectionState.IDLE) this._setState(ConnectionState.CONNECTING);
-    let url = `${this.base.replace(/^http/, "ws")}/api/ws`;
-    if (this.token) url += `?token=${encodeURIComponent(this.token)}`;
+    // The token goes in the first message, never in the URL (URLs end up in logs), and
+    // wins over any session cookie the browser sends; without one, the cookie is used.
+    const url = `${this.base.replace(/^http/, "ws")}/api/ws${this.token ? "?auth=message" : ""}`;
     let socket;
     try {
       socket = new this._WS(url);
@@ -499,6 +500,8 @@ export class Client {
       this._setState(ConnectionState.LIVE);
     };
     socket.onopen = () => {
+      // Frames arrive in order, so the server reads this before any subscribe below.
+      if (this.token) this._send({ op: "auth", token: this.token });
       // After failures the socket must prove itself (a message, or staying open) before
       // the pollers stand down, so a socket that opens and drops at once does not flap.
       if (this._failures === 0) stable();

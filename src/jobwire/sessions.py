@@ -1,0 +1,64 @@
+"""The live connections (WebSocket, SSE) of this process by the session that authenticated
+them, so that a session that ends (claimed by a user, revoked, expired) takes them along.
+
+The process that ends a session closes its connections at once (`end`); every process
+also re-checks, every few seconds and in one query, that the sessions its connections
+hold still exist (`run`), which covers sessions ended by another process or the CLI and
+sessions that expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from jobwire.store import Store, StoreError
+
+log = logging.getLogger("jobwire.sessions")
+
+ENDED = "session ended: sign in again"
+
+
+class LiveSessions:
+    def __init__(self) -> None:
+        # token hash -> how to end each connection it authenticated
+        self._ends: dict[str, set[Callable[[], None]]] = {}
+
+    def watch(self, token_hash: str | None, end: Callable[[], None]) -> Callable[[], None]:
+        """Call `end` (once) when the session of `token_hash` ends; returns the undo.
+        None (a JWT or the service key: no session) is never ended here."""
+        if token_hash is None:
+            return lambda: None
+        self._ends.setdefault(token_hash, set()).add(end)
+
+        def unwatch() -> None:
+            ends = self._ends.get(token_hash)
+            if ends is not None:
+                ends.discard(end)
+                if not ends:
+                    del self._ends[token_hash]
+        return unwatch
+
+    def end(self, token_hash: str) -> int:
+        """End the connections of a session this process just ended; how many."""
+        ends = self._ends.pop(token_hash, set())
+        for end in ends:
+            end()
+        return len(ends)
+
+    async def check(self, store: Store) -> int:
+        """End the connections whose session no longer exists or expired; how many."""
+        held = list(self._ends)
+        if not held:
+            return 0
+        alive = await store.live_sessions(held)
+        return sum(self.end(h) for h in held if h not in alive)
+
+    async def run(self, store: Store, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check(store)
+            except StoreError as exc:  # the database is away: keep the connections
+                log.warning("cannot check the sessions of live connections: %s", exc)
