@@ -72,8 +72,12 @@ async def session_caller(store: Store, token: str) -> Caller:
 
 
 async def new_ticket(store: Store, caller: Caller, ttl: float) -> str:
-    """A single-use ticket for the caller's session, to put in a URL instead of the token."""
-    assert caller.token_hash is not None  # TODO(merge): a JWT or service-key caller
+    """A single-use ticket for the caller's session, to put in a URL instead of the token.
+    Only a session has one: a JWT's or the service key's stream would need the ticket to
+    carry its owner and expiry, which a token in the URL (redacted from logs) already does."""
+    if caller.token_hash is None:
+        raise HTTPException(400, "tickets stand in for session tokens only: with a JWT or "
+                                 "the service key, send it as ?token= or use the WebSocket")
     ticket = secrets.token_urlsafe(32)
     await store.add_ticket(hash_token(ticket), caller.token_hash, now() + ttl)
     return ticket

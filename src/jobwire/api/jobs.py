@@ -75,7 +75,7 @@ async def create_session(rt: RuntimeDep, request: Request, response: Response
     return {"token": token, "owner": who}
 
 
-@router.post("/tickets", status_code=201, response_model=TicketOut, responses=errors(401))
+@router.post("/tickets", status_code=201, response_model=TicketOut, responses=errors(400, 401))
 async def create_ticket(rt: RuntimeDep, caller: CallerDep) -> dict[str, object]:
     """A single-use ticket for the caller's session, valid for `expires_in` seconds: pass it
     as `?ticket=` to `/stream` where the token cannot go in a header (EventSource). The
