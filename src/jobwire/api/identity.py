@@ -58,6 +58,7 @@ class Caller(NamedTuple):
 
     owner: str | None  # None: every owner's (the service key alone, for reads)
     token_hash: str | None = None  # a session's: its live connections end with it
+    until: float | None = None  # a JWT's: epoch seconds it stops being accepted (exp+leeway)
 
 
 Sessions = Callable[[str], Awaitable[Caller]]
@@ -209,7 +210,8 @@ class Identity:
         return await self.jwks.key(kid)
 
     async def jwt_caller(self, token: str) -> Caller:
-        """The owner a JWT names, or 401 saying in general terms what is wrong with it."""
+        """The owner a JWT names, until its exp (plus the leeway), or 401 saying in
+        general terms what is wrong with it."""
         s = self.settings
         try:
             key, algorithms = await self._key(jwt.get_unverified_header(token))
@@ -229,7 +231,9 @@ class Identity:
             raise HTTPException(401, f"token claim {claim!r} is missing or not "
                                 f"an id (1 to {MAX_OWNER_ID} printable characters)")
         guest = s.jwt_guest_claim is not None and claims.get(s.jwt_guest_claim) is True
-        return Caller(f"{'guest' if guest else 'user'}:{subject}")
+        # (exp is required, and PyJWT has checked it is a number)
+        return Caller(f"{'guest' if guest else 'user'}:{subject}",
+                      until=float(claims["exp"]) + s.jwt_leeway_seconds)
 
 
 async def identify(conn: HTTPConnection, token: str | None, sessions: Sessions) -> Caller:

@@ -27,7 +27,6 @@ from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
-from jobwire.sessions import ENDED
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
@@ -85,8 +84,9 @@ async def stream(job_id: JobId, rt: RuntimeDep, caller: StreamCaller, request: R
     async def frames() -> AsyncIterator[bytes]:
         try:
             async with rt.hub.stream(job_id, after, rt.settings.buffer_bytes) as queue:
-                # The session ending ends the stream (None: as if it fell behind).
-                unwatch = rt.live.watch(caller.token_hash, lambda: queue.put_nowait(None))
+                # The session ending or the JWT expiring ends the stream (None: as if
+                # it fell behind; the reconnect is refused if the token no longer works).
+                unwatch = rt.live.watch(caller, lambda _reason: queue.put_nowait(None))
                 try:
                     while True:
                         try:
@@ -275,10 +275,10 @@ class SocketSession:
         for job in list(self.subs):
             self.drop(job)
 
-    def end(self) -> None:
-        """The session that authenticated the socket ended: nothing more goes out, not
-        even what is pending, and the socket closes with 4401."""
-        self.closing = (4401, ENDED)
+    def end(self, reason: str) -> None:
+        """The session or token that authenticated the socket ended: nothing more goes
+        out, not even what is pending, and the socket closes with 4401 and `reason`."""
+        self.closing = (4401, reason)
         self.close()
         self.out.clear()
         self.queued = 0
@@ -315,7 +315,7 @@ async def websocket(ws: WebSocket) -> None:
         await ws.close(code=slot.ws_code, reason=slot.reason)
         return
     session = SocketSession(ws, caller.owner)
-    unwatch = rt.live.watch(caller.token_hash, session.end)
+    unwatch = rt.live.watch(caller, session.end)
     try:
         # No task per connection while idle: this coroutine waits on the socket, and
         # the pump (which also sends the 1013 close) exists only while there is output.
