@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -20,6 +21,9 @@ from tests.conftest import Client, Proc, cli, guest
 pytestmark = pytest.mark.timeout(120)
 
 ENDED = "session ended: sign in again"
+EXPIRED = "token expired: reconnect with a fresh token"
+JWT_SECRET = "j" * 40
+SERVICE_KEY = "s" * 40
 
 
 def ws_base(server: Proc) -> str:
@@ -182,6 +186,108 @@ async def test_a_ticket_opens_one_stream(procs: Any, tmp_path: Any,
         late = await ticket()
         await asyncio.sleep(2.5)
         assert (await http.get(stream, params={"ticket": late})).status_code == 401
+
+
+# -- JWTs and the service key (docs/identity.md) on live connections
+
+
+def a_jwt(sub: str, lifetime: float, secret: str = JWT_SECRET) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time() + lifetime)}, secret, "HS256")
+
+
+def jwt_server(procs: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Proc:
+    monkeypatch.setenv("JOBWIRE_JWT_SECRET", JWT_SECRET)
+    monkeypatch.setenv("JOBWIRE_SERVICE_KEY", SERVICE_KEY)
+    monkeypatch.setenv("JOBWIRE_JWT_LEEWAY_SECONDS", "0")
+    proc: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}")
+    return proc
+
+
+def bearer(token: str, **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", **headers}
+
+
+async def test_jwts_and_the_service_key_authenticate_websockets(
+        procs: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = jwt_server(procs, tmp_path, monkeypatch)
+    alice = a_jwt("alice", 3600)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        r = await http.post("/api/jobs", json={"task": "echo", "input": 1},
+                            headers=bearer(alice))
+        assert r.status_code == 201, r.text
+        job = r.json()["job"]["id"]
+
+    async def first_event(ws: ClientConnection) -> dict[str, Any]:
+        await ws.send(json.dumps({"op": "subscribe", "job": job, "after": 0}))
+        assert json.loads(await ws.recv())["op"] == "subscribed"
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        return dict(frame[0] if isinstance(frame, list) else frame)
+
+    async with await authed_socket(server, alice) as ws:  # the JWT as the first message
+        assert (await first_event(ws))["job"] == job
+    for token, reason in [(a_jwt("alice", 3600, "x" * 40), "token signature invalid"),
+                          (a_jwt("alice", -60), "token expired")]:
+        async with websockets.connect(ws_base(server)) as ws:
+            await ws.send(json.dumps({"op": "auth", "token": token}))
+            assert await closed_with(ws, 10) == 4401 and ws.close_reason == reason
+    # The service key acting as alice in the handshake's header, the key sent either way.
+    as_alice = {"X-Jobwire-Owner": "user:alice"}
+    async with websockets.connect(ws_base(server),
+                                  additional_headers=bearer(SERVICE_KEY, **as_alice)) as ws:
+        assert (await first_event(ws))["job"] == job
+    async with websockets.connect(f"{ws_base(server)}?auth=message",
+                                  additional_headers=as_alice) as ws:
+        await ws.send(json.dumps({"op": "auth", "token": SERVICE_KEY}))
+        assert json.loads(await ws.recv()) == {"op": "authenticated", "owner": "user:alice"}
+        assert (await first_event(ws))["job"] == job
+    async with websockets.connect(ws_base(server),
+                                  additional_headers=bearer(alice, **as_alice)) as ws:
+        assert await closed_with(ws, 10) == 4403  # only the service key names an owner
+
+
+async def test_tickets_are_for_sessions_only(procs: Any, tmp_path: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    server = jwt_server(procs, tmp_path, monkeypatch)
+    c = await guest(server.url)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        for headers in (bearer(a_jwt("alice", 3600)), bearer(SERVICE_KEY),
+                        bearer(SERVICE_KEY, **{"X-Jobwire-Owner": "user:alice"})):
+            r = await http.post("/api/tickets", headers=headers)
+            assert r.status_code == 400, r.text
+            assert "tickets stand in for session tokens only" in r.json()["detail"]
+    assert (await c.http.post("/api/tickets")).status_code == 201
+
+
+async def test_jwt_connections_end_at_its_expiry(procs: Any, tmp_path: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket and an SSE stream opened with a JWT end when it expires (leeway 0), while
+    a session's socket beside them stays open."""
+    server = jwt_server(procs, tmp_path, monkeypatch)
+    exp = int(time.time()) + 4  # (whole seconds: 3 to 4 s from now)
+    token = jwt.encode({"sub": "alice", "exp": exp}, JWT_SECRET, "HS256")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        r = await http.post("/api/jobs", json={"task": "steps",
+                                               "input": {"n": 200, "delay": 0.1}},
+                            headers=bearer(token))
+        assert r.status_code == 201, r.text
+        job = r.json()["job"]["id"]
+    c = await guest(server.url)
+    opened, started = asyncio.Semaphore(0), asyncio.Event()
+    sse = asyncio.create_task(sse_ended({"token": token}, server, job, 15, opened, started))
+    await opened.acquire()
+    started.set()
+    t0 = time.time()
+    async with await authed_socket(server, token) as ws, await authed_socket(
+            server, c.token) as bystander:
+        await ws.send(json.dumps({"op": "subscribe", "job": job, "after": 0}))
+        assert await closed_with(ws, 15) == 4401 and ws.close_reason == EXPIRED
+        assert exp - 0.3 < time.time() < exp + 1.5, time.time() - exp
+        assert exp - 0.3 < t0 + await sse < exp + 1.5, t0 + await sse - exp
+        await bystander.send(json.dumps({"op": "subscribe", "job": "nope", "after": 0}))
+        assert json.loads(await bystander.recv())["code"] == 404  # still open
+    async with httpx.AsyncClient(timeout=10) as http:  # and it cannot come back
+        r = await http.get(f"{server.url}/api/jobs/{job}/stream", params={"token": token})
+        assert r.status_code == 401 and r.json()["detail"] == "token expired"
 
 
 # -- live connections end with their session
