@@ -10,7 +10,7 @@ NOTIFY at commit); dedup and the per-owner cap hold as for `POST /api/jobs`. No 
 server need run in this process: it only needs the connection and the task registry.
 The owner's advisory lock (the cap's) is held until the host's transaction ends, so one
 owner's concurrent host transactions that may create a job take turns, and its other
-submits wait for them. The embedded runtime's `submit(…, conn=)` delegates here.
+submits wait for them. The embedded runtime's `submit` is to take `conn=` by delegating here.
 """
 
 from __future__ import annotations
