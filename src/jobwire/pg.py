@@ -15,12 +15,12 @@ submits wait for them. The embedded runtime's `submit` is to take `conn=` by del
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import psycopg
 import pydantic
 
+from jobwire.api.identity import MAX_OWNER_ID, valid_owner
 from jobwire.api.schemas import SubmitRequest
 from jobwire.app import InputError, Jobwire
 from jobwire.model import JSON, Job
@@ -29,19 +29,14 @@ from jobwire.store.postgres import submit_in, submit_in_sync
 
 __all__ = ["submit", "submit_sync"]
 
-# `user:<id>` or `guest:<id>`, as jobwire's sessions name owners: bounded, and no control
-# characters, so an owner is safe to store, log and show.
-_OWNER = re.compile(r"(?:user|guest):[^\x00-\x1f\x7f-\x9f]{1,200}")
-
-
 def _checked(jobwire: Jobwire, owner: str, task: str, input: JSON, key: str | None
              ) -> tuple[JSON, str | None, int]:
     """What `POST /api/jobs` checks, before anything reaches the host's connection (a
     refused statement would abort the host's transaction): InputError naming the field.
     Returns the input as stored, the dedup key and the task's max_attempts."""
-    if not isinstance(owner, str) or _OWNER.fullmatch(owner) is None:
+    if not isinstance(owner, str) or valid_owner(owner) is None:
         raise InputError(("owner",), "an owner is 'user:<id>' or 'guest:<id>', the id 1 "
-                                     "to 200 characters without control characters")
+                                     f"to {MAX_OWNER_ID} printable characters")
     try:
         SubmitRequest(task=task, input=input, key=key)
     except pydantic.ValidationError as exc:
