@@ -107,7 +107,8 @@ _HELD_SQL = ("SELECT jobs.id FROM jobs JOIN leases ON jobs.id = leases.job "
 # (joining one is never refused, so a dedup storm's joiners need not take turns). It notes
 # in a transaction-local setting that it took the lock, for the submit statement to check.
 # The first key ("jo") keeps these apart from other advisory locks (the migrations' is
-# "jw"); owners whose names hash alike merely take turns.
+# "jw"); owners whose names hash alike merely take turns. `{jobs}` is the table's name as
+# _submit_sqls qualifies it.
 _OWNER_LOCKED = "current_setting('jobwire.owner_locked', true) = 'on'"
 _LOCK_OWNER = (
     f"SELECT pg_advisory_xact_lock({0x6A6F}, hashtext(%s)), "
@@ -124,6 +125,7 @@ _WRITE_EVENTS = (
     "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::json[], %s::float8[])) "
     "SELECT count(pg_notify(%s, note)) FROM unnest(%s::text[]) AS note"
 )
+
 
 def _with_events(origin: str, changed: str, type: str, data: str, columns: str,
                  events: str = "events") -> str:
