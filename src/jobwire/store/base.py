@@ -105,9 +105,11 @@ class Store(Protocol):
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None: ...
 
     async def list_jobs(
-        self, owner: str | None, statuses: Collection[Status] | None, limit: int
+        self, owner: str | None, statuses: Collection[Status] | None, limit: int,
+        id_prefix: str | None = None,
     ) -> list[Job]:
-        """The owner's jobs (every owner's when None), newest first."""
+        """The owner's jobs (every owner's when None), newest first; with `id_prefix`, only
+        ids starting with it."""
 
     async def job_with_items(self, job_id: str, owner: str | None = None
                              ) -> tuple[Job, list[Item]] | None:

@@ -518,12 +518,15 @@ class PostgresStore:
             return await self._find(conn, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int) -> list[Job]:
+                        limit: int, id_prefix: str | None = None) -> list[Job]:
         query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true"
         params: list[Any] = []
         if owner is not None:  # (not `owner = coalesce(%s, owner)`: that skips the index)
             query += " AND owner = %s"
             params.append(owner)
+        if id_prefix is not None:  # starts_with, not LIKE: no wildcards, case-sensitive
+            query += " AND starts_with(id, %s)"
+            params.append(id_prefix)
         if statuses is not None:
             query += " AND status = ANY(%s)"
             params.append([s.value for s in statuses])

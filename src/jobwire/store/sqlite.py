@@ -507,12 +507,15 @@ class SQLiteStore:
         return await self._read(self._find, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int) -> list[Job]:
+                        limit: int, id_prefix: str | None = None) -> list[Job]:
         def get(conn: sqlite3.Connection) -> list[Job]:
-            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true", list[str]()
+            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true", list[object]()
             if owner is not None:
                 sql += " AND owner = ?"
                 args.append(owner)
+            if id_prefix is not None:  # substr, not LIKE: no wildcards, case-sensitive
+                sql += " AND substr(id, 1, ?) = ?"
+                args += [len(id_prefix), id_prefix]
             if statuses is not None:
                 sql += f" AND status IN ({', '.join('?' * len(statuses))})"
                 args += [s.value for s in statuses]
