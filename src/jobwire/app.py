@@ -21,12 +21,14 @@ TaskFn = TypeVar("TaskFn", AsyncTaskFn, SyncTaskFn)
 
 
 class InputError(ValueError):
-    """A submit whose task or input is invalid; `loc` names the field."""
+    """A submit whose task or input is invalid; `loc` names the field, `type` says how
+    (pydantic's error type, e.g. `model_type` for "not an object")."""
 
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+    def __init__(self, loc: tuple[str | int, ...], msg: str, type: str = "value_error") -> None:
         super().__init__(msg)
         self.loc = loc
         self.msg = msg
+        self.type = type
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,7 +99,7 @@ class Jobwire:
                 value = spec.input_model.model_validate(raw)
             except pydantic.ValidationError as exc:
                 first = exc.errors()[0]
-                raise InputError(("input", *first["loc"]), first["msg"]) from None
+                raise InputError(("input", *first["loc"]), first["msg"], first["type"]) from None
         if key is None and spec.key is not None:
             key = spec.key(value)
         if isinstance(value, pydantic.BaseModel):

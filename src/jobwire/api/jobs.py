@@ -40,6 +40,9 @@ _submits: Coalescer[tuple[Store, str, str, str], tuple[Job, bool]] = Coalescer()
 # retrying every few seconds costs one cheap refused submit each time.
 RETRY_AFTER = "5"
 
+# Ids are uuid4 hex: a prefix is 1 to 32 lowercase hex digits, nothing a query could
+# read as a pattern.
+ID_PREFIX = r"^[0-9a-f]{1,32}$"
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
 
@@ -121,9 +124,11 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
 @router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
 async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = None,
                     limit: int = Query(50, ge=1, le=500),
-                    owner: str | None = Query(None, max_length=210)
+                    owner: str | None = Query(None, max_length=210),
+                    id_prefix: str | None = Query(None, pattern=ID_PREFIX)
                     ) -> list[dict[str, object]]:
-    """The caller's jobs, newest first. `status=active` is queued and running only.
+    """The caller's jobs, newest first. `status=active` is queued and running only;
+    `id_prefix` keeps the ids starting with it (a short id as the dashboard shows it).
     The service key without X-Jobwire-Owner lists every owner's, or `owner`'s."""
     if owner is not None:
         if who is not None:
@@ -133,7 +138,8 @@ async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = N
             raise HTTPException(400, "owner must be user:<id> or guest:<id>")
         who = owner
     statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
-    return [j.snapshot() for j in await rt.store.list_jobs(who, statuses, limit)]
+    jobs = await rt.store.list_jobs(who, statuses, limit, id_prefix)
+    return [j.snapshot() for j in jobs]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))
