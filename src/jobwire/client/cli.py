@@ -254,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
         # so the interpreter's last flush at exit cannot complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE_CLOSED
-    except JobNotFound:  # the job went away after it was found
-        message = f"job {args.id} not found"
+    except JobNotFound as exc:  # the job went away after it was found
+        message = f"job {args.id} not found" if "id" in args else str(exc)
     except InvalidRequest as exc:
         message = _invalid(exc)
     except JobwireError as exc:
