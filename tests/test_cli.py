@@ -312,10 +312,12 @@ def test_short_ids_resolve_against_all_the_owners_jobs(
     shows, so only the server's prefix lookup can find them."""
     db = f"sqlite:///{tmp_path / 'many.db'}"
     token = cli("users", "add", "fay", "--db", db).stdout.strip()
-    old = ["abcd1" + "0" * 27, "abcd2" + "0" * 27]
+    # A uuid4's 13th digit is its version, 4: no other job can start like these.
+    shared = "abcdabcdabcd0"
+    old = [shared + "1" + "0" * 18, shared + "2" + "0" * 18]
 
     async def fill() -> None:
-        store = open_store(db)
+        store = open_store(db, max_active_jobs=1000)  # queued: the server runs no workers
         await store.open()
         try:
             for job_id in old:
@@ -332,21 +334,21 @@ def test_short_ids_resolve_against_all_the_owners_jobs(
            "JOBWIRE_URL": url, "JOBWIRE_TOKEN": token}
 
     controller, tty = terminal  # where a bar would be drawn: nothing before the job is found
-    proc = in_terminal(env, tty, "watch", "ABCD")
+    proc = in_terminal(env, tty, "watch", shared.upper())
     shown = read_pty(controller, None, time.monotonic() + 30)
     assert proc.wait(30) == 2, shown
-    assert "jobwire: abcd matches 2 jobs; give more of the id:" in shown
+    assert f"jobwire: {shared} matches 2 jobs; give more of the id:" in shown
     assert old[0] in shown and old[1] in shown
     assert "\x1b[?25l" not in shown and "━" not in shown  # rich's live bar never started
 
-    cancelled = jobwire(env, "cancel", "abcd1")
+    cancelled = jobwire(env, "cancel", old[0][:14])
     assert (cancelled.returncode, cancelled.stdout) == (0, f"job {old[0]} cancelled\n")
-    again = jobwire(env, "cancel", "abcd1")
+    again = jobwire(env, "cancel", old[0][:14])
     assert (again.returncode, again.stdout) == (
         0, f"job {old[0]} had already cancelled; nothing to cancel\n")
-    assert jobwire(env, "rm", "abcd1").stdout == f"job {old[0]} deleted\n"
-    gone = jobwire(env, "watch", "abcd1")
-    assert (gone.returncode, gone.stderr) == (2, "jobwire: no job starts with abcd1\n")
+    assert jobwire(env, "rm", old[0][:14]).stdout == f"job {old[0]} deleted\n"
+    gone = jobwire(env, "watch", old[0][:14])
+    assert (gone.returncode, gone.stderr) == (2, f"jobwire: no job starts with {old[0][:14]}\n")
 
     listed = jobwire(env, "jobs")
     assert len(listed.stdout.splitlines()) == 50
@@ -360,7 +362,7 @@ def test_short_ids_resolve_against_all_the_owners_jobs(
     # The API takes a prefix as hex digits only, bounded: nothing a query could read as
     # a pattern (% _), nothing longer than an id.
     auth = {"Authorization": f"Bearer {token}"}
-    got = httpx.get(f"{url}/api/jobs", params={"id_prefix": "abcd"}, headers=auth, timeout=10)
+    got = httpx.get(f"{url}/api/jobs", params={"id_prefix": shared}, headers=auth, timeout=10)
     assert [j["id"] for j in got.json()] == [old[1]]
     for prefix in ["%", "_", "abc%", "ab_d", "ABCD", "a" * 33, "abcd\n", ""]:
         r = httpx.get(f"{url}/api/jobs", params={"id_prefix": prefix}, headers=auth,
