@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
+from jobwire.cron import Cron, Every, Schedule
 from jobwire.model import JSON
 
 if TYPE_CHECKING:
@@ -52,6 +53,16 @@ class TaskSpec:
         return self.input_model.model_validate(raw)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeriodicSpec:
+    """A task run on a schedule with a fixed input (jobwire.periodic runs them)."""
+
+    task: str
+    schedule: Schedule
+    input: JSON
+    catch_up: bool
+
+
 class Jobwire:
     """A set of tasks. Register with `@jw.task(input=Model)` on a function
     `(ctx, input) -> JSON result`: an `async def` taking a `Context`, or a plain `def`
@@ -59,6 +70,7 @@ class Jobwire:
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskSpec] = {}
+        self.periodics: dict[str, PeriodicSpec] = {}
 
     def task(
         self,
@@ -82,6 +94,41 @@ class Jobwire:
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered")
             self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout)
+            return fn
+
+        return register
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        every: int | None = None,
+        tz: str = "UTC",
+        input: JSON = None,
+        catch_up: bool = True,
+    ) -> Callable[[TaskFn], TaskFn]:
+        """Run a task on a schedule: `@jw.periodic("0 3 * * *", tz="Europe/Paris")` (cron,
+        jobwire.cron) or `@jw.periodic(every=300)` (seconds), above its `@jw.task`. Each
+        tick is one job with `input` (validated now; default `{}`), owned by
+        `periodic.OWNER`, however many workers run; a tick whose previous job is still
+        active is skipped. `catch_up`: on start, a worker runs the latest tick missed
+        while none ran (one job however many were missed); False skips them."""
+        schedule: Schedule
+        if cron is not None and every is None:
+            schedule = Cron(cron, tz)
+        elif every is not None and cron is None:
+            schedule = Every(every)
+        else:
+            raise ValueError("periodic needs either a cron expression or every=SECONDS")
+
+        def register(fn: TaskFn) -> TaskFn:
+            spec = next((s for s in self.tasks.values() if s.fn is fn), None)
+            if spec is None:
+                raise ValueError(f"{fn.__name__} is not a task: put @periodic above @task")
+            if spec.name in self.periodics:
+                raise ValueError(f"task {spec.name!r} already has a schedule")
+            _, value, _ = self.validate(spec.name, {} if input is None else input)
+            self.periodics[spec.name] = PeriodicSpec(spec.name, schedule, value, catch_up)
             return fn
 
         return register

@@ -81,6 +81,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
     CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {ACTIVE_SQL};
     """,
+    # Periodic jobs (see PostgresStore.submit_tick): the last tick each one fired.
+    """
+    CREATE TABLE periodic_ticks (task text PRIMARY KEY, tick double precision NOT NULL);
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

@@ -36,6 +36,7 @@ from psycopg.rows import TupleRow, tuple_row
 from psycopg.types.json import Json, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from jobwire.cron import tick_key
 from jobwire.model import (
     JSON,
     Event,
@@ -70,11 +71,13 @@ from jobwire.store.pg_listen import HOST_ORIGIN, Listener, channel_of, note_sql
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    active_job_sql,
     clash_error,
     dumps,
     event_data,
     event_data_sql,
     expiry_outcome,
+    fire_tick_sql,
     guest_clashes_sql,
     item_change,
     item_from_row,
@@ -512,6 +515,31 @@ class PostgresStore:
                 if created is not None:
                     self._publish([created])
                 return job, created is not None
+
+    async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
+                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+        # The compare-and-set locks the periodic's row to commit: processes firing the
+        # same or a later tick wait, and then see this tick recorded and its job active.
+        async def fire(conn: Conn) -> tuple[tuple[Job, bool] | None, list[Event]]:
+            cur = await conn.execute(fire_tick_sql("%s", catch_up), (task, tick))
+            if await cur.fetchone() is None:
+                return None, []
+            cur = await conn.execute(active_job_sql("%s"), (owner, task))
+            if (row := await cur.fetchone()) is not None:
+                return (job_from_row(row, decode=False), False), []
+            at, key = now(), tick_key(tick)
+            cur = await conn.execute(
+                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
+                "rank, created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, "
+                f"0, %s, %s) RETURNING {JOB_COLUMNS}",  # rank 0: the periodic's only job
+                (uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at))
+            row = await cur.fetchone()
+            assert row is not None  # an INSERT … RETURNING without conflict target
+            job = job_from_row(row, decode=False)
+            data = event_data(Status.QUEUED, 0, 0, 0, task=task, key=key)
+            return (job, True), [make_event(job.id, 1, EventType.CREATED, data, at)]
+
+        return await self._transact(fire)
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         async with self._connection() as conn:

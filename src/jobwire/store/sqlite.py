@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobwire.cron import tick_key
 from jobwire.model import (
     JSON,
     Event,
@@ -46,10 +47,12 @@ from jobwire.store.base import (
 )
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    active_job_sql,
     clash_error,
     dumps,
     event_data,
     expiry_outcome,
+    fire_tick_sql,
     guest_clashes_sql,
     item_change,
     item_from_row,
@@ -144,6 +147,10 @@ MIGRATIONS: list[str] = [
     DROP INDEX jobs_queue;
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
     CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {_ACTIVE_SQL};
+    """,
+    # Periodic jobs (see `submit_tick`): the last tick each one fired, one row each.
+    """
+    CREATE TABLE periodic_ticks (task TEXT PRIMARY KEY, tick REAL NOT NULL);
     """,
 ]
 
@@ -478,16 +485,34 @@ class SQLiteStore:
                 f"AND status IN {_ACTIVE_SQL} LIMIT ?)", (owner, cap)).fetchone()[0]
             if rank >= cap:
                 raise TooManyActive(cap)
-            job_id, at = uuid.uuid4().hex, now()
-            conn.execute(
-                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-                "rank, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?)",
-                (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at))
-            ev = self._add_event(conn, job_id, 1, EventType.CREATED,
-                                 event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
-            return (self._job(conn, job_id), True), [ev]
+            return self._insert_job(conn, owner, task, input, key, max_attempts, rank)
 
         return await self._transact(submit)
+
+    async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
+                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+        def fire(conn: sqlite3.Connection) -> tuple[tuple[Job, bool] | None, list[Event]]:
+            if conn.execute(fire_tick_sql("?", catch_up), (task, tick)).fetchone() is None:
+                return None, []
+            row = conn.execute(active_job_sql("?"), (owner, task)).fetchone()
+            if row is not None:
+                return (job_from_row(row), False), []
+            # Rank 0: a tick's job is its periodic's only active job.
+            return self._insert_job(conn, owner, task, input, tick_key(tick), max_attempts, 0)
+
+        return await self._transact(fire)
+
+    def _insert_job(self, conn: sqlite3.Connection, owner: str, task: str, input: JSON,
+                    key: str | None, max_attempts: int, rank: int
+                    ) -> tuple[tuple[Job, bool], list[Event]]:
+        job_id, at = uuid.uuid4().hex, now()
+        conn.execute(
+            "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
+            "rank, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?)",
+            (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at))
+        ev = self._add_event(conn, job_id, 1, EventType.CREATED,
+                             event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
+        return (self._job(conn, job_id), True), [ev]
 
     def _job(self, conn: sqlite3.Connection, job_id: str, owner: str | None = None) -> Job:
         job = self._find(conn, job_id, owner)
