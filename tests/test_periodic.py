@@ -80,11 +80,20 @@ async def wait_for(predicate: Any, timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
+async def started(workers: list[Proc]) -> None:
+    """Until each worker logged that it runs (its scheduler starts right before)."""
+    async def logged() -> bool:
+        return all(w.log.exists() and " running on " in w.log.read_text() for w in workers)
+    await wait_for(logged, 30)
+    await asyncio.sleep(1)  # the scheduler's first round, on a loaded machine
+
+
 async def test_three_workers_make_one_job_per_tick(procs: Any, db_url: str,
                                                    store: Store) -> None:
     workers: list[Proc] = [procs("worker", "--db", db_url, "--app",
                                  "tests.periodic_tasks:every_second") for _ in range(3)]
-    await asyncio.sleep(6)
+    await started(workers)
+    await asyncio.sleep(5)
     for w in workers:
         w.stop()
     jobs = await periodic_jobs(store)  # in tick order: keys are tick:ISO-8601
@@ -105,14 +114,6 @@ async def seed_missed_ticks(store: Store) -> float:
     assert old is not None
     await store.request_cancel(old[0].id, OWNER)  # its job ended long ago
     return due
-
-
-async def started(workers: list[Proc]) -> None:
-    """Until each worker logged that it runs (its scheduler starts right before)."""
-    async def logged() -> bool:
-        return all(w.log.exists() and " running on " in w.log.read_text() for w in workers)
-    await wait_for(logged, 30)
-    await asyncio.sleep(1)  # the scheduler's first round, on a loaded machine
 
 
 async def test_missed_ticks_run_once_on_start(procs: Any, db_url: str, store: Store) -> None:
