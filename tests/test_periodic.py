@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from jobwire.cron import Every, tick_key
@@ -136,8 +137,10 @@ async def test_missed_ticks_are_skipped_without_catch_up(procs: Any, db_url: str
     assert (await periodic_jobs(store))[-1].key == tick_key(due)
 
 
-async def test_periodic_jobs_are_invisible_to_guests(procs: Any, db_url: str,
-                                                     store: Store) -> None:
+async def test_periodic_jobs_are_invisible_to_guests(procs: Any, db_url: str, store: Store,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    service_key = "svc-" + "k" * 40
+    monkeypatch.setenv("JOBWIRE_SERVICE_KEY", service_key)
     server: Proc = procs("serve", "--db", db_url, "--app", "tests.periodic_tasks:every_second")
 
     async def ran() -> bool:
@@ -154,3 +157,9 @@ async def test_periodic_jobs_are_invisible_to_guests(procs: Any, db_url: str,
         assert r.status_code == 201 and r.json()["job"]["owner"] == c.owner != OWNER
     finally:
         await c.http.aclose()
+    # The service key (without X-Jobwire-Owner) reads them, by their owner too.
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, headers={
+            "Authorization": f"Bearer {service_key}"}) as svc:
+        r = await svc.get("/api/jobs", params={"owner": OWNER, "limit": 500})
+        assert r.status_code == 200 and job.id in {j["id"] for j in r.json()}
+        assert {j["owner"] for j in r.json()} == {OWNER}

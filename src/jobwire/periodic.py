@@ -18,8 +18,9 @@ from jobwire.store import Store, StoreError
 
 log = logging.getLogger("jobwire.periodic")
 
-# The owner of every periodic job. Guest owners are `guest:…` and user names cannot
-# contain ':', so no session can be this owner or see its jobs.
+# The owner of every periodic job. Every session's owner is `user:…` or `guest:…`
+# (api.identity.valid_owner), so none can be this one or see its jobs; the service key
+# reads them.
 OWNER = "system:periodic"
 # The clock is read again at least this often (suspended hosts, clock changes), and a
 # tick that failed to fire (database away) is retried this often.

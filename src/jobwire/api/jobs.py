@@ -8,6 +8,7 @@ from typing import Literal
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
+from jobwire import periodic
 from jobwire.api.auth import COOKIE, bearer_token, hash_token, new_session, owner_of
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
@@ -134,8 +135,8 @@ async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = N
         if who is not None:
             raise HTTPException(403, "the owner filter is for the service key without "
                                      "X-Jobwire-Owner")
-        if valid_owner(owner) is None:
-            raise HTTPException(400, "owner must be user:<id> or guest:<id>")
+        if valid_owner(owner) is None and owner != periodic.OWNER:
+            raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
         who = owner
     statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
     jobs = await rt.store.list_jobs(who, statuses, limit, id_prefix)
