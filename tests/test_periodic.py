@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
+from jobwire import Context, InputError, Jobwire
 from jobwire.cron import Every, tick_key
 from jobwire.model import Job, Status, now
 from jobwire.periodic import OWNER
@@ -35,6 +37,28 @@ async def run_to_end(store: Store, job: Job) -> None:
     [claimed] = await store.claim("w", [job.task], 1, 30)
     assert claimed.id == job.id
     await store.finish(Lease(job.id, "w", claimed.attempt), Status.COMPLETED)
+
+
+def test_periodic_declarations_are_checked_at_import() -> None:
+    jw = Jobwire()
+
+    class Days(BaseModel):
+        days: int
+
+    async def report(ctx: Context, input: Days) -> None: ...
+
+    with pytest.raises(ValueError, match="put @periodic above @task"):
+        jw.periodic(every=60)(report)
+    jw.task(input=Days)(report)
+    for bad in ({}, {"cron": "* * * * *", "every": 60}, {"every": 60, "tz": "Europe/Paris"}):
+        with pytest.raises(ValueError, match=r"a cron expression .* or every=SECONDS"):
+            jw.periodic(**bad)(report)
+    with pytest.raises(InputError, match="Field required"):
+        jw.periodic(every=60)(report)
+    jw.periodic("0 3 * * *", tz="Europe/Paris", input={"days": 1})(report)
+    assert jw.periodics["report"].input == {"days": 1}
+    with pytest.raises(ValueError, match="already has a schedule"):
+        jw.periodic(every=60, input={"days": 1})(report)
 
 
 async def test_a_tick_fires_once_even_after_its_job_ended(store: Store) -> None:

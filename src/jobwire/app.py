@@ -116,10 +116,10 @@ class Jobwire:
         schedule: Schedule
         if cron is not None and every is None:
             schedule = Cron(cron, tz)
-        elif every is not None and cron is None:
-            schedule = Every(every)
+        elif every is not None and cron is None and tz == "UTC":
+            schedule = Every(every)  # ticks at multiples since the epoch: no zone
         else:
-            raise ValueError("periodic needs either a cron expression or every=SECONDS")
+            raise ValueError("periodic takes a cron expression (and its tz) or every=SECONDS")
 
         def register(fn: TaskFn) -> TaskFn:
             spec = next((s for s in self.tasks.values() if s.fn is fn), None)
