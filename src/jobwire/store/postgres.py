@@ -534,7 +534,7 @@ class PostgresStore:
                 f"0, %s, %s) RETURNING {JOB_COLUMNS}",  # rank 0: the periodic's only job
                 (uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at))
             row = await cur.fetchone()
-            assert row is not None  # an INSERT … RETURNING without conflict target
+            assert row is not None  # INSERT … RETURNING: the row it inserted
             job = job_from_row(row, decode=False)
             data = event_data(Status.QUEUED, 0, 0, 0, task=task, key=key)
             return (job, True), [make_event(job.id, 1, EventType.CREATED, data, at)]
