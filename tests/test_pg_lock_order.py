@@ -69,7 +69,8 @@ async def test_claim_heartbeat_and_finish_never_deadlock(pg_url: str) -> None:
     # Lock waits are checked for cycles after 10 ms instead of 1 s, so a deadlock shows
     # up quickly; it changes how soon one is found, not whether one can form.
     url = with_params(pg_url, options="-cdeadlock_timeout=10")
-    api, worker = PostgresStore(url), PostgresStore(url)
+    # One guest holds JOBS running jobs at once: more than the default active-jobs cap.
+    api, worker = PostgresStore(url, JOBS), PostgresStore(url, JOBS)
     await api.open()
     await worker.open()
     rng = random.Random(1)

@@ -216,3 +216,17 @@ def test_dedup_storm_across_processes(db_url: str) -> None:
     assert len(results) == 200
     assert len({job_id for job_id, _ in results}) == 1
     assert sum(created for _, created in results) == 1
+
+
+async def test_an_id_prefix_finds_the_owners_ids_that_start_with_it(store: Store) -> None:
+    ids = [(await store.submit("o", "t", None, None, 1))[0].id for _ in range(40)]
+    foreign = (await store.submit("p", "t", None, None, 1))[0].id
+    for job_id in ids:
+        for n in (1, 4, 32):
+            got = [j.id for j in await store.list_jobs("o", None, 100, job_id[:n])]
+            assert sorted(got) == sorted(i for i in ids if i.startswith(job_id[:n]))
+    assert await store.list_jobs("o", None, 100, foreign[:8]) == []  # not the owner's
+    # Matched as text, not as a pattern or case-blind: the API refuses these anyway.
+    lettered = next(i for i in ids if not i[:4].isdigit())
+    for prefix in ("%", "_", lettered[:4].upper(), ids[0][:3] + "_"):
+        assert await store.list_jobs("o", None, 100, prefix) == [], prefix

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
+from jobwire.cron import Cron, Every, Schedule
 from jobwire.model import JSON
 
 if TYPE_CHECKING:
@@ -21,12 +22,14 @@ TaskFn = TypeVar("TaskFn", AsyncTaskFn, SyncTaskFn)
 
 
 class InputError(ValueError):
-    """A submit whose task or input is invalid; `loc` names the field."""
+    """A submit whose task or input is invalid; `loc` names the field, `type` says how
+    (pydantic's error type, e.g. `model_type` for "not an object")."""
 
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+    def __init__(self, loc: tuple[str | int, ...], msg: str, type: str = "value_error") -> None:
         super().__init__(msg)
         self.loc = loc
         self.msg = msg
+        self.type = type
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +53,16 @@ class TaskSpec:
         return self.input_model.model_validate(raw)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeriodicSpec:
+    """A task run on a schedule with a fixed input (jobwire.periodic runs them)."""
+
+    task: str
+    schedule: Schedule
+    input: JSON
+    catch_up: bool
+
+
 class Jobwire:
     """A set of tasks. Register with `@jw.task(input=Model)` on a function
     `(ctx, input) -> JSON result`: an `async def` taking a `Context`, or a plain `def`
@@ -57,6 +70,7 @@ class Jobwire:
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskSpec] = {}
+        self.periodics: dict[str, PeriodicSpec] = {}
 
     def task(
         self,
@@ -84,6 +98,41 @@ class Jobwire:
 
         return register
 
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        every: int | None = None,
+        tz: str = "UTC",
+        input: JSON = None,
+        catch_up: bool = True,
+    ) -> Callable[[TaskFn], TaskFn]:
+        """Run a task on a schedule: `@jw.periodic("0 3 * * *", tz="Europe/Paris")` (cron,
+        jobwire.cron) or `@jw.periodic(every=300)` (seconds), above its `@jw.task`. Each
+        tick is one job with `input` (validated now; default `{}`), owned by
+        `periodic.OWNER`, however many workers run; a tick whose previous job is still
+        active is skipped. `catch_up`: on start, a worker runs the latest tick missed
+        while none ran (one job however many were missed); False skips them."""
+        schedule: Schedule
+        if cron is not None and every is None:
+            schedule = Cron(cron, tz)
+        elif every is not None and cron is None and tz == "UTC":
+            schedule = Every(every)  # ticks at multiples since the epoch: no zone
+        else:
+            raise ValueError("periodic takes a cron expression (and its tz) or every=SECONDS")
+
+        def register(fn: TaskFn) -> TaskFn:
+            spec = next((s for s in self.tasks.values() if s.fn is fn), None)
+            if spec is None:
+                raise ValueError(f"{fn.__name__} is not a task: put @periodic above @task")
+            if spec.name in self.periodics:
+                raise ValueError(f"task {spec.name!r} already has a schedule")
+            _, value, _ = self.validate(spec.name, {} if input is None else input)
+            self.periodics[spec.name] = PeriodicSpec(spec.name, schedule, value, catch_up)
+            return fn
+
+        return register
+
     def validate(self, task: str, raw: JSON, key: str | None = None
                  ) -> tuple[TaskSpec, JSON, str | None]:
         """Check a submission; returns the spec, the input as stored, and the dedup key."""
@@ -97,7 +146,7 @@ class Jobwire:
                 value = spec.input_model.model_validate(raw)
             except pydantic.ValidationError as exc:
                 first = exc.errors()[0]
-                raise InputError(("input", *first["loc"]), first["msg"]) from None
+                raise InputError(("input", *first["loc"]), first["msg"], first["type"]) from None
         if key is None and spec.key is not None:
             key = spec.key(value)
         if isinstance(value, pydantic.BaseModel):

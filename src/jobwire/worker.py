@@ -1,6 +1,6 @@
 """The worker runtime: claims jobs under a lease, runs their tasks, keeps leases alive,
-delivers cancellation to running tasks, and does the store's housekeeping
-(expiring dead workers' leases, pruning old jobs)."""
+delivers cancellation to running tasks, does the store's housekeeping
+(expiring dead workers' leases, pruning old jobs) and fires periodic jobs' ticks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import contextlib
 import logging
 import uuid
 
+from jobwire import periodic
 from jobwire.app import Jobwire
 from jobwire.context import Cancelled, Context
 from jobwire.model import JSON, Event, EventType, Job, Status, now
@@ -74,6 +75,7 @@ class Worker:
     async def start(self) -> None:
         self._loops = [asyncio.create_task(loop()) for loop in
                        (self._claim_loop, self._heartbeat_loop, self._housekeeping_loop)]
+        self._loops.append(asyncio.create_task(periodic.run(self.jobwire, self.store)))
 
     async def stop(self) -> None:
         """Stop the running tasks and hand their jobs back at once: they are retried

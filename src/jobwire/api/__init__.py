@@ -47,7 +47,7 @@ def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
     async def input_error(request: Request, exc: InputError) -> JSONResponse:
         # Same shape as FastAPI's own validation errors, so clients parse one format.
         return JSONResponse(status_code=422, content={"detail": [
-            {"loc": ["body", *exc.loc], "msg": exc.msg, "type": "value_error"}]})
+            {"loc": ["body", *exc.loc], "msg": exc.msg, "type": exc.type}]})
 
     @api.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:

@@ -8,6 +8,7 @@ from typing import Literal
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
+from jobwire import periodic
 from jobwire.api.auth import (
     COOKIE,
     bearer_token,
@@ -48,6 +49,9 @@ _submits: Coalescer[tuple[Store, str, str, str], tuple[Job, bool]] = Coalescer()
 # retrying every few seconds costs one cheap refused submit each time.
 RETRY_AFTER = "5"
 
+# Ids are uuid4 hex: a prefix is 1 to 32 lowercase hex digits, nothing a query could
+# read as a pattern.
+ID_PREFIX = r"^[0-9a-f]{1,32}$"
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
 
@@ -140,19 +144,22 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
 @router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
 async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = None,
                     limit: int = Query(50, ge=1, le=500),
-                    owner: str | None = Query(None, max_length=210)
+                    owner: str | None = Query(None, max_length=210),
+                    id_prefix: str | None = Query(None, pattern=ID_PREFIX)
                     ) -> list[dict[str, object]]:
-    """The caller's jobs, newest first. `status=active` is queued and running only.
+    """The caller's jobs, newest first. `status=active` is queued and running only;
+    `id_prefix` keeps the ids starting with it (a short id as the dashboard shows it).
     The service key without X-Jobwire-Owner lists every owner's, or `owner`'s."""
     if owner is not None:
         if who is not None:
             raise HTTPException(403, "the owner filter is for the service key without "
                                      "X-Jobwire-Owner")
-        if valid_owner(owner) is None:
-            raise HTTPException(400, "owner must be user:<id> or guest:<id>")
+        if valid_owner(owner) is None and owner != periodic.OWNER:
+            raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
         who = owner
     statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
-    return [j.snapshot() for j in await rt.store.list_jobs(who, statuses, limit)]
+    jobs = await rt.store.list_jobs(who, statuses, limit, id_prefix)
+    return [j.snapshot() for j in jobs]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))

@@ -8,25 +8,33 @@ from urllib.parse import quote
 
 import httpx
 
-from jobwire.client.errors import JobwireError, Unavailable, api_error
+from jobwire.client.errors import (
+    ApiError,
+    JobNotFound,
+    JobwireError,
+    SessionNotFound,
+    Unavailable,
+    api_error,
+)
 from jobwire.client.snapshot import JSON, Snapshot
 
 # Given the token the server rejected (None: there is none yet), returns one to use.
 Renew = Callable[[str | None], Awaitable[str]]
 
 
-def _detail(r: httpx.Response) -> str:
-    """FastAPI's `detail`, flattened: a validation error names each field it rejects."""
+def _error(r: httpx.Response) -> ApiError:
+    """The error for FastAPI's `detail`, flattened into its message: a validation error
+    names each field it rejects (and keeps them, for a caller to name them its way)."""
     try:
         detail = r.json().get("detail", r.text)
     except (ValueError, AttributeError):
-        return r.text or r.reason_phrase
+        return api_error(r.status_code, r.text or r.reason_phrase)
     if isinstance(detail, list):
-        return "; ".join(
+        fields = [d for d in detail if isinstance(d, dict)]
+        return api_error(r.status_code, "; ".join(
             ".".join(str(p) for p in d.get("loc", []) if p != "body") + ": " + str(d.get("msg"))
-            for d in detail if isinstance(d, dict)
-        ) or str(detail)
-    return str(detail)
+            for d in fields) or str(detail), fields)
+    return api_error(r.status_code, str(detail))
 
 
 def _path(job_id: str, rest: str = "") -> str:
@@ -64,7 +72,7 @@ class Api:
                 self.authorize(await self.renew(self.token))
                 continue
             if r.status_code >= 400:
-                raise api_error(r.status_code, _detail(r))
+                raise _error(r)
             return r
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -84,10 +92,18 @@ class Api:
 
     async def claim(self, user_token: str, guest_token: str) -> tuple[str, int]:
         """Move the guest session's jobs to the user: (the user's owner id, jobs moved)."""
-        data = await self.json("POST", "/api/sessions/claim", auth=False,
-                               json={"token": guest_token},
-                               headers={"Authorization": f"Bearer {user_token}"})
+        try:
+            data = await self.json("POST", "/api/sessions/claim", auth=False,
+                                   json={"token": guest_token},
+                                   headers={"Authorization": f"Bearer {user_token}"})
+        except JobNotFound as exc:  # the route's 404 is about the guest session
+            raise SessionNotFound(exc.status, exc.detail) from None
         return str(data["owner"]), int(data["moved"])
+
+    async def check(self, token: str) -> None:
+        """Unauthorized unless the server knows `token` (a cheap authenticated read)."""
+        await self.request("GET", "/api/jobs", auth=False, params={"limit": 1},
+                           headers={"Authorization": f"Bearer {token}"})
 
     async def submit(self, task: str, input: JSON, key: str | None) -> tuple[dict[str, JSON], bool]:
         body: dict[str, JSON] = {"task": task, "input": input}
@@ -96,10 +112,13 @@ class Api:
         data = await self.json("POST", "/api/jobs", json=body)
         return data["job"], bool(data["created"])
 
-    async def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, JSON]]:
+    async def jobs(self, status: str | None = None, limit: int = 50,
+                   id_prefix: str | None = None) -> list[dict[str, JSON]]:
         params: dict[str, JSON] = {"limit": limit}
         if status is not None:
             params["status"] = status
+        if id_prefix is not None:
+            params["id_prefix"] = id_prefix
         jobs: list[dict[str, JSON]] = await self.json("GET", "/api/jobs", params=params)
         return jobs
 

@@ -13,7 +13,7 @@ import httpx
 from jobwire.client.api import Api
 from jobwire.client.backoff import Backoff
 from jobwire.client.connection import Connection, ws_url_of
-from jobwire.client.errors import JobCancelled, JobFailed, JobwireError
+from jobwire.client.errors import JobCancelled, JobFailed, JobwireError, SessionNotFound
 from jobwire.client.feed import Feed
 from jobwire.client.flight import SingleFlight
 from jobwire.client.session import SessionFile
@@ -74,10 +74,16 @@ class Client:
     async def login(self, user_token: str) -> int:
         """Switch to a user's token (from `jobwire users add`), bringing this client's guest
         jobs along: the server moves them to the user in one transaction, and the guest
-        token stops working. Returns how many jobs moved."""
+        token stops working (an expired guest session has none to bring). Returns how many
+        jobs moved; Unauthorized if the server does not know `user_token`."""
         guest, owner, moved = self.api.token, "user", 0
-        if guest is not None and guest != user_token:
-            owner, moved = await self.api.claim(user_token, guest)
+        if guest is None or guest == user_token:
+            await self.api.check(user_token)  # nothing to bring along: is the token good?
+        else:
+            try:
+                owner, moved = await self.api.claim(user_token, guest)
+            except SessionNotFound:
+                pass  # expired, so nothing to bring; the server did accept the user's token
         self.api.renew = None  # a user's token is not ours to replace with a guest one
         self.api.authorize(user_token)
         if self.session is not None:
@@ -92,9 +98,11 @@ class Client:
         task and key already existed and is returned instead."""
         return await self.api.submit(task, input, key)
 
-    async def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, JSON]]:
-        """The owner's jobs, newest first; status "active" means queued or running."""
-        return await self.api.jobs(status, limit)
+    async def jobs(self, status: str | None = None, limit: int = 50,
+                   id_prefix: str | None = None) -> list[dict[str, JSON]]:
+        """The owner's jobs, newest first; status "active" means queued or running, and
+        `id_prefix` (lowercase hex) keeps the ids starting with it."""
+        return await self.api.jobs(status, limit, id_prefix)
 
     async def job(self, job_id: str) -> dict[str, JSON]:
         return await self.api.job(job_id)

@@ -76,26 +76,38 @@ class Lines:
 
 
 class RateColumn(ProgressColumn):
-    """Items finished per second, as rich measures it over recent updates."""
+    """Items finished per second, as rich measures it over recent updates; nothing once
+    the job ended, as a rate would say it goes on."""
 
     def render(self, task: Task) -> Text:
+        if task.fields["ended"]:
+            return Text("")
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.1f} items/s" if speed else "- items/s", style="progress.data.speed")
 
 
+class EtaColumn(TimeRemainingColumn):
+    """"ETA" and the time left, while the job runs."""
+
+    def render(self, task: Task) -> Text:
+        return Text("") if task.fields["ended"] else Text.assemble("ETA ", super().render(task))
+
+
 class Bar:
-    """A live bar (done/failed of total, rate, ETA) with item and status lines above it."""
+    """A live bar (done/failed of total, rate, ETA) with item and status lines above it;
+    at the end it shows the final state, still and without rate or ETA."""
 
     def __init__(self, console: Console) -> None:
         self.prev: Snapshot | None = None
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[done]}/{task.total} done"),
+            TextColumn("{task.fields[done]}/{task.fields[of]} done"),
             TextColumn("[red]{task.fields[failed]} failed"),
-            RateColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            RateColumn(), EtaColumn(),
             console=console,
         )
-        self.task = self.progress.add_task("", total=None, done=0, failed=0)
+        self.task = self.progress.add_task("", total=None, done=0, failed=0, of="?",
+                                           ended=False)
         self.progress.start()
 
     def show(self, snap: Snapshot) -> None:
@@ -104,9 +116,11 @@ class Bar:
         p = snap.progress
         # The description is rich markup (see TextColumn above): escaped as well.
         description = escape(printable(f"{snap.id[:8]} {snap.status}"))
-        self.progress.update(self.task, description=description,
-                             total=p["total"] or None, completed=p["done"] + p["failed"],
-                             done=p["done"], failed=p["failed"])
+        # An unknown total pulses the bar as if work went on: an ended job's stands still.
+        total = p["total"] or (1 if snap.terminal else None)
+        self.progress.update(self.task, description=description, total=total,
+                             completed=p["done"] + p["failed"], done=p["done"],
+                             failed=p["failed"], of=p["total"], ended=snap.terminal)
         self.prev = snap
 
     def close(self) -> None:

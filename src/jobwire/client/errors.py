@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -14,12 +15,15 @@ class Unavailable(JobwireError):
 
 
 class ApiError(JobwireError):
-    """The server answered with an error status."""
+    """The server answered with an error status. `fields` are a validation error's
+    entries as the server sent them ({"loc": [...], "msg": ..., "type": ...})."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str,
+                 fields: Sequence[dict[str, Any]] = ()) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.fields = list(fields)
 
 
 class Unauthorized(ApiError):
@@ -28,6 +32,10 @@ class Unauthorized(ApiError):
 
 class JobNotFound(ApiError):
     """404: no such job for this owner (missing and foreign jobs look alike)."""
+
+
+class SessionNotFound(ApiError):
+    """404 from a claim: the guest session is unknown or expired."""
 
 
 class JobActive(ApiError):
@@ -65,5 +73,5 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
-def api_error(status: int, detail: str) -> ApiError:
-    return _BY_STATUS.get(status, ApiError)(status, detail)
+def api_error(status: int, detail: str, fields: Sequence[dict[str, Any]] = ()) -> ApiError:
+    return _BY_STATUS.get(status, ApiError)(status, detail, fields)

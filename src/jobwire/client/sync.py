@@ -43,8 +43,9 @@ class SyncClient:
     def login(self, user_token: str) -> int:
         return self._run(self.client.login(user_token))
 
-    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, JSON]]:
-        return self._run(self.client.jobs(status, limit))
+    def jobs(self, status: str | None = None, limit: int = 50,
+             id_prefix: str | None = None) -> list[dict[str, JSON]]:
+        return self._run(self.client.jobs(status, limit, id_prefix))
 
     def job(self, job_id: str) -> dict[str, JSON]:
         return self._run(self.client.job(job_id))

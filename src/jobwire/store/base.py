@@ -118,12 +118,24 @@ class Store(Protocol):
         (joining an active job by its key is never refused). A new job's fairness rank is
         the owner's number of active jobs: claims take low ranks first."""
 
+    async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
+                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+        """Fire one tick (epoch seconds) of the periodic job of `task`, in one transaction:
+        record it as the task's last fired tick if it is later than the recorded one
+        (with `catch_up`, only if one is recorded), then create a job keyed
+        `cron.tick_key(tick)` unless a job of (owner, task) is still active. None if the
+        tick was not recorded (this or a later tick fired already, in any process);
+        (that active job, False) if the tick was skipped for it; (the new job, True).
+        Never refused by the per-owner cap: ticks are bounded by their schedule."""
+
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None: ...
 
     async def list_jobs(
-        self, owner: str | None, statuses: Collection[Status] | None, limit: int
+        self, owner: str | None, statuses: Collection[Status] | None, limit: int,
+        id_prefix: str | None = None,
     ) -> list[Job]:
-        """The owner's jobs (every owner's when None), newest first."""
+        """The owner's jobs (every owner's when None), newest first; with `id_prefix`, only
+        ids starting with it."""
 
     async def job_with_items(self, job_id: str, owner: str | None = None
                              ) -> tuple[Job, list[Item]] | None:

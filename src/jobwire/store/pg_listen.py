@@ -29,12 +29,27 @@ RESYNC_MARGIN = 60.0
 
 
 STOP_SECONDS = 5.0
+# The origin of notifications written on a host application's connection (a submit in
+# its transaction): no listener's own (theirs are hex), so every listener delivers them,
+# the one in the submitting process too, which published nothing since nothing was
+# committed yet.
+HOST_ORIGIN = "host"
 
 
 def channel_of(schema: str) -> str:
     """Channels are per database; naming them by schema keeps deployments that share a
     database in separate schemas apart. Identifiers stop at 63 bytes."""
     return f"jobwire:{schema}".encode()[:63].decode(errors="ignore")
+
+
+def note_sql(origin: str, job: str, seq: str, type: str, data: str, at: str) -> str:
+    """`Listener.note` as a PostgreSQL text expression of SQL expressions, for a statement
+    that writes and notifies its events itself, tagged with `origin`."""
+    short = f"json_build_object('o', '{origin}', 'job', {job}, 'seq', {seq})"
+    full = (f"json_build_object('o', '{origin}', 'job', {job}, 'seq', {seq}, "
+            f"'type', {type}, 'data', {data}, 'at', {at})::text")
+    return (f"(SELECT CASE WHEN octet_length(full_note) < {NOTE_LIMIT} THEN full_note "
+            f"ELSE {short}::text END FROM (SELECT {full} AS full_note) AS note)")
 
 
 class Listener:
@@ -65,13 +80,7 @@ class Listener:
         return (full if len(full) < NOTE_LIMIT else orjson.dumps(note)).decode()
 
     def note_sql(self, job: str, seq: str, type: str, data: str, at: str) -> str:
-        """`note` as a PostgreSQL text expression of SQL expressions, for a statement that
-        writes and notifies its events itself."""
-        short = f"json_build_object('o', '{self.origin}', 'job', {job}, 'seq', {seq})"
-        full = (f"json_build_object('o', '{self.origin}', 'job', {job}, 'seq', {seq}, "
-                f"'type', {type}, 'data', {data}, 'at', {at})::text")
-        return (f"(SELECT CASE WHEN octet_length(full_note) < {NOTE_LIMIT} THEN full_note "
-                f"ELSE {short}::text END FROM (SELECT {full} AS full_note) AS note)")
+        return note_sql(self.origin, job, seq, type, data, at)
 
     async def start(self) -> None:
         """Return once listening; StoreError if the first connection fails."""

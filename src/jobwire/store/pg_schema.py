@@ -13,6 +13,10 @@ from jobwire.store.base import StoreError
 ACTIVE_SQL = "('queued', 'running')"
 TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
 
+# Migration 3, and again in 4 for a database that has another 3 (see there).
+_PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
+                   "(task text PRIMARY KEY, tick double precision NOT NULL);")
+
 # Timestamps are epoch seconds (double precision) so snapshots render exactly as on
 # SQLite; JSON is `json`, not `jsonb`, so objects keep the key order they were given.
 MIGRATIONS: list[str] = [
@@ -81,14 +85,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
     CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {ACTIVE_SQL};
     """,
-    """
-    -- Single-use stand-ins for a session's token in URLs (SSE), short-lived.
-    CREATE TABLE tickets (
+    # Periodic jobs (see PostgresStore.submit_tick): the last tick each one fired.
+    _PERIODIC_TICKS,
+    # Single-use stand-ins for a session's token in URLs (SSE), short-lived. (IF NOT
+    # EXISTS: a database made by the tickets branch before it followed periodic_ticks
+    # has tickets as its 3; the periodic_ticks it lacks comes here.)
+    f"""
+    {_PERIODIC_TICKS}
+    CREATE TABLE IF NOT EXISTS tickets (
         ticket_hash text PRIMARY KEY,
         token_hash text NOT NULL,
         expires_at double precision NOT NULL
     );
-    CREATE INDEX tickets_expiry ON tickets (expires_at);
+    CREATE INDEX IF NOT EXISTS tickets_expiry ON tickets (expires_at);
     """,
 ]
 

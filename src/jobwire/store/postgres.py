@@ -31,10 +31,12 @@ from typing import Any, TypeVar
 import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import TupleRow
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow, tuple_row
 from psycopg.types.json import Json, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from jobwire.cron import tick_key
 from jobwire.model import (
     JSON,
     Event,
@@ -65,15 +67,17 @@ from jobwire.store.base import (
     Written,
 )
 from jobwire.store.batch import Batcher
-from jobwire.store.pg_listen import Listener, channel_of
+from jobwire.store.pg_listen import HOST_ORIGIN, Listener, channel_of, note_sql
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    active_job_sql,
     clash_error,
     dumps,
     event_data,
     event_data_sql,
     expiry_outcome,
+    fire_tick_sql,
     guest_clashes_sql,
     item_change,
     item_from_row,
@@ -106,18 +110,111 @@ _HELD_SQL = ("SELECT jobs.id FROM jobs JOIN leases ON jobs.id = leases.job "
 # (joining one is never refused, so a dedup storm's joiners need not take turns). It notes
 # in a transaction-local setting that it took the lock, for the submit statement to check.
 # The first key ("jo") keeps these apart from other advisory locks (the migrations' is
-# "jw"); owners whose names hash alike merely take turns.
+# "jw"); owners whose names hash alike merely take turns. `{jobs}` is the table's name as
+# _submit_sqls qualifies it.
 _OWNER_LOCKED = "current_setting('jobwire.owner_locked', true) = 'on'"
 _LOCK_OWNER = (
     f"SELECT pg_advisory_xact_lock({0x6A6F}, hashtext(%s)), "
-    "set_config('jobwire.owner_locked', 'on', true) WHERE NOT EXISTS (SELECT FROM jobs "
+    "set_config('jobwire.owner_locked', 'on', true) WHERE NOT EXISTS (SELECT FROM {jobs} "
     f"WHERE owner = %s AND task = %s AND key = %s AND status IN {ACTIVE_SQL})")
+# What a submit on a host application's connection checks first (see submit_in): the
+# isolation level, the schema of jobwire's tables, and that they are there.
+_HOST_SQL = ("SELECT current_setting('transaction_isolation'), name, "
+             "to_regclass(format('%%I.jobs', name)) IS NOT NULL "
+             "FROM (SELECT coalesce(%s, current_schema()) AS name) AS jobwire_schema")
 
 _WRITE_EVENTS = (
     "WITH written AS (INSERT INTO events (job_id, seq, type, data, at) "
     "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::json[], %s::float8[])) "
     "SELECT count(pg_notify(%s, note)) FROM unnest(%s::text[]) AS note"
 )
+
+
+def _with_events(origin: str, changed: str, type: str, data: str, columns: str,
+                 events: str = "events") -> str:
+    """The end of a one-statement write whose CTE `changed` returned the job rows it
+    changed (at least id, seq, status, updated_at): writes one event per row, of `type`
+    (an event type, or "status" for the job's new status) with `data`, into the table
+    `events`, and notifies it tagged with `origin`. Selects `columns`, the notification,
+    and the event's data."""
+    type_sql = type if type == "status" else f"'{type}'"
+    note = note_sql(origin, "id", "seq", type_sql, "data", "updated_at")
+    return (f"evented AS (SELECT {changed}.*, {data} AS data FROM {changed}), "
+            f"written AS (INSERT INTO {events} (job_id, seq, type, data, at) "
+            f"SELECT id, seq, {type_sql}, data, updated_at FROM evented) "
+            f"SELECT {columns}, pg_notify(%s, {note}), data FROM evented")
+
+
+@functools.cache
+def _submit_sqls(origin: str, schema: str | None) -> tuple[str, str]:
+    """The owner's lock and the submit statement, for jobwire's tables in `schema` (None:
+    as the search_path finds them), notifying events tagged with `origin`.
+
+    The submit returns the active job of (owner, task, key) with a NULL event, if there
+    is one; else, only under the owner's lock: if the owner has fewer than the cap of
+    active jobs, inserts a job ranked by their number, writing and notifying its
+    `created` event, and returns it with the event's data; else one row of NULLs
+    (refused)."""
+    prefix = "" if schema is None else '"{}".'.format(schema.replace('"', '""'))
+    jobs = prefix + "jobs"
+    data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
+    refused = ", ".join(["NULL"] * (JOB_COLUMNS.count(",") + 3))
+    return _LOCK_OWNER.replace("{jobs}", jobs), (
+        f"WITH existing AS (SELECT {JOB_COLUMNS} FROM {jobs} WHERE owner = %s "
+        f"AND task = %s AND key = %s AND status IN {ACTIVE_SQL}), "
+        # Counted through the partial index of active jobs, and never past the cap.
+        f"active AS (SELECT count(*) AS n FROM (SELECT FROM {jobs} WHERE owner = %s "
+        f"AND status IN {ACTIVE_SQL} LIMIT %s) AS counted), "
+        f"new AS (INSERT INTO {jobs} (id, task, key, owner, status, input, max_attempts, "
+        "seq, rank, created_at, updated_at) SELECT %s, %s, %s, %s, 'queued', %s, %s, 1, "
+        "n, %s, %s FROM active WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
+        f"AND {_OWNER_LOCKED} "
+        "ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
+        f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
+        f"{_with_events(origin, 'new', 'created', data, JOB_COLUMNS, prefix + 'events')} "
+        f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM existing "
+        f"UNION ALL SELECT {refused} FROM active "
+        f"WHERE n >= %s AND NOT EXISTS (SELECT FROM existing) AND {_OWNER_LOCKED}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Submission:
+    """One submit, on any connection: its statements (the owner's lock, then the submit;
+    see _submit_sqls) and what the submit's rows mean."""
+
+    sqls: tuple[str, str]
+    channel: str
+    owner: str
+    task: str
+    input: JSON
+    key: str | None
+    max_attempts: int
+    cap: int
+
+    def statements(self, at: float) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        owner, task, key, cap = self.owner, self.task, self.key, self.cap
+        lock, submit = self.sqls
+        return ((lock, (owner, owner, task, key)),
+                (submit, (owner, task, key, owner, cap, uuid.uuid4().hex, task, key, owner,
+                          Json(self.input, dumps), self.max_attempts, at, at, cap,
+                          self.channel, cap)))
+
+    def outcome(self, rows: list[TupleRow], at: float) -> tuple[Job, Event | None] | None:
+        """(the job, its `created` event if this submit made it); TooManyActive if
+        refused; None if the round settled nothing and must run again: the key's active
+        job, seen before the lock was skipped, ended before the submit statement; or the
+        insert met an active job of the key that the statement's snapshot cannot see
+        (moved to this owner by a session claim, which does not take the owner's lock).
+        The next round sees how things are then."""
+        if not rows:
+            return None
+        if rows[0][0] is None:
+            raise TooManyActive(self.cap)
+        job = job_from_row(rows[0], decode=False)
+        data = rows[0][-1]
+        return job, None if data is None else Event(
+            job=job.id, seq=1, type=EventType.CREATED.value, data=data, at=at)
+
 
 def _one_item_change(new: ItemStatus) -> tuple[list[str], tuple[int, int]] | None:
     """The states an item may reach `new` from, and the (done, failed) change that makes,
@@ -430,9 +527,11 @@ class PostgresStore:
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
                      max_attempts: int) -> tuple[Job, bool]:
-        cap = self.max_active_jobs
+        sub = _Submission(_submit_sqls(self.listener.origin, None), self.listener.channel,
+                          owner, task, input, key, max_attempts, self.max_active_jobs)
         while True:
             at = now()
+            lock, submit = sub.statements(at)
             async with self._connection() as conn:
                 # One owner's submits that may create a job take turns on a lock held to
                 # commit (other owners' run in parallel), so the count the submit statement
@@ -440,62 +539,54 @@ class PostgresStore:
                 # any number of processes. Pipelined: lock, submit and commit are one round
                 # trip.
                 async with conn.pipeline(), conn.transaction():
-                    await conn.execute(_LOCK_OWNER, (owner, owner, task, key))
-                    cur = await conn.execute(self._submit_sql, (
-                        owner, task, key, owner, cap,
-                        uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts,
-                        at, at, cap, self.listener.channel, cap))
+                    await conn.execute(*lock)
+                    cur = await conn.execute(*submit)
                 rows = await cur.fetchall()
-            if rows:
-                if rows[0][0] is None:
-                    raise TooManyActive(cap)
-                job = job_from_row(rows[0], decode=False)
-                created = rows[0][-1] is not None
-                if created:
-                    self._publish([Event(job=job.id, seq=1, type=EventType.CREATED.value,
-                                         data=rows[0][-1], at=at)])
-                return job, created
-            # Empty: the key's active job, seen before the lock was skipped, ended before
-            # the submit statement; or the insert met an active job of the key that the
-            # statement's snapshot cannot see (moved to this owner by a session claim, which
-            # does not take the owner's lock). The next round sees how things are now.
+            if (outcome := sub.outcome(rows, at)) is not None:
+                job, created = outcome
+                if created is not None:
+                    self._publish([created])
+                return job, created is not None
 
-    @functools.cached_property
-    def _submit_sql(self) -> str:
-        """Returns the active job of (owner, task, key) with a NULL event, if there is one;
-        else, only under the owner's lock: if the owner has fewer than the cap of active
-        jobs, inserts a job ranked by their number, writing and notifying its `created`
-        event, and returns it with the event's data; else one row of NULLs (refused)."""
-        data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
-        refused = ", ".join(["NULL"] * (JOB_COLUMNS.count(",") + 3))
-        return (
-            f"WITH existing AS (SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s "
-            f"AND task = %s AND key = %s AND status IN {ACTIVE_SQL}), "
-            # Counted through the partial index of active jobs, and never past the cap.
-            "active AS (SELECT count(*) AS n FROM (SELECT FROM jobs WHERE owner = %s "
-            f"AND status IN {ACTIVE_SQL} LIMIT %s) AS counted), "
-            "new AS (INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, "
-            "seq, rank, created_at, updated_at) SELECT %s, %s, %s, %s, 'queued', %s, %s, 1, "
-            "n, %s, %s FROM active WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
-            f"AND {_OWNER_LOCKED} "
-            "ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
-            f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
-            f"{self._with_events('new', 'created', data, JOB_COLUMNS)} "
-            f"UNION ALL SELECT {JOB_COLUMNS}, NULL, NULL FROM existing "
-            f"UNION ALL SELECT {refused} FROM active "
-            f"WHERE n >= %s AND NOT EXISTS (SELECT FROM existing) AND {_OWNER_LOCKED}")
+    async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
+                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+        # The compare-and-set locks the periodic's row to commit: processes firing the
+        # same or a later tick wait, and then see this tick recorded and its job active.
+        async def fire(conn: Conn) -> tuple[tuple[Job, bool] | None, list[Event]]:
+            cur = await conn.execute(fire_tick_sql("%s", catch_up), (task, tick))
+            if await cur.fetchone() is None:
+                return None, []
+            cur = await conn.execute(active_job_sql("%s"), (owner, task))
+            if (row := await cur.fetchone()) is not None:
+                return (job_from_row(row, decode=False), False), []
+            at, key = now(), tick_key(tick)
+            cur = await conn.execute(
+                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
+                "rank, created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, "
+                f"0, %s, %s) RETURNING {JOB_COLUMNS}",  # rank 0: the periodic's only job
+                (uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at))
+            row = await cur.fetchone()
+            assert row is not None  # INSERT … RETURNING: the row it inserted
+            job = job_from_row(row, decode=False)
+            data = event_data(Status.QUEUED, 0, 0, 0, task=task, key=key)
+            return (job, True), [make_event(job.id, 1, EventType.CREATED, data, at)]
+
+        return await self._transact(fire)
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         async with self._connection() as conn:
             return await self._find(conn, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int) -> list[Job]:
+                        limit: int, id_prefix: str | None = None) -> list[Job]:
         query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true"
         params: list[Any] = []
         if owner is not None:  # (not `owner = coalesce(%s, owner)`: that skips the index)
             query += " AND owner = %s"
             params.append(owner)
+        if id_prefix is not None:  # starts_with, not LIKE: no wildcards, case-sensitive
+            query += " AND starts_with(id, %s)"
+            params.append(id_prefix)
         if statuses is not None:
             query += " AND status = ANY(%s)"
             params.append([s.value for s in statuses])
@@ -595,19 +686,7 @@ class PostgresStore:
             "claimed AS (UPDATE jobs SET status = 'running', attempt = attempt + 1, "
             f"worker = %s, lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
             f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}), "
-            + self._with_events("claimed", "started", data, JOB_COLUMNS))
-
-    def _with_events(self, changed: str, type: str, data: str, columns: str) -> str:
-        """The end of a one-statement write whose CTE `changed` returned the job rows it
-        changed (at least id, seq, status, updated_at): writes one event per row, of
-        `type` (an event type, or "status" for the job's new status) with `data`, and
-        notifies it. Selects `columns`, the notification, and the event's data."""
-        type_sql = type if type == "status" else f"'{type}'"
-        note = self.listener.note_sql("id", "seq", type_sql, "data", "updated_at")
-        return (f"evented AS (SELECT {changed}.*, {data} AS data FROM {changed}), "
-                "written AS (INSERT INTO events (job_id, seq, type, data, at) "
-                f"SELECT id, seq, {type_sql}, data, updated_at FROM evented) "
-                f"SELECT {columns}, pg_notify(%s, {note}), data FROM evented")
+            + _with_events(self.listener.origin, "claimed", "started", data, JOB_COLUMNS))
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         if not leases:
@@ -735,7 +814,7 @@ class PostgresStore:
             "failed = failed + %s, updated_at = %s FROM item WHERE jobs.id = %s "
             "RETURNING jobs.id, jobs.seq, jobs.status, jobs.total, jobs.done, jobs.failed, "
             "jobs.cancel_requested, jobs.updated_at, item.*), "
-            + self._with_events("changed", "item", data, "seq, cancel_requested"))
+            + _with_events(self.listener.origin, "changed", "item", data, "seq, cancel_requested"))
 
     async def report(self, lease: Lease, info: JSON) -> Written:
         async def report(conn: Conn) -> tuple[Written, list[Event]]:
@@ -808,7 +887,8 @@ class PostgresStore:
             "reset AS (UPDATE items SET status = 'pending' FROM ended "
             "WHERE items.job_id = ended.id AND items.status = 'running' "
             "RETURNING items.job_id, items.ref, items.pos), "
-            + self._with_events("ended", "status", data, "id, seq, cancel_requested"))
+            + _with_events(self.listener.origin, "ended", "status", data,
+                           "id, seq, cancel_requested"))
 
     # -- maintenance
 
@@ -846,3 +926,80 @@ class PostgresStore:
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN "
             f"{TERMINAL_SQL} AND finished_at < %s FOR UPDATE SKIP LOCKED)",
             (finished_before,))
+
+
+# -- submitting in a host application's transaction
+
+AnyConnection = psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
+
+
+def _joinable(conn: AnyConnection) -> None:
+    """Refuses a connection whose transaction a submit could not join: one in autocommit
+    outside a transaction (each statement would commit alone, so the owner's lock would
+    not cover the submit), a failed transaction, or one busy with another statement."""
+    status = conn.info.transaction_status
+    if not (status == TransactionStatus.INTRANS
+            or (status == TransactionStatus.IDLE and not conn.autocommit)):
+        raise StoreError(
+            "submitting in a transaction needs the connection inside a healthy transaction "
+            f"(it is {status.name.lower()}{', autocommit' if conn.autocommit else ''})")
+
+
+def _hosted(row: TupleRow | None, owner: str, task: str, input: JSON, key: str | None,
+            max_attempts: int, cap: int) -> _Submission:
+    """The submission for a host's transaction, given what _HOST_SQL answered."""
+    assert row is not None
+    isolation, schema, found = row
+    if isolation != "read committed":
+        # Under a snapshot older than the owner's lock, the cap's count could miss jobs
+        # that other submits committed meanwhile.
+        raise StoreError(f"submitting in a transaction needs READ COMMITTED isolation, "
+                         f"not {str(isolation).upper()}")
+    if not found:
+        raise StoreError(f"jobwire's tables are not in schema {schema!r}: pass the schema "
+                         "jobwire's URL uses, or run `jobwire migrate`")
+    # Tagged as no listener's own: every process's listener delivers the events at commit.
+    return _Submission(_submit_sqls(HOST_ORIGIN, schema), channel_of(schema), owner, task,
+                       input, key, max_attempts, cap)
+
+
+async def submit_in(conn: psycopg.AsyncConnection[Any], owner: str, task: str, input: JSON,
+                    key: str | None, max_attempts: int, *, cap: int,
+                    schema: str | None = None) -> tuple[Job, bool]:
+    """`PostgresStore.submit` inside the transaction open on the host's `conn`: the job,
+    its `created` event and its notification exist if and only if that transaction
+    commits. Runs the same statements as the store's submit (plus one check first) and
+    neither commits nor rolls back, nor changes the connection's settings.
+
+    `schema` names the schema of jobwire's tables (None: the connection's current
+    schema). The owner's advisory lock (the cap's) is held until the host's transaction
+    ends. Errors of the connection (psycopg's) are raised as they are, for the host's
+    own handling; StoreError if the connection cannot be used so."""
+    _joinable(conn)
+    async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
+        set_json_loads(orjson.loads, cur)  # on this cursor only: the host keeps its loaders
+        await cur.execute(_HOST_SQL, (schema,))
+        sub = _hosted(await cur.fetchone(), owner, task, input, key, max_attempts, cap)
+        while True:  # more than once only in the rare cases _Submission.outcome says
+            at = now()
+            for query, params in sub.statements(at):
+                await cur.execute(query, params)
+            if (outcome := sub.outcome(await cur.fetchall(), at)) is not None:
+                return outcome[0], outcome[1] is not None
+
+
+def submit_in_sync(conn: psycopg.Connection[Any], owner: str, task: str, input: JSON,
+                   key: str | None, max_attempts: int, *, cap: int,
+                   schema: str | None = None) -> tuple[Job, bool]:
+    """`submit_in` on a blocking connection (Django, Flask)."""
+    _joinable(conn)
+    with psycopg.Cursor(conn, row_factory=tuple_row) as cur:
+        set_json_loads(orjson.loads, cur)
+        cur.execute(_HOST_SQL, (schema,))
+        sub = _hosted(cur.fetchone(), owner, task, input, key, max_attempts, cap)
+        while True:
+            at = now()
+            for query, params in sub.statements(at):
+                cur.execute(query, params)
+            if (outcome := sub.outcome(cur.fetchall(), at)) is not None:
+                return outcome[0], outcome[1] is not None

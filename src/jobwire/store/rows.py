@@ -100,3 +100,26 @@ def expiry_outcome(attempt: int, max_attempts: int, cancel_requested: bool) -> S
     if cancel_requested:
         return Status.CANCELLED
     return Status.FAILED if attempt >= max_attempts else Status.QUEUED
+
+
+def fire_tick_sql(param: str, catch_up: bool) -> str:
+    """Records `tick` (2nd parameter) as the last fired tick of the periodic job of `task`
+    (1st) if it is later than the one recorded: a compare-and-set, so of any number of
+    processes firing one tick exactly one gets the row back. A catch-up (`catch_up`) only
+    replaces a recorded tick, so a periodic's first tick is never one: a newly deployed
+    nightly job waits for the night."""
+    p = param
+    if catch_up:
+        return ("UPDATE periodic_ticks SET tick = new.tick FROM (SELECT "
+                f"CAST({p} AS TEXT) AS task, CAST({p} AS DOUBLE PRECISION) AS tick) AS new "
+                "WHERE periodic_ticks.task = new.task AND periodic_ticks.tick < new.tick "
+                "RETURNING periodic_ticks.tick")
+    return (f"INSERT INTO periodic_ticks (task, tick) VALUES ({p}, {p}) ON CONFLICT (task) "
+            "DO UPDATE SET tick = excluded.tick WHERE periodic_ticks.tick < excluded.tick "
+            "RETURNING tick")
+
+
+def active_job_sql(param: str) -> str:
+    """An active job of (owner, task), if there is one: a periodic's previous tick's job."""
+    return (f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = {param} AND task = {param} "
+            "AND status IN ('queued', 'running') LIMIT 1")

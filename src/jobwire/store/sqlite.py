@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobwire.cron import tick_key
 from jobwire.model import (
     JSON,
     Event,
@@ -46,10 +47,12 @@ from jobwire.store.base import (
 )
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    active_job_sql,
     clash_error,
     dumps,
     event_data,
     expiry_outcome,
+    fire_tick_sql,
     guest_clashes_sql,
     item_change,
     item_from_row,
@@ -77,6 +80,10 @@ BUSY_SECONDS = 5.0
 
 _ACTIVE_SQL = "('queued', 'running')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
+
+# Migration 3, and again in 4 for a database that has another 3 (see there).
+_PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
+                   "(task TEXT PRIMARY KEY, tick REAL NOT NULL);")
 
 MIGRATIONS: list[str] = [
     f"""
@@ -145,14 +152,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued';
     CREATE INDEX jobs_active ON jobs (owner) WHERE status IN {_ACTIVE_SQL};
     """,
-    """
-    -- Single-use stand-ins for a session's token in URLs (SSE), short-lived.
-    CREATE TABLE tickets (
+    # Periodic jobs (see `submit_tick`): the last tick each one fired, one row each.
+    _PERIODIC_TICKS,
+    # Single-use stand-ins for a session's token in URLs (SSE), short-lived. (IF NOT
+    # EXISTS: a database made by the tickets branch before it followed periodic_ticks
+    # has tickets as its 3; the periodic_ticks it lacks comes here.)
+    f"""
+    {_PERIODIC_TICKS}
+    CREATE TABLE IF NOT EXISTS tickets (
         ticket_hash TEXT PRIMARY KEY,
         token_hash TEXT NOT NULL,
         expires_at REAL NOT NULL
     );
-    CREATE INDEX tickets_expiry ON tickets (expires_at);
+    CREATE INDEX IF NOT EXISTS tickets_expiry ON tickets (expires_at);
     """,
 ]
 
@@ -528,16 +540,34 @@ class SQLiteStore:
                 f"AND status IN {_ACTIVE_SQL} LIMIT ?)", (owner, cap)).fetchone()[0]
             if rank >= cap:
                 raise TooManyActive(cap)
-            job_id, at = uuid.uuid4().hex, now()
-            conn.execute(
-                "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-                "rank, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?)",
-                (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at))
-            ev = self._add_event(conn, job_id, 1, EventType.CREATED,
-                                 event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
-            return (self._job(conn, job_id), True), [ev]
+            return self._insert_job(conn, owner, task, input, key, max_attempts, rank)
 
         return await self._transact(submit)
+
+    async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
+                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+        def fire(conn: sqlite3.Connection) -> tuple[tuple[Job, bool] | None, list[Event]]:
+            if conn.execute(fire_tick_sql("?", catch_up), (task, tick)).fetchone() is None:
+                return None, []
+            row = conn.execute(active_job_sql("?"), (owner, task)).fetchone()
+            if row is not None:
+                return (job_from_row(row), False), []
+            # Rank 0: a tick's job is its periodic's only active job.
+            return self._insert_job(conn, owner, task, input, tick_key(tick), max_attempts, 0)
+
+        return await self._transact(fire)
+
+    def _insert_job(self, conn: sqlite3.Connection, owner: str, task: str, input: JSON,
+                    key: str | None, max_attempts: int, rank: int
+                    ) -> tuple[tuple[Job, bool], list[Event]]:
+        job_id, at = uuid.uuid4().hex, now()
+        conn.execute(
+            "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
+            "rank, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?)",
+            (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at))
+        ev = self._add_event(conn, job_id, 1, EventType.CREATED,
+                             event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
+        return (self._job(conn, job_id), True), [ev]
 
     def _job(self, conn: sqlite3.Connection, job_id: str, owner: str | None = None) -> Job:
         job = self._find(conn, job_id, owner)
@@ -557,12 +587,15 @@ class SQLiteStore:
         return await self._read(self._find, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int) -> list[Job]:
+                        limit: int, id_prefix: str | None = None) -> list[Job]:
         def get(conn: sqlite3.Connection) -> list[Job]:
-            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true", list[str]()
+            sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true", list[object]()
             if owner is not None:
                 sql += " AND owner = ?"
                 args.append(owner)
+            if id_prefix is not None:  # substr, not LIKE: no wildcards, case-sensitive
+                sql += " AND substr(id, 1, ?) = ?"
+                args += [len(id_prefix), id_prefix]
             if statuses is not None:
                 sql += f" AND status IN ({', '.join('?' * len(statuses))})"
                 args += [s.value for s in statuses]

@@ -1,0 +1,72 @@
+"""Submitting a job in the host application's own PostgreSQL transaction.
+
+    async with conn.transaction():            # the host's psycopg connection
+        await conn.execute("INSERT INTO orders …")
+        job, created = await jobwire.pg.submit(conn, tasks, "user:42", "ship", {"order": 7})
+
+The job, its `created` event and the notification that wakes workers and live
+subscribers exist if and only if the host's transaction commits (PostgreSQL delivers
+NOTIFY at commit); dedup and the per-owner cap hold as for `POST /api/jobs`. No jobwire
+server need run in this process: it only needs the connection and the task registry.
+The owner's advisory lock (the cap's) is held until the host's transaction ends, so one
+owner's concurrent host transactions that may create a job take turns, and its other
+submits wait for them. The embedded runtime's `submit` is to take `conn=` by delegating here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pydantic
+
+from jobwire.api.identity import MAX_OWNER_ID, valid_owner
+from jobwire.api.schemas import SubmitRequest
+from jobwire.app import InputError, Jobwire
+from jobwire.model import JSON, Job
+from jobwire.settings import Settings
+from jobwire.store.postgres import submit_in, submit_in_sync
+
+__all__ = ["submit", "submit_sync"]
+
+def _checked(jobwire: Jobwire, owner: str, task: str, input: JSON, key: str | None
+             ) -> tuple[JSON, str | None, int]:
+    """What `POST /api/jobs` checks, before anything reaches the host's connection (a
+    refused statement would abort the host's transaction): InputError naming the field.
+    Returns the input as stored, the dedup key and the task's max_attempts."""
+    if not isinstance(owner, str) or valid_owner(owner) is None:
+        raise InputError(("owner",), "an owner is 'user:<id>' or 'guest:<id>', the id 1 "
+                                     f"to {MAX_OWNER_ID} printable characters")
+    try:
+        SubmitRequest(task=task, input=input, key=key)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(tuple(first["loc"]), first["msg"]) from None
+    spec, value, key = jobwire.validate(task, input, key)
+    return value, key, spec.max_attempts
+
+
+async def submit(conn: psycopg.AsyncConnection[Any], jobwire: Jobwire, owner: str, task: str,
+                 input: JSON = None, key: str | None = None, *,
+                 schema: str | None = None) -> tuple[Job, bool]:
+    """Submit in the transaction open on `conn`: (the job, True), or (the active job of
+    this task and key, False). Neither commits nor rolls back.
+
+    `schema`: where jobwire's tables are (None: the connection's current schema), i.e.
+    the search_path of jobwire's URL. The cap is `JOBWIRE_MAX_ACTIVE_JOBS`, as on the
+    servers. InputError for invalid input, TooManyActive over the cap, StoreError if
+    the connection is not in a READ COMMITTED transaction (or jobwire's tables are not
+    in the schema); psycopg's own errors as they are."""
+    value, key, max_attempts = _checked(jobwire, owner, task, input, key)
+    return await submit_in(conn, owner, task, value, key, max_attempts,
+                           cap=Settings().max_active_jobs, schema=schema)
+
+
+def submit_sync(conn: psycopg.Connection[Any], jobwire: Jobwire, owner: str, task: str,
+                input: JSON = None, key: str | None = None, *,
+                schema: str | None = None) -> tuple[Job, bool]:
+    """`submit` on a blocking connection: Django's (`connection.connection` inside
+    `transaction.atomic()`), or Flask's."""
+    value, key, max_attempts = _checked(jobwire, owner, task, input, key)
+    return submit_in_sync(conn, owner, task, value, key, max_attempts,
+                          cap=Settings().max_active_jobs, schema=schema)
