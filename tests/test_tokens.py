@@ -377,3 +377,45 @@ def test_users_add_tokens_and_new_token(tmp_path: Any) -> None:
     assert "revoked 2 token(s)" in cli("users", "revoke", "frank", "--db", db).stdout
     assert cli("users", "tokens", "frank", "--db", db).stdout.strip() == "frank has no tokens"
     assert "revoked 0 token(s)" in cli("users", "revoke", "frank", "--db", db).stdout
+
+
+# -- the tickets table's migration
+
+
+@pytest.mark.parametrize("third", ["periodic_ticks", "tickets"])
+async def test_a_database_at_either_version_3_upgrades(db_url: str, third: str) -> None:
+    """Migration 3 is main's periodic_ticks; the tickets branch had made tickets its 3
+    before it followed. A database at either 3 ends with both tables."""
+    from jobwire.store import open_store, pg_schema, sqlite
+
+    tickets_3 = ("CREATE TABLE tickets (ticket_hash TEXT PRIMARY KEY, token_hash TEXT NOT NULL,"
+                 " expires_at REAL NOT NULL); CREATE INDEX tickets_expiry ON tickets "
+                 "(expires_at);")
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(sqlite._path_of(db_url)) as conn:
+            for script in [*sqlite.MIGRATIONS[:2], tickets_3 if third == "tickets"
+                           else sqlite.MIGRATIONS[2]]:
+                conn.executescript(script)
+            conn.execute("PRAGMA user_version = 3")
+    else:
+        import psycopg
+
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            for script in [*pg_schema.MIGRATIONS[:2], tickets_3 if third == "tickets"
+                           else pg_schema.MIGRATIONS[2]]:
+                pg.execute(script.replace("REAL", "double precision").encode())
+            pg.execute("CREATE TABLE jobwire_migrations (version integer PRIMARY KEY, "
+                       "applied_at double precision NOT NULL)")
+            pg.execute("INSERT INTO jobwire_migrations VALUES (1, 0), (2, 0), (3, 0)")
+    store = open_store(db_url)
+    await store.open()
+    try:
+        await store.add_session("h", "guest:g", None)
+        await store.add_ticket("t", "h", time.time() + 30)
+        assert await store.use_ticket("t") == ("guest:g", "h")
+        fired = await store.submit_tick("system:periodic", "echo", 1, 1, 60.0)
+        assert fired is not None and fired[1]
+    finally:
+        await store.close()
