@@ -37,13 +37,13 @@ function subscribe(client, key, start, listener) {
   const map = feedsOf(client);
   let feed = map.get(key);
   if (!feed) {
-    feed = { value: undefined, listeners: new Set(), stop: null };
-    map.set(key, feed);
-    const current = feed;
-    current.stop = start((value) => {
-      current.value = value;
-      for (const l of [...current.listeners]) l.notify();
+    const created = { value: undefined, listeners: new Set(), stop: null };
+    created.stop = start((value) => {
+      created.value = value;
+      for (const l of [...created.listeners]) l.notify();
     });
+    feed = created;
+    map.set(key, feed); // only once started: a start that throws leaves nothing behind
   }
   const entry = { notify: listener }; // one per subscription, even if React reuses a callback
   feed.listeners.add(entry);

@@ -130,11 +130,16 @@ def test_five_components_watching_one_job_make_one_watch_and_one_subscription(
     subscribes_before = tab.ops("subscribe", first)
     unsubscribes_before = tab.ops("unsubscribe", first)
 
-    tab.watch(*[first] * 5)  # mounted on a live socket, each effect run twice (StrictMode)
+    # Mounted on a live socket, StrictMode runs each one's effects twice: one alone, whose
+    # store entry must survive its unsubscribe-subscribe, then four more beside it.
+    tab.watch(first)
+    tab.wait_views("view", first, "running", 1)
+    tab.watch(*[first] * 5)
     tab.wait_views("view", first, "running", 5)
     assert tab.requests.count(("GET", f"/api/jobs/{first}")) == loads_before + 1, \
         "one jw.watch for five components"
     assert tab.ops("subscribe", first) == subscribes_before + 1
+    assert tab.ops("unsubscribe", first) == unsubscribes_before
     assert subscriptions(app.url) == 2  # `first` and the submitter's job
 
     tab.watch()  # all five unmount: the subscription goes with them
@@ -203,6 +208,9 @@ def test_double_click_submits_once_and_a_resubmit_says_already_running(
     tab = react_page()
     tab.page.fill("[data-testid=url]", held_page.url)
     tab.page.dblclick("[data-testid=submit]")
+    tab.page.wait_for_function(
+        "() => document.querySelector('[data-testid=verdict]').dataset.jobId")
+    assert tab.page.inner_text("[data-testid=verdict]") == "started", "the job the click made"
     job = tab.wait_verdict("started")
     assert tab.requests.count(("POST", "/api/jobs")) == 1
 
