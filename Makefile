@@ -24,7 +24,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: $(VENV)/.installed-test services chromium lint
+# React and esbuild for the React browser tests (tests/browser/react), from its lock file.
+REACT_HARNESS := tests/browser/react
+$(REACT_HARNESS)/node_modules/.installed: $(REACT_HARNESS)/package-lock.json
+	npm ci --prefix $(REACT_HARNESS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(VENV)/.installed-test services chromium lint $(REACT_HARNESS)/node_modules/.installed
 	node --test tests/js/
 	JOBWIRE_TEST_PG=$${JOBWIRE_TEST_PG:-$(PG_URL)} $(BIN)/pytest $(PYTEST_ARGS)
 
