@@ -8,7 +8,9 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobwire.cron import Cron, Every, Schedule
 from jobwire.model import JSON
@@ -30,6 +32,43 @@ class InputError(ValueError):
         self.loc = loc
         self.msg = msg
         self.type = type
+
+
+class Submission(BaseModel):
+    """What a submit names, checked the same way over HTTP and in-process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=200)
+    input: Any = None
+    # No control characters: PostgreSQL text cannot hold NUL, and a key is an identifier.
+    key: str | None = Field(default=None, min_length=1, max_length=500,
+                            pattern=r"^[^\x00-\x1f\x7f]+$")
+
+    @field_validator("task", "input", "key")
+    @classmethod
+    def storable(cls, value: Any) -> Any:
+        """Text both databases can store: valid Unicode without NUL."""
+        try:
+            encoded = orjson.dumps(value)
+        except orjson.JSONEncodeError as exc:  # lone surrogates, nesting past orjson's 255
+            raise ValueError(f"cannot be stored as JSON: {exc}") from None
+        if b"\\u0000" in encoded:
+            raise ValueError("must not contain NUL (\\u0000)")
+        return value
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays/objects nest more than `limit` deep in `value` (iterative: a deep
+    value must not exhaust the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,10 +20,9 @@ from typing import Any
 import psycopg
 import pydantic
 
-from jobwire.api.identity import MAX_OWNER_ID, valid_owner
 from jobwire.api.schemas import SubmitRequest
 from jobwire.app import InputError, Jobwire
-from jobwire.model import JSON, Job
+from jobwire.model import JSON, MAX_OWNER_ID, Job, valid_owner
 from jobwire.settings import Settings
 from jobwire.store.postgres import submit_in, submit_in_sync
 

@@ -27,6 +27,7 @@ from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
+from jobwire.runtime import NotStarted
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
@@ -272,15 +273,19 @@ async def websocket(ws: WebSocket) -> None:
     """Subscribe with {"op":"subscribe","job":ID,"after":N}; events arrive as
     {"job","seq","type","data","at"} in seq order, replay first, then live. A frame is
     one JSON object (a reply, or one event) or a JSON array of events in order."""
-    rt = runtime(ws)
     await ws.accept()
+    try:
+        rt = runtime(ws)
+    except NotStarted as exc:
+        await ws.close(code=1011, reason=str(exc))
+        return
     if (refused := cross_site(ws, allow_query=True)) is not None:
         await ws.close(code=4403, reason=refused)
         return
     try:
         who = await owner_of(ws, rt.store, allow_query=True)
-    except HTTPException as exc:
-        await ws.close(code=4000 + exc.status_code, reason=str(exc.detail))  # 4401, 4403…
+    except HTTPException as exc:  # 4401, 4403 (another site), 4500 (the app's hook)
+        await ws.close(code=4000 + exc.status_code, reason=str(exc.detail))
         return
     except StoreError:
         await ws.close(code=1011, reason="the database is unavailable; retry later")
