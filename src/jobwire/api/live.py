@@ -27,7 +27,7 @@ from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
-from jobwire.runtime import NotStarted
+from jobwire.runtime import NotStarted, Runtime
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
@@ -125,7 +125,7 @@ class SocketSession:
     def __init__(self, ws: WebSocket, who: str | None) -> None:
         self.ws = ws
         self.who = who
-        self.rt = runtime(ws)
+        self.rt: Runtime = ws.app.state.runtime  # started: `websocket` checked
         self.limit = self.rt.settings.buffer_bytes
         self.subs: dict[str, Subscription] = {}
         self.out: list[bytes] = []  # messages not yet sent, in order
