@@ -245,6 +245,15 @@ async def test_the_in_process_api_has_the_routes_rules(db_url: str) -> None:
         with pytest.raises(jobwire.NotFound):
             await rt.get("user:alice", job.id)
 
+    # The per-owner cap on active jobs holds for in-process submits as for POST /api/jobs.
+    settings = Settings(db=db_url, concurrency=0, max_active_jobs=2)
+    async with jobwire.Runtime(tasks.jobwire, settings) as rt:
+        for _ in range(2):
+            await rt.submit("user:carol", "steps", {"n": 1})
+        with pytest.raises(jobwire.TooManyActive):
+            await rt.submit("user:carol", "steps", {"n": 1})
+        await rt.submit("user:dave", "steps", {"n": 1})  # another owner's own cap
+
 
 async def test_the_hook_decides_and_its_owners_are_checked(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
