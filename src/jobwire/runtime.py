@@ -11,7 +11,7 @@ import contextlib
 import enum
 import re
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pydantic
 
@@ -36,7 +36,7 @@ class _Every(enum.Enum):
 # is None by mistake (no signed-in user) must not read everyone's jobs.
 EVERY_OWNER = _Every.OWNER
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
-STATUS_FILTERS: frozenset[str] = frozenset(StatusFilter.__args__)  # type: ignore[attr-defined]
+STATUS_FILTERS: frozenset[str] = frozenset(get_args(StatusFilter))
 MAX_LIST = 500
 # Ids are uuid4 hex: a prefix is 1 to 32 lowercase hex digits, nothing a query could
 # read as a pattern.
