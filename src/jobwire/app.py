@@ -13,7 +13,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobwire.cron import Cron, Every, Schedule
-from jobwire.model import JSON
+from jobwire.model import JSON, MAX_OWNER_ID, valid_owner
 
 if TYPE_CHECKING:
     from jobwire.context import Context, SyncContext
@@ -69,6 +69,30 @@ def deeper_than(value: Any, limit: int) -> bool:
         children = node.values() if isinstance(node, dict) else node
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return False
+
+
+def check_owner(owner: object) -> str:
+    """`owner` if it is `user:<id>` or `guest:<id>` (the id 1 to 200 printable
+    characters), else InputError naming it."""
+    if not isinstance(owner, str) or valid_owner(owner) is None:
+        raise InputError(("owner",), f"an owner is 'user:<id>' or 'guest:<id>', the id 1 "
+                                     f"to {MAX_OWNER_ID} printable characters")
+    return owner
+
+
+def check_submit(owner: object, task: str, input: JSON, key: str | None,
+                 max_depth: int) -> Submission:
+    """What `POST /api/jobs` checks of its caller and body, for a submit made in-process
+    (the runtime's, or in the host's own transaction): InputError naming the field."""
+    check_owner(owner)
+    try:
+        sub = Submission(task=task, input=input, key=key)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(tuple(first["loc"]), first["msg"]) from None
+    if isinstance(input, (dict, list)) and deeper_than(input, max_depth):
+        raise InputError(("input",), f"JSON nested too deep: at most {max_depth} levels")
+    return sub
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -13,13 +13,11 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Literal, get_args
 
-import pydantic
-
 from jobwire import periodic
-from jobwire.app import InputError, Jobwire, Submission, deeper_than
+from jobwire.app import InputError, Jobwire, Submission, check_owner, check_submit
 from jobwire.coalesce import Coalescer
 from jobwire.hub import Hub
-from jobwire.model import ACTIVE, JSON, MAX_OWNER_ID, Job, Status, valid_owner
+from jobwire.model import ACTIVE, JSON, Job, Status
 from jobwire.settings import Settings
 from jobwire.store import JobActive, Store, TooManyActive, open_store
 from jobwire.worker import Worker
@@ -60,15 +58,6 @@ class NotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id!r} not found")
         self.job_id = job_id
-
-
-def check_owner(owner: object) -> str:
-    """`owner` if it is `user:<id>` or `guest:<id>` (the id 1 to 200 printable
-    characters), else InputError naming it."""
-    if not isinstance(owner, str) or valid_owner(owner) is None:
-        raise InputError(("owner",), f"an owner is 'user:<id>' or 'guest:<id>', the id 1 "
-                                     f"to {MAX_OWNER_ID} printable characters")
-    return owner
 
 
 def _reader(owner: str | _Every) -> str | None:
@@ -170,15 +159,8 @@ class Runtime:
         and key, False). InputError names what is invalid; TooManyActive when the owner
         has JOBWIRE_MAX_ACTIVE_JOBS active jobs. (A later `conn=` may pass the host's
         own database connection, so the job exists only if its transaction commits.)"""
-        try:
-            sub = Submission(task=task, input=input, key=key)
-        except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            raise InputError(tuple(first["loc"]), first["msg"]) from None
-        depth = self.settings.max_json_depth  # what a body over HTTP is held to
-        if isinstance(input, (dict, list)) and deeper_than(input, depth):
-            raise InputError(("input",), f"JSON nested too deep: at most {depth} levels")
-        return await self.submit_checked(check_owner(owner), sub)
+        sub = check_submit(owner, task, input, key, self.settings.max_json_depth)
+        return await self.submit_checked(owner, sub)
 
     async def submit_checked(self, owner: str, sub: Submission) -> tuple[Job, bool]:
         """`submit` of a Submission already validated (an HTTP body) for a known owner."""
