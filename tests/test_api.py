@@ -19,7 +19,7 @@ async def test_dedup_storm_yields_one_job(client: Client) -> None:
     """200 concurrent submits of one key answer one job, created once, and the key is
     free again once it ends. What this proves is the API's answer, not the database's
     dedup: in one server process same-key submits are coalesced (`_submits` in
-    api/jobs.py) into one store call, so a check-then-insert race cannot show here.
+    runtime.py) into one store call, so a check-then-insert race cannot show here.
     The races are in test_store.py::test_dedup_storm_across_processes and
     test_postgres.py::test_dedup_storm_split_across_servers."""
     # `block` stays active until cancelled, so every submit of the storm meets it.

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from jobwire.api.coalesce import Coalescer
+from jobwire.coalesce import Coalescer
 
 
 async def test_callers_queued_together_share_the_first_callers_call() -> None:

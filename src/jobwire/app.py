@@ -8,10 +8,12 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobwire.cron import Cron, Every, Schedule
-from jobwire.model import JSON
+from jobwire.model import JSON, MAX_OWNER_ID, valid_owner
 
 if TYPE_CHECKING:
     from jobwire.context import Context, SyncContext
@@ -30,6 +32,67 @@ class InputError(ValueError):
         self.loc = loc
         self.msg = msg
         self.type = type
+
+
+class Submission(BaseModel):
+    """What a submit names, checked the same way over HTTP and in-process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=200)
+    input: Any = None
+    # No control characters: PostgreSQL text cannot hold NUL, and a key is an identifier.
+    key: str | None = Field(default=None, min_length=1, max_length=500,
+                            pattern=r"^[^\x00-\x1f\x7f]+$")
+
+    @field_validator("task", "input", "key")
+    @classmethod
+    def storable(cls, value: Any) -> Any:
+        """Text both databases can store: valid Unicode without NUL."""
+        try:
+            encoded = orjson.dumps(value)
+        except orjson.JSONEncodeError as exc:  # lone surrogates, nesting past orjson's 255
+            raise ValueError(f"cannot be stored as JSON: {exc}") from None
+        if b"\\u0000" in encoded:
+            raise ValueError("must not contain NUL (\\u0000)")
+        return value
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays/objects nest more than `limit` deep in `value` (iterative: a deep
+    value must not exhaust the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def check_owner(owner: object) -> str:
+    """`owner` if it is `user:<id>` or `guest:<id>` (the id 1 to 200 printable
+    characters), else InputError naming it."""
+    if not isinstance(owner, str) or valid_owner(owner) is None:
+        raise InputError(("owner",), f"an owner is 'user:<id>' or 'guest:<id>', the id 1 "
+                                     f"to {MAX_OWNER_ID} printable characters")
+    return owner
+
+
+def check_submit(owner: object, task: str, input: JSON, key: str | None,
+                 max_depth: int) -> Submission:
+    """What `POST /api/jobs` checks of its caller and body, for a submit made in-process
+    (the runtime's, or in the host's own transaction): InputError naming the field."""
+    check_owner(owner)
+    try:
+        sub = Submission(task=task, input=input, key=key)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(tuple(first["loc"]), first["msg"]) from None
+    if isinstance(input, (dict, list)) and deeper_than(input, max_depth):
+        raise InputError(("input",), f"JSON nested too deep: at most {max_depth} levels")
+    return sub
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -87,27 +87,17 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Jobwire]:
 
 
 async def _run_worker(settings: Settings, jobwire: Jobwire) -> None:
-    from jobwire.worker import Worker
+    from jobwire.runtime import Runtime
 
-    store = open_store(settings.db)
-    await store.open()
-    worker = Worker(jobwire, store, concurrency=settings.concurrency or 1,
-                    lease_seconds=settings.lease_seconds,
-                    retention_seconds=settings.retention_seconds,
-                    max_items=settings.max_items_per_job,
-                    threads=settings.sync_threads or None,
-                    task_timeout=settings.task_timeout or None)
+    settings.concurrency = settings.concurrency or 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await worker.start()
-    logging.getLogger("jobwire").info("worker %s running on %s", worker.id, settings.db)
-    try:
+    async with Runtime(jobwire, settings) as rt:
+        assert rt.worker is not None
+        logging.getLogger("jobwire").info("worker %s running on %s", rt.worker.id, settings.db)
         await stop.wait()
-    finally:
-        await worker.stop()
-        await store.close()
 
 
 async def _migrate(url: str) -> None:

@@ -107,6 +107,25 @@ class EventType(StrEnum):
 TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
 
 
+MAX_OWNER_ID = 200
+
+
+def valid_owner_id(value: object) -> str | None:
+    """`value` if it can be the id part of an owner: a non-empty printable string (no
+    control, format or surrogate characters, which no database or log should get) of at
+    most MAX_OWNER_ID characters; else None."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_OWNER_ID and value.isprintable():
+        return value
+    return None
+
+
+def valid_owner(value: str) -> str | None:
+    """`value` if it is an owner, `user:<id>` or `guest:<id>`; else None."""
+    kind, sep, rest = value.partition(":")
+    ok = sep and kind in ("user", "guest") and valid_owner_id(rest) is not None
+    return value if ok else None
+
+
 def now() -> float:
     return datetime.now(UTC).timestamp()
 

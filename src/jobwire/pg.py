@@ -18,11 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-import pydantic
 
-from jobwire.api.identity import MAX_OWNER_ID, valid_owner
-from jobwire.api.schemas import SubmitRequest
-from jobwire.app import InputError, Jobwire
+from jobwire.app import Jobwire, check_submit
 from jobwire.model import JSON, Job
 from jobwire.settings import Settings
 from jobwire.store.postgres import submit_in, submit_in_sync
@@ -34,14 +31,7 @@ def _checked(jobwire: Jobwire, owner: str, task: str, input: JSON, key: str | No
     """What `POST /api/jobs` checks, before anything reaches the host's connection (a
     refused statement would abort the host's transaction): InputError naming the field.
     Returns the input as stored, the dedup key and the task's max_attempts."""
-    if not isinstance(owner, str) or valid_owner(owner) is None:
-        raise InputError(("owner",), "an owner is 'user:<id>' or 'guest:<id>', the id 1 "
-                                     f"to {MAX_OWNER_ID} printable characters")
-    try:
-        SubmitRequest(task=task, input=input, key=key)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        raise InputError(tuple(first["loc"]), first["msg"]) from None
+    check_submit(owner, task, input, key, Settings().max_json_depth)
     spec, value, key = jobwire.validate(task, input, key)
     return value, key, spec.max_attempts
 

@@ -1,65 +1,20 @@
-"""Wires a store, the hub, workers and the HTTP API into one process, and runs it."""
+"""`jobwire serve`: one runtime and its API as a top-level app, run by uvicorn."""
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
-import dataclasses
-from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI
 
 from jobwire import redact
+from jobwire.api import create_api
 from jobwire.app import Jobwire
-from jobwire.hub import Hub
-from jobwire.sessions import LiveSessions
+from jobwire.runtime import Runtime
 from jobwire.settings import Settings
-from jobwire.store import Store, open_store
-from jobwire.worker import Worker
-
-
-@dataclasses.dataclass
-class Runtime:
-    """Everything a request handler needs, reachable as `request.app.state.runtime`."""
-
-    settings: Settings
-    jobwire: Jobwire
-    store: Store
-    hub: Hub
-    worker: Worker | None
-    live: LiveSessions
 
 
 def create_server(settings: Settings, jobwire: Jobwire) -> FastAPI:
-    from jobwire.api import create_api
-
-    @contextlib.asynccontextmanager
-    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings.db, max_active_jobs=settings.max_active_jobs)
-        await store.open()
-        hub = Hub(store)
-        worker = None
-        if settings.concurrency > 0:
-            worker = Worker(jobwire, store, concurrency=settings.concurrency,
-                            lease_seconds=settings.lease_seconds,
-                            retention_seconds=settings.retention_seconds,
-                            max_items=settings.max_items_per_job,
-                            threads=settings.sync_threads or None,
-                            task_timeout=settings.task_timeout or None)
-            await worker.start()
-        live = LiveSessions()
-        checker = asyncio.create_task(live.run(store, settings.session_check_seconds))
-        api.state.runtime = Runtime(settings, jobwire, store, hub, worker, live)
-        try:
-            yield
-        finally:
-            checker.cancel()
-            if worker is not None:
-                await worker.stop()
-            await store.close()
-
-    return create_api(lifespan, settings)
+    """The API as a top-level app: its own lifespan starts and stops the runtime."""
+    return create_api(Runtime(jobwire, settings))
 
 
 def serve(settings: Settings, jobwire: Jobwire) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from jobwire.model import now
 from jobwire.store import Store, StoreError
 
-if TYPE_CHECKING:  # (jobwire.api imports the server, which imports this module)
+if TYPE_CHECKING:  # (jobwire.api imports the runtime, which imports this module)
     from jobwire.api.identity import Caller
 
 log = logging.getLogger("jobwire.sessions")

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
+import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
 import orjson
 from fastapi import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from jobwire.api.coalesce import Coalescer
 from jobwire.api.identity import Caller, identify
-from jobwire.model import now
+from jobwire.coalesce import Coalescer
+from jobwire.model import MAX_OWNER_ID, now, valid_owner
 from jobwire.store import Store
+
+# The host app's own sign-in: the owner of a request (HTTP, SSE or WebSocket), or None
+# to leave it to jobwire's own sessions (if the app keeps them on). A sync hook runs on
+# the event loop, so one that does I/O should be async.
+Authenticate = Callable[[HTTPConnection], "str | Awaitable[str | None] | None"]
 
 COOKIE = "jobwire_token"
 GUEST_TTL = 30 * 24 * 3600.0
@@ -50,15 +58,41 @@ def token_of(conn: HTTPConnection, allow_query: bool) -> str | None:
 
 
 async def authenticate(conn: HTTPConnection, store: Store, token: str | None) -> Caller:
-    """The caller holding `token`, or 401 (jobwire.api.identity: JWTs and the service
-    key, else a session token)."""
+    """The caller, or an HTTPException: the app's `authenticate` hook first (a mounted
+    jobwire), then the built-in identities for `token` (jobwire.api.identity: JWTs and
+    the service key, else a session token)."""
+    if (caller := await hooked(conn)) is not None:
+        return caller
+    return await builtin(conn, store, token)
+
+
+async def builtin(conn: HTTPConnection, store: Store, token: str | None) -> Caller:
+    """The caller holding `token`, or 401."""
     return await identify(conn, token, lambda t: session_caller(store, t))
 
 
 async def owner_of(conn: HTTPConnection, store: Store, allow_query: bool = False
                    ) -> str | None:
-    """The owner the caller acts as (None: every owner's, the service key alone), or 401."""
+    """The owner the caller acts as (None: every owner's, the service key alone), or an
+    HTTPException."""
     return (await authenticate(conn, store, token_of(conn, allow_query))).owner
+
+
+async def hooked(conn: HTTPConnection) -> Caller | None:
+    """The caller the app's `authenticate` hook names: no token, so nothing of jobwire's
+    ends its live connections (the host's sign-out is the host's to enforce). None: leave
+    it to the built-in identities; 401 if the app turned them off."""
+    state = conn.app.state
+    if state.authenticate is None:
+        return None
+    who = state.authenticate(conn)
+    if inspect.isawaitable(who):
+        who = await who
+    if who is None:
+        if not state.builtin_auth:
+            raise HTTPException(401, "not signed in")
+        return None
+    return Caller(_hooked(conn, who), None)
 
 
 async def session_caller(store: Store, token: str) -> Caller:
@@ -106,11 +140,14 @@ async def socket_caller(ws: WebSocket, store: Store, wait: float) -> Caller:
     query or a cookie, or with `?auth=message` (a page whose own token must win over
     a session cookie the browser sends anyway), the first frame must be {"op": "auth",
     "token": …} (so the token stays out of URLs, and so out of logs), within `wait`
-    seconds; it is answered with {"op": "authenticated", "owner": …}.
+    seconds; it is answered with {"op": "authenticated", "owner": …}. The app's hook
+    comes first, as for HTTP: a socket it names reads no frame for a token.
     WebSocketDisconnect if the peer leaves first."""
+    if (caller := await hooked(ws)) is not None:
+        return caller
     token = None if by_message(ws) else token_of(ws, True)
     if token:
-        return await authenticate(ws, store, token)
+        return await builtin(ws, store, token)
     try:
         message = await asyncio.wait_for(ws.receive(), wait)
     except TimeoutError:
@@ -124,6 +161,21 @@ async def socket_caller(ws: WebSocket, store: Store, wait: float) -> Caller:
     if not isinstance(msg, dict) or msg.get("op") != "auth" or not isinstance(
             msg.get("token"), str):
         raise HTTPException(401, f"missing token: {AUTH_FIRST}")
-    caller = await authenticate(ws, store, msg["token"])
+    caller = await builtin(ws, store, msg["token"])
     await ws.send_text(orjson.dumps({"op": "authenticated", "owner": caller.owner}).decode())
     return caller
+
+
+def _hooked(conn: HTTPConnection, who: object) -> str:
+    if not isinstance(who, str) or valid_owner(who) is None:
+        # The host's bug, not the caller's: logged for the host, not echoed to the caller.
+        logging.getLogger("jobwire").error(
+            "authenticate returned %r: an owner is 'user:<id>' or 'guest:<id>', the id 1 "
+            "to %d printable characters", str(who)[:300], MAX_OWNER_ID)
+        raise HTTPException(500, "the app's authenticate hook returned an invalid owner")
+    # The hook most likely reads a cookie, which the browser sends whichever page opens
+    # a WebSocket (no CORS there): a socket from another site is refused, as for
+    # jobwire's own cookie. (HTTP requests that change something are checked by SameOrigin.)
+    if conn.scope["type"] == "websocket" and (refused := conn.app.state.origins.refusal(conn)):
+        raise HTTPException(403, refused)
+    return who

@@ -12,24 +12,12 @@ from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
 from jobwire.api.deps import runtime
+from jobwire.app import deeper_than
 
 
 class TooDeep(ValueError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"JSON nested too deep: at most {limit} levels")
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether arrays/objects nest more than `limit` deep in `value` (iterative: a deep
-    value must not exhaust the stack)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
 
 
 def loads(raw: bytes | str, limit: int) -> Any:
@@ -44,7 +32,7 @@ def loads(raw: bytes | str, limit: int) -> Any:
     # Fewer brackets than the limit cannot nest past it: most documents skip the walk.
     opens = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else \
         raw.count("[") + raw.count("{")
-    if opens > limit and isinstance(value, (dict, list)) and _deeper_than(value, limit):
+    if opens > limit and isinstance(value, (dict, list)) and deeper_than(value, limit):
         raise TooDeep(limit)
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path
@@ -11,11 +12,22 @@ from jobwire.api.auth import authenticate, owner_of, redeem, token_of
 from jobwire.api.identity import Caller
 from jobwire.api.schemas import NO_NUL
 from jobwire.model import Job
-from jobwire.server import Runtime
+from jobwire.runtime import EVERY_OWNER, NotStarted, Runtime
+
+log = logging.getLogger("jobwire")
+
+NOT_STARTED = ("jobwire was mounted but never started: enter `jobs.lifespan()` in your "
+               "app's lifespan")
 
 
 def runtime(conn: HTTPConnection) -> Runtime:
+    """The runtime of the app serving `conn`; NotStarted (503) when it is not running,
+    which for a mounted app means the host never entered its lifespan: said loudly, on
+    every request, rather than losing the request."""
     rt: Runtime = conn.app.state.runtime
+    if not rt.started:
+        log.error(NOT_STARTED)
+        raise NotStarted(NOT_STARTED)
     return rt
 
 
@@ -62,8 +74,6 @@ StreamCaller = Annotated[Caller, Depends(stream_caller)]
 
 
 async def owned_job(rt: Runtime, job_id: str, who: str | None) -> Job:
-    """The job if `who` owns it; 404 alike for missing and foreign jobs, so ids reveal nothing."""
-    job = await rt.store.get_job(job_id, who)
-    if job is None:
-        raise HTTPException(404, "job not found")
-    return job
+    """The job if `who` owns it (None: any owner's); NotFound (404) alike for missing and
+    foreign jobs, so ids reveal nothing."""
+    return await rt.get(EVERY_OWNER if who is None else who, job_id)

@@ -31,7 +31,10 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        csp = scope["path"] not in self.exempt
+        # The path within this app: a mounted app's scope keeps the host's prefix in
+        # both "path" and "root_path".
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        csp = path not in self.exempt
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fastapi import HTTPException
 from starlette.requests import HTTPConnection
 
+from jobwire.model import MAX_OWNER_ID, valid_owner, valid_owner_id
 from jobwire.settings import SettingError, Settings
 
 log = logging.getLogger("jobwire.identity")
@@ -33,7 +34,6 @@ log = logging.getLogger("jobwire.identity")
 OWNER_HEADER = "x-jobwire-owner"
 SERVICE = "service"  # whom the service key's own live connections count against (no owner)
 MIN_SECRET = 32  # characters of the service key and of an HMAC secret (RFC 7518: >= hash size)
-MAX_OWNER_ID = 200
 JWKS_MAX_AGE = 600.0  # seconds a fetched JWKS is trusted before the next use refetches it
 
 HMAC_ALGS = ["HS256", "HS384", "HS512"]
@@ -76,22 +76,6 @@ def algorithms_for(key: Key) -> list[str]:
     if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
         return ["EdDSA"]
     raise SettingError(f"unsupported JWT key type {type(key).__name__}")
-
-
-def valid_owner_id(value: object) -> str | None:
-    """`value` if it can be the id part of an owner: a non-empty printable string (no
-    control, format or surrogate characters, which no database or log should get) of at
-    most MAX_OWNER_ID characters; else None."""
-    if isinstance(value, str) and 0 < len(value) <= MAX_OWNER_ID and value.isprintable():
-        return value
-    return None
-
-
-def valid_owner(value: str) -> str | None:
-    """`value` if it is an owner, `user:<id>` or `guest:<id>`; else None."""
-    kind, sep, rest = value.partition(":")
-    ok = sep and kind in ("user", "guest") and valid_owner_id(rest) is not None
-    return value if ok else None
 
 
 def _pem_key(text: str) -> Key:

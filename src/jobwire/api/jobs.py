@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import Literal
-
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
@@ -18,9 +15,7 @@ from jobwire.api.auth import (
     owner_of,
 )
 from jobwire.api.bodies import BodyRoute
-from jobwire.api.coalesce import Coalescer
 from jobwire.api.deps import CallerDep, JobId, Owner, Reader, RuntimeDep, owned_job
-from jobwire.api.identity import valid_owner
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
     ClaimOut,
@@ -34,25 +29,11 @@ from jobwire.api.schemas import (
     TicketOut,
     errors,
 )
-from jobwire.model import ACTIVE, Job, Status
-from jobwire.store import JobActive, OwnerConflict, Store, TooManyActive
+from jobwire.model import valid_owner
+from jobwire.runtime import EVERY_OWNER, ID_PREFIX, MAX_LIST, NotFound, StatusFilter
+from jobwire.store import OwnerConflict
 
 router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
-
-# Concurrent submits of one (owner, task, key) share one store submit that started after
-# they all arrived: its caller gets what it answered, the others join its job, which is what
-# the dedup index would have answered each of them, for one transaction instead of one each.
-# A refusal by the cap is shared alike: that key had no active job, so each would hear it.
-_submits: Coalescer[tuple[Store, str, str, str], tuple[Job, bool]] = Coalescer()
-
-# When an owner at the cap may try again: jobs end at no predictable time, and a client
-# retrying every few seconds costs one cheap refused submit each time.
-RETRY_AFTER = "5"
-
-# Ids are uuid4 hex: a prefix is 1 to 32 lowercase hex digits, nothing a query could
-# read as a pattern.
-ID_PREFIX = r"^[0-9a-f]{1,32}$"
-StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
 
 @router.post("/sessions", status_code=201, response_model=SessionOut, responses={
@@ -71,6 +52,8 @@ async def create_session(rt: RuntimeDep, request: Request, response: Response
     if who is not None:  # (the service key alone is no owner: it gets a new guest too)
         response.status_code = 200
         return {"token": bearer_token(request), "owner": who}
+    if not request.app.state.builtin_auth:
+        raise HTTPException(403, "guest sessions are off: this app signs you in")
     check_session_rate(request)
     token, who = await new_session(rt.store, ttl=rt.settings.guest_ttl_seconds)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
@@ -122,20 +105,7 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
                                 "description": "seconds to wait before submitting again",
                                 "schema": {"type": "integer"}}}}})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
-    spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
-    store = rt.store
-
-    def call() -> Awaitable[tuple[Job, bool]]:
-        return store.submit(who, body.task, value, key, spec.max_attempts)
-
-    try:
-        if key is None:
-            job, created = await call()
-        else:
-            (job, created), own = await _submits.run((store, who, body.task, key), call)
-            created = created and own
-    except TooManyActive as exc:
-        raise HTTPException(429, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+    job, created = await rt.submit_checked(who, body)
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")
@@ -143,7 +113,7 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
 
 @router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
 async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = None,
-                    limit: int = Query(50, ge=1, le=500),
+                    limit: int = Query(50, ge=1, le=MAX_LIST),
                     owner: str | None = Query(None, max_length=210),
                     id_prefix: str | None = Query(None, pattern=ID_PREFIX)
                     ) -> list[dict[str, object]]:
@@ -157,8 +127,7 @@ async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = N
         if valid_owner(owner) is None and owner != periodic.OWNER:
             raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
         who = owner
-    statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
-    jobs = await rt.store.list_jobs(who, statuses, limit, id_prefix)
+    jobs = await rt.list(EVERY_OWNER if who is None else who, status, limit, id_prefix)
     return [j.snapshot() for j in jobs]
 
 
@@ -172,7 +141,7 @@ async def get_items(job_id: JobId, rt: RuntimeDep, who: Reader) -> dict[str, obj
     """The job's items at one seq: their states agree with the job's counts at that seq."""
     found = await rt.store.job_with_items(job_id, who)
     if found is None:
-        raise HTTPException(404, "job not found")
+        raise NotFound(job_id)
     job, items = found
     return {"job": job.id, "seq": job.seq, "items": [i.as_dict() for i in items]}
 
@@ -180,19 +149,11 @@ async def get_items(job_id: JobId, rt: RuntimeDep, who: Reader) -> dict[str, obj
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 403, 404))
 async def cancel(job_id: JobId, rt: RuntimeDep, who: Owner) -> dict[str, object]:
     """Cancel a queued job at once, or ask a running one to stop. Idempotent."""
-    job = await rt.store.request_cancel(job_id, who)
-    if job is None:
-        raise HTTPException(404, "job not found")
-    return job.snapshot()
+    return (await rt.cancel(who, job_id)).snapshot()
 
 
 @router.delete("/jobs/{job_id}", status_code=204,
                responses=errors(401, 403, 404, 409))
 async def delete(job_id: JobId, rt: RuntimeDep, who: Owner) -> Response:
-    try:
-        deleted = await rt.store.delete_job(job_id, who)
-    except JobActive as exc:
-        raise HTTPException(409, str(exc)) from None
-    if not deleted:
-        raise HTTPException(404, "job not found")
+    await rt.delete(who, job_id)
     return Response(status_code=204)

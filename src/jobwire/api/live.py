@@ -27,6 +27,7 @@ from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
+from jobwire.runtime import NotStarted, Runtime
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
@@ -133,7 +134,7 @@ class SocketSession:
     def __init__(self, ws: WebSocket, who: str | None) -> None:
         self.ws = ws
         self.who = who
-        self.rt = runtime(ws)
+        self.rt: Runtime = ws.app.state.runtime  # started: `websocket` checked
         self.limit = self.rt.settings.buffer_bytes
         self.subs: dict[str, Subscription] = {}
         self.out: list[bytes] = []  # messages not yet sent, in order
@@ -290,13 +291,17 @@ class SocketSession:
 
 
 async def websocket(ws: WebSocket) -> None:
-    """Authenticate by header, cookie or {"op":"auth","token":T} as the first frame
-    (`?token=` too, for old clients); subscribe with {"op":"subscribe","job":ID,"after":N};
-    events arrive as {"job","seq","type","data","at"} in seq order, replay first, then
-    live. A frame is one JSON object (a reply, or one event) or a JSON array of events in
-    order."""
-    rt = runtime(ws)
+    """Authenticate by the app's hook (a mounted jobwire), header, cookie or
+    {"op":"auth","token":T} as the first frame (`?token=` too, for old clients); subscribe
+    with {"op":"subscribe","job":ID,"after":N}; events arrive as {"job","seq","type",
+    "data","at"} in seq order, replay first, then live. A frame is one JSON object (a
+    reply, or one event) or a JSON array of events in order."""
     await ws.accept()
+    try:
+        rt = runtime(ws)
+    except NotStarted as exc:
+        await ws.close(code=1011, reason=str(exc))
+        return
     if (refused := cross_site(ws, allow_query=True)) is not None:
         await ws.close(code=4403, reason=refused)
         return
@@ -304,8 +309,8 @@ async def websocket(ws: WebSocket) -> None:
         caller = await socket_caller(ws, rt.store, rt.settings.ws_auth_seconds)
     except WebSocketDisconnect:
         return
-    except HTTPException as exc:
-        await ws.close(code=4000 + exc.status_code, reason=str(exc.detail))  # 4401, 4403…
+    except HTTPException as exc:  # 4401, 4403 (another site), 4500 (the app's hook)
+        await ws.close(code=4000 + exc.status_code, reason=str(exc.detail))
         return
     except StoreError:
         await ws.close(code=1011, reason="the database is unavailable; retry later")

@@ -4,32 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobwire.app import Submission
 
 NO_NUL = "^[^\x00]*$"  # PostgreSQL text cannot hold NUL, so neither backend accepts it
 
 
-class SubmitRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str = Field(min_length=1, max_length=200)
-    input: Any = None
-    # No control characters: PostgreSQL text cannot hold NUL, and a key is an identifier.
-    key: str | None = Field(default=None, min_length=1, max_length=500,
-                            pattern=r"^[^\x00-\x1f\x7f]+$")
-
-    @field_validator("task", "input", "key")
-    @classmethod
-    def storable(cls, value: Any) -> Any:
-        """Text both databases can store: valid Unicode without NUL."""
-        try:
-            encoded = orjson.dumps(value)
-        except orjson.JSONEncodeError as exc:  # lone surrogates, nesting past orjson's 255
-            raise ValueError(f"cannot be stored as JSON: {exc}") from None
-        if b"\\u0000" in encoded:
-            raise ValueError("must not contain NUL (\\u0000)")
-        return value
+SubmitRequest = Submission  # the body of POST /api/jobs: what the runtime validates
 
 
 class ErrorOut(BaseModel):

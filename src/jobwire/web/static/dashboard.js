@@ -2,6 +2,10 @@
 // Each job is one card keyed by its id, fed only by jobwire.js snapshots of that job.
 import { createClient, isTerminal } from "./jobwire.js";
 
+// Where jobwire is served: this module is at <base>static/dashboard.js, so the page works
+// unchanged when a host app mounts jobwire under a path ("/jobs/").
+const BASE = new URL("..", import.meta.url).href;
+
 const CHIP_LIMIT = 20; // up to this many items are shown by name, more as small cells
 const CELL_LIMIT = 1000; // cells beyond this are summarised as "+N more"
 const RECENT = 30;
@@ -14,8 +18,8 @@ const cards = new Map(); // job id -> { el, latest, unwatch, scheduled }
 // replace the first and split the tabs' jobs between two owners.
 async function ensureSession() {
   const check = async () => {
-    const r = await fetch("/api/jobs?limit=1", { credentials: "same-origin" });
-    if (r.status === 401) await fetch("/api/sessions", { method: "POST", credentials: "same-origin" });
+    const r = await fetch(`${BASE}api/jobs?limit=1`, { credentials: "same-origin" });
+    if (r.status === 401) await fetch(`${BASE}api/sessions`, { method: "POST", credentials: "same-origin" });
   };
   if (navigator.locks) await navigator.locks.request("jobwire-session", check);
   else await check();
@@ -152,10 +156,10 @@ document.getElementById("post-form").addEventListener("submit", (e) => {
   e.preventDefault();
   start("extract_post", { url: new FormData(e.target).get("url") });
 });
-$("post-url").value = `${location.origin}/demo/posts/${Math.floor(Math.random() * 5)}`;
+$("post-url").value = `${BASE}demo/posts/${Math.floor(Math.random() * 5)}`;
 
 await ensureSession();
-const client = createClient();
+const client = createClient({ url: BASE });
 window.jobwire = client; // for the browser tests and the curious
 client.onState(showConnection);
 client.connect();

@@ -87,7 +87,9 @@ export type SocketFrame = SocketReply | JobEvent | readonly JobEvent[];
 export type ConnectionState = "idle" | "connecting" | "live" | "reconnecting" | "polling";
 
 export interface ClientOptions {
-  /** Server origin, e.g. "https://jobs.example.com"; default: the page's origin. */
+  /** The server, with the path jobwire is mounted under if any (e.g.
+   * "https://app.example.com/jobs", or "/jobs" relative to the page); calls go to
+   * `${url}/api/...`. Default: the page's origin. */
   url?: string;
   /**
    * A bearer token; without one the page's session cookie is used (same origin). It is

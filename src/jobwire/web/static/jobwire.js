@@ -205,6 +205,18 @@ const sleep = (ms, signal) => new Promise((resolve) => {
   signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
 });
 
+/**
+ * The server's address every call is built on, absolute and without a trailing slash:
+ * `url` may carry the path jobwire is mounted under ("https://app.example/jobs") and may
+ * be relative to the page ("/jobs"); without one, the page's origin.
+ */
+function baseUrl(url) {
+  const page = globalThis.location?.href;
+  if (url == null) return globalThis.location?.origin ?? "";
+  const absolute = page ? new URL(url, page) : new URL(url);
+  return `${absolute.origin}${absolute.pathname}`.replace(/\/+$/, "");
+}
+
 const clients = new Map(); // "url token" -> the open Client for that server and identity
 
 /**
@@ -227,7 +239,7 @@ export class Client {
     url, token, WebSocket: WS = globalThis.WebSocket, fetch: fetchFn = globalThis.fetch,
     backoffMs = 250, maxBackoffMs = 8000, fallbackAfter = 2, stableMs = 1000, pollWait = 20,
   } = {}) {
-    this.base = (url ?? globalThis.location?.origin ?? "").replace(/\/$/, "");
+    this.base = baseUrl(url);
     this.token = token ?? null;
     this._WS = WS;
     this._fetch = (...args) => fetchFn(...args); // a bare window.fetch needs `this` unset
