@@ -37,10 +37,12 @@ def authenticate(conn: HTTPConnection) -> str | None:
 
 
 def host_app(db_url: str, registry: jobwire.Jobwire = tasks.jobwire, *, start: bool = True,
-             builtin_auth: bool | None = None) -> tuple[FastAPI, jobwire.Embedded]:
+             builtin_auth: bool | None = None, **settings: Any
+             ) -> tuple[FastAPI, jobwire.Embedded]:
     """The host: its own lifespan starts jobwire (unless `start` is False: the mistake),
     its own route submits for the signed-in user."""
-    jobs = jobwire.asgi(registry, Settings(db=db_url, concurrency=4, lease_seconds=5),
+    jobs = jobwire.asgi(registry, Settings(db=db_url, concurrency=4, lease_seconds=5,
+                                           **settings),
                         authenticate=authenticate, builtin_auth=builtin_auth)
 
     @contextlib.asynccontextmanager
@@ -170,7 +172,9 @@ async def test_a_job_from_the_hosts_route_reaches_its_user_live_and_nobody_else(
 
 async def test_the_python_client_works_under_the_prefix(host: Served) -> None:
     async with Client(host.url + "/jobs") as jw:
-        job, created = await jw.submit("steps", {"n": 2}, key="k1")
+        # Slow enough that the job is still running when the socket opens (a job done
+        # first is read over REST and never needs it).
+        job, created = await jw.submit("steps", {"n": 2, "delay": 0.5}, key="k1")
         assert created
         seqs = [s.seq async for s in jw.watch(job["id"])]
         assert seqs and seqs == sorted(seqs)
@@ -183,6 +187,31 @@ async def test_the_python_client_works_under_the_prefix(host: Served) -> None:
         assert "/api/jobs" in spec["paths"]
         assert "/jobs/openapi.json" in (await http.get("/jobs/docs")).text
         assert (await http.get("/jobs")).headers.get("location", "").endswith("/jobs/")
+
+
+async def test_mounted_sockets_end_with_their_session(db_url: str) -> None:
+    """The mounted runtime re-checks the sessions of its live connections, as `jobwire
+    serve` does: a guest's socket closes when the guest session expires. A socket the
+    hook names needs no auth frame, even when it offers one (`?auth=message`)."""
+    app, _ = host_app(db_url, builtin_auth=True, guest_ttl_seconds=1.5,
+                      session_check_seconds=0.2)
+    with Served(app) as served:
+        async with httpx.AsyncClient(base_url=served.url + "/jobs", timeout=20) as http:
+            token = (await http.post("/api/sessions")).json()["token"]
+        ws_url = served.url.replace("http://", "ws://") + "/jobs/api/ws"
+        async with websockets.connect(ws_url + "?auth=message",
+                                      additional_headers=as_user("alice")) as ws:
+            await ws.send(json.dumps({"op": "subscribe", "job": "nope", "after": 0}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["op"] == "error" and reply["code"] == 404, reply  # authenticated
+        started = time.monotonic()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with websockets.connect(
+                    ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert closed.value.rcvd.reason == "session ended: sign in again"
+        assert time.monotonic() - started < 5
 
 
 async def test_a_forgotten_lifespan_fails_loudly(tmp_path: Path,
