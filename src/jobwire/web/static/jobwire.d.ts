@@ -91,9 +91,12 @@ export interface ClientOptions {
   url?: string;
   /**
    * A bearer token; without one the page's session cookie is used (same origin). It is
-   * sent in headers and the WebSocket's first message, never in a URL.
+   * sent in headers and the WebSocket's first message, never in a URL. For short-lived
+   * tokens pass a function (e.g. Clerk's `getToken`): it is called before each socket
+   * opens and once after a 401 or a 4401 close (concurrent 401s share one call); a fresh
+   * token refused too is the request's HttpError 401, or the watchers' onError.
    */
-  token?: string;
+  token?: string | (() => string | Promise<string>);
   /** First reconnect delay in ms, doubled per failure (with jitter). Default 250. */
   backoffMs?: number;
   /** Longest reconnect delay in ms. Default 8000. */
