@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from jobwire import periodic
+from jobwire.api import cursor
 from jobwire.api.auth import (
     COOKIE,
     bearer_token,
@@ -19,10 +20,12 @@ from jobwire.api.auth import (
 )
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.coalesce import Coalescer
+from jobwire.api.cursor import MAX_CURSOR
 from jobwire.api.deps import CallerDep, JobId, Owner, Reader, RuntimeDep, owned_job
 from jobwire.api.identity import valid_owner
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
+    NO_NUL,
     ClaimOut,
     ClaimRequest,
     ErrorOut,
@@ -34,7 +37,8 @@ from jobwire.api.schemas import (
     TicketOut,
     errors,
 )
-from jobwire.model import ACTIVE, Job, Status
+from jobwire.model import ACTIVE, JSON, Job, Status
+from jobwire.server import Runtime
 from jobwire.store import JobActive, OwnerConflict, Store, TooManyActive
 
 router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
@@ -52,6 +56,7 @@ RETRY_AFTER = "5"
 # Ids are uuid4 hex: a prefix is 1 to 32 lowercase hex digits, nothing a query could
 # read as a pattern.
 ID_PREFIX = r"^[0-9a-f]{1,32}$"
+NEXT_CURSOR = "X-Next-Cursor"
 StatusFilter = Literal["active", "queued", "running", "completed", "failed", "cancelled"]
 
 
@@ -122,44 +127,73 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
                                 "description": "seconds to wait before submitting again",
                                 "schema": {"type": "integer"}}}}})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
-    spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
-    store = rt.store
-
-    def call() -> Awaitable[tuple[Job, bool]]:
-        return store.submit(who, body.task, value, key, spec.max_attempts)
-
-    try:
-        if key is None:
-            job, created = await call()
-        else:
-            (job, created), own = await _submits.run((store, who, body.task, key), call)
-            created = created and own
-    except TooManyActive as exc:
-        raise HTTPException(429, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+    job, created = await submit_as(rt, who, body.task, body.input, body.key)
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")
 
 
-@router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
-async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = None,
+async def submit_as(rt: Runtime, who: str, task: str, input: JSON, key: str | None
+                    ) -> tuple[Job, bool]:
+    """Validate and submit a job for `who`: a new job, or the active job of its key."""
+    spec, value, key = rt.jobwire.validate(task, input, key)
+    store = rt.store
+
+    def call() -> Awaitable[tuple[Job, bool]]:
+        return store.submit(who, task, value, key, spec.max_attempts)
+
+    try:
+        if key is None:
+            return await call()
+        (job, created), own = await _submits.run((store, who, task, key), call)
+        return job, created and own
+    except TooManyActive as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+
+
+@router.get("/jobs", response_model=list[JobOut], responses={
+    200: {"description": "a page of jobs, newest first", "headers": {NEXT_CURSOR: {
+        "description": "present when the page is full: pass it as `before` for the next",
+        "schema": {"type": "string"}}}},
+    **errors(400, 401, 403)})
+async def list_jobs(rt: RuntimeDep, who: Reader, response: Response,
+                    status: StatusFilter | None = None,
                     limit: int = Query(50, ge=1, le=500),
                     owner: str | None = Query(None, max_length=210),
-                    id_prefix: str | None = Query(None, pattern=ID_PREFIX)
+                    id_prefix: str | None = Query(None, pattern=ID_PREFIX),
+                    task: str | None = Query(None, min_length=1, max_length=200,
+                                             pattern=NO_NUL),
+                    since: float | None = Query(None, ge=0, allow_inf_nan=False),
+                    until: float | None = Query(None, ge=0, allow_inf_nan=False),
+                    before: str | None = Query(None, max_length=MAX_CURSOR)
                     ) -> list[dict[str, object]]:
     """The caller's jobs, newest first. `status=active` is queued and running only;
-    `id_prefix` keeps the ids starting with it (a short id as the dashboard shows it).
-    The service key without X-Jobwire-Owner lists every owner's, or `owner`'s."""
+    `id_prefix` keeps the ids starting with it (a short id as the dashboard shows it);
+    `task`, and `since`/`until` (epoch seconds: created in [since, until)) filter.
+    The service key without X-Jobwire-Owner lists every owner's, or `owner`'s.
+    A full page has an X-Next-Cursor header: `before=` it resumes after the page's last
+    job, so jobs created meanwhile never shift a page (the list itself stays a list)."""
     if owner is not None:
         if who is not None:
             raise HTTPException(403, "the owner filter is for the service key without "
                                      "X-Jobwire-Owner")
-        if valid_owner(owner) is None and owner != periodic.OWNER:
-            raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
-        who = owner
+        who = listable_owner(owner)
+    if since is not None and until is not None and until <= since:
+        raise cursor.invalid("until", "must be after since")
     statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
-    jobs = await rt.store.list_jobs(who, statuses, limit, id_prefix)
+    jobs = await rt.store.list_jobs(
+        who, statuses, limit, id_prefix, task=task, since=since, until=until,
+        before=None if before is None else cursor.decode(before))
+    if len(jobs) == limit:
+        response.headers[NEXT_CURSOR] = cursor.encode(jobs[-1])
     return [j.snapshot() for j in jobs]
+
+
+def listable_owner(owner: str) -> str:
+    """`owner` if the service key may list it: a session's owner or the periodic jobs'."""
+    if valid_owner(owner) is None and owner != periodic.OWNER:
+        raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
+    return owner
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))

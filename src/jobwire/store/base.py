@@ -132,10 +132,14 @@ class Store(Protocol):
 
     async def list_jobs(
         self, owner: str | None, statuses: Collection[Status] | None, limit: int,
-        id_prefix: str | None = None,
+        id_prefix: str | None = None, *, task: str | None = None,
+        since: float | None = None, until: float | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[Job]:
-        """The owner's jobs (every owner's when None), newest first; with `id_prefix`, only
-        ids starting with it."""
+        """The owner's jobs (every owner's when None), newest first: by (created_at, id)
+        descending, so `before` (a page's last row) resumes exactly after it whatever was
+        inserted meanwhile. With `id_prefix`, only ids starting with it; `task`, created
+        in [since, until) when given."""
 
     async def job_with_items(self, job_id: str, owner: str | None = None
                              ) -> tuple[Job, list[Item]] | None:
@@ -174,7 +178,8 @@ class Store(Protocol):
     ) -> Written: ...
 
     # -- maintenance
-    async def count_by_status(self) -> dict[str, int]: ...
+    async def count_by_status(self, owner: str | None = None) -> dict[str, int]:
+        """Jobs by status: every owner's, or `owner`'s."""
 
     async def expire_leases(self) -> int:
         """Requeue (or fail after max_attempts, or cancel if asked) jobs whose lease ran out."""

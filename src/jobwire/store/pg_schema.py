@@ -99,6 +99,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS tickets_expiry ON tickets (expires_at);
     """,
+    # Pages of a listing by (created_at, id), an owner's and every owner's (the operator
+    # view): each walks an index in order from the cursor, whatever the table's size.
+    """
+    DROP INDEX IF EXISTS jobs_by_owner;
+    CREATE INDEX jobs_by_owner ON jobs (owner, created_at DESC, id DESC);
+    CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at DESC, id DESC);
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

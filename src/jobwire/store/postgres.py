@@ -578,7 +578,9 @@ class PostgresStore:
             return await self._find(conn, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int, id_prefix: str | None = None) -> list[Job]:
+                        limit: int, id_prefix: str | None = None, *, task: str | None = None,
+                        since: float | None = None, until: float | None = None,
+                        before: tuple[float, str] | None = None) -> list[Job]:
         query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true"
         params: list[Any] = []
         if owner is not None:  # (not `owner = coalesce(%s, owner)`: that skips the index)
@@ -590,7 +592,15 @@ class PostgresStore:
         if statuses is not None:
             query += " AND status = ANY(%s)"
             params.append([s.value for s in statuses])
-        rows = await self._query(query + " ORDER BY created_at DESC, id LIMIT %s",
+        for clause, value in (("task = %s", task), ("created_at >= %s", since),
+                              ("created_at < %s", until)):
+            if value is not None:
+                query += f" AND {clause}"
+                params.append(value)
+        if before is not None:  # a row comparison: one range scan of the index
+            query += " AND (created_at, id) < (%s, %s)"
+            params += before
+        rows = await self._query(query + " ORDER BY created_at DESC, id DESC LIMIT %s",
                                  (*params, limit))
         return [job_from_row(r, decode=False) for r in rows]
 
@@ -612,9 +622,13 @@ class PostgresStore:
         return (job_from_row(rows[0], decode=False),
                 [item_from_row(r, decode=False) for r in rows[0][-1]])
 
-    async def count_by_status(self) -> dict[str, int]:
-        return {str(s): int(n) for s, n in await self._query(
-            "SELECT status, count(*) FROM jobs GROUP BY status")}
+    async def count_by_status(self, owner: str | None = None) -> dict[str, int]:
+        if owner is None:
+            rows = await self._query("SELECT status, count(*) FROM jobs GROUP BY status")
+        else:
+            rows = await self._query("SELECT status, count(*) FROM jobs WHERE owner = %s "
+                                     "GROUP BY status", (owner,))
+        return {str(s): int(n) for s, n in rows}
 
     async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
         rows = await self._query(
