@@ -132,11 +132,16 @@ def test_the_operator_sees_pages_filters_and_acts_on_jobs_of_every_owner(
     page.wait_for_selector(f'[data-testid=row][data-job-id="{running}"][data-status=cancelled]')
     assert b.get(f"/api/jobs/{running}").json()["status"] == "cancelled"
 
+    # A job an owner submits meanwhile shows up by itself, and the counts with it.
+    late = submit(a, "block", {"cooperative": True})
+    page.wait_for_selector(f'[data-testid=row][data-job-id="{late}"]')
+    page.wait_for_selector("[data-testid=counts] li[data-status=running][data-count='1']")
+
     # Retry the failed one: a new job of the same owner, named on the old row.
     row(page, failed).locator("[data-testid=retry]").click()
     note = row(page, failed).locator("[data-testid=note]")
     note.filter(has_text="retried as").wait_for()
-    new = [j["id"] for j in a.get("/api/jobs").json() if j["id"] not in every]
+    new = [j["id"] for j in a.get("/api/jobs").json() if j["id"] not in every | {late}]
     assert len(new) == 1 and note.inner_text() == f"retried as {new[0][:8]}"
     page.wait_for_selector(f'[data-testid=row][data-job-id="{new[0]}"][data-owner="{owner_a}"]')
 
