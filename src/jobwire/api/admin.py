@@ -28,7 +28,7 @@ router = APIRouter(prefix="/api/admin", responses=errors(401, 403, 503),
                    dependencies=[Depends(operator)])
 
 
-@router.get("/counts")
+@router.get("/counts", responses=errors(400))
 async def counts(rt: RuntimeDep, owner: str | None = Query(None, max_length=210)
                  ) -> dict[str, int]:
     """Jobs by status, every status named (0 when none): every owner's, or `owner`'s."""
