@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from jobwire.app import Fail
 from jobwire.model import JSON, Item, ItemStatus, Job
 from jobwire.store import ItemUpdate, Lease, Store, Written
 
@@ -17,8 +18,9 @@ class Cancelled(Exception):
     """Raised by `Context.raise_if_cancelled` when the job's owner asked to cancel."""
 
 
-class TooManyItems(Exception):
-    """A task declared more items than the server's per-job limit; the job fails."""
+class TooManyItems(Fail):
+    """A task declared more items than the server's per-job limit; the job fails (at
+    once: a retry would declare as many)."""
 
 
 class Context:
