@@ -174,9 +174,9 @@ class Worker:
                 delay = self.jobwire.tasks[job.task].retry_after(exc, ctx.attempt)
             # One line per failure: any guest can make jobs fail, and a traceback each
             # would flood the log. Operators get the traceback with debug logging.
-            log.warning("job %s (%s) attempt %d of %d failed%s: %s", job.id, job.task,
-                        ctx.attempt, job.max_attempts,
-                        "" if delay is None else f", retrying in {delay:.3g} s", clip(error))
+            retrying = "" if delay is None else (
+                f" (attempt {ctx.attempt} of {job.max_attempts}; retrying in {delay:.3g} s)")
+            log.warning("job %s (%s) failed%s: %s", job.id, job.task, retrying, clip(error))
             log.debug("job %s (%s) failed", job.id, job.task, exc_info=True)
             if delay is not None:
                 return _End(Status.QUEUED, error=error, delay=delay)

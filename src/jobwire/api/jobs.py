@@ -34,7 +34,8 @@ from jobwire.api.schemas import (
     TicketOut,
     errors,
 )
-from jobwire.model import ACTIVE, Job, Status
+from jobwire.app import InputError
+from jobwire.model import ACTIVE, Job, Status, now
 from jobwire.store import JobActive, OwnerConflict, Store, TooManyActive
 
 router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
@@ -122,11 +123,15 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
                                 "description": "seconds to wait before submitting again",
                                 "schema": {"type": "integer"}}}}})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
+    """A job, run as soon as a worker is free, or not before `delay` seconds (measured by
+    the database's clock) or `run_at`. Dedup applies to a delayed job like any other."""
     spec, value, key = rt.jobwire.validate(body.task, body.input, body.key)
+    run_at = check_schedule(body, rt.settings.max_delay_seconds)
     store = rt.store
 
     def call() -> Awaitable[tuple[Job, bool]]:
-        return store.submit(who, body.task, value, key, spec.max_attempts)
+        return store.submit(who, body.task, value, key, spec.max_attempts,
+                            body.delay or 0.0, run_at)
 
     try:
         if key is None:
@@ -139,6 +144,23 @@ async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")
+
+
+def check_schedule(body: SubmitRequest, max_delay: float) -> float | None:
+    """The submit's run_at in epoch seconds (None: none given), within `max_delay` of now;
+    InputError (422) naming the field otherwise."""
+    if body.delay is not None and body.run_at is not None:
+        raise InputError(("run_at",), "give delay or run_at, not both")
+    if body.delay is not None and body.delay > max_delay:
+        raise InputError(("delay",), f"must be at most {max_delay:g} seconds "
+                                     "(JOBWIRE_MAX_DELAY_SECONDS)")
+    if body.run_at is None:
+        return None
+    run_at = body.run_at.timestamp()
+    if run_at - now() > max_delay:
+        raise InputError(("run_at",), f"must be at most {max_delay:g} seconds from now "
+                                      "(JOBWIRE_MAX_DELAY_SECONDS)")
+    return run_at
 
 
 @router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
