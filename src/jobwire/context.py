@@ -38,6 +38,11 @@ class Context:
     def attempt(self) -> int:
         return self.lease.attempt
 
+    @property
+    def final_attempt(self) -> bool:
+        """No attempt follows this one, whatever it raises."""
+        return self.attempt >= self.job.max_attempts
+
     def _note(self, written: Written) -> None:
         self.cancelled = self.cancelled or written.cancel_requested
 
@@ -110,6 +115,10 @@ class SyncContext:
     @property
     def attempt(self) -> int:
         return self._ctx.attempt
+
+    @property
+    def final_attempt(self) -> bool:
+        return self._ctx.final_attempt
 
     @property
     def cancelled(self) -> bool:
