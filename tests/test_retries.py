@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from jobwire import Context, Fail, Jobwire, Retry
-from jobwire.model import Event, Job, Status, apply_event
+from jobwire.model import Event, Job, Status, apply_event, backoff
 from jobwire.store import Store, open_store
 from jobwire.worker import Worker
+from tests.conftest import Client
 
 app = Jobwire()
 ITEMS = ["a", "b", "c"]
@@ -210,3 +211,60 @@ async def test_a_waiting_job_is_not_claimed_before_its_run_at(db_url: str) -> No
         assert claimed[0].run_at == later.run_at  # the snapshot keeps when it was due
     finally:
         await s.close()
+
+
+async def test_a_delayed_job_starts_at_its_run_at(client: Client) -> None:
+    """Through the API and a server's worker (polling each second): not before run_at,
+    and within 1.5 s after it."""
+    job, created = await client.submit_with("echo", "later", delay=2)
+    assert created and job["status"] == "queued"
+    run_at = epoch(job["run_at"])
+    assert abs(run_at - epoch(job["created_at"]) - 2) < 0.5  # the database's clock
+    done = await client.wait_terminal(job["id"])
+    assert done["status"] == "completed" and done["run_at"] == job["run_at"]
+    started = next(e for e in await client.events(job["id"]) if e["type"] == "started")
+    assert run_at - 0.01 <= epoch(started["at"]) <= run_at + 1.5
+
+
+async def test_a_run_at_in_the_past_runs_now(client: Client) -> None:
+    past = "2020-01-01T00:00:00+02:00"
+    job, _ = await client.submit_with("echo", "now", run_at=past)
+    assert job["run_at"] == "2019-12-31T22:00:00.000Z"  # normalised to UTC
+    done = await client.wait_terminal(job["id"])
+    started = next(e for e in await client.events(job["id"]) if e["type"] == "started")
+    assert done["status"] == "completed"
+    assert epoch(started["at"]) - epoch(job["created_at"]) < 1.5
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"delay": -1}, "delay"),
+    ({"delay": "soon"}, "delay"),
+    ({"delay": 31 * 24 * 3600}, "delay"),
+    ({"run_at": "2030-01-01T00:00:00"}, "run_at"),  # no time zone
+    ({"run_at": "tomorrow"}, "run_at"),
+    ({"run_at": 1893456000}, "run_at"),  # seconds or milliseconds? text only
+    ({"run_at": "2999-01-01T00:00:00Z"}, "run_at"),  # past the 30 days
+    ({"delay": 5, "run_at": "2020-01-01T00:00:00Z"}, "run_at"),  # not both
+])
+async def test_bad_delay_or_run_at_is_422_naming_it(
+        client: Client, extra: dict[str, object], field: str) -> None:
+    r = await client.http.post("/api/jobs", json={"task": "echo", "input": 1, **extra})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", field]
+    assert (await client.http.get("/api/jobs")).json() == []  # nothing stored
+
+
+async def test_a_delayed_job_is_deduplicated_like_any_active_job(client: Client) -> None:
+    job, created = await client.submit_with("echo", 1, key="k", delay=600)
+    again, created_again = await client.submit_with("echo", 2, key="k")
+    assert created and not created_again and again["id"] == job["id"]
+    assert again["run_at"] == job["run_at"] and again["status"] == "queued"
+    r = await client.http.post(f"/api/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
+    assert [backoff(n, 1.0, 300.0, 0.5) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert backoff(3, 1.0, 300.0, 0.0) == 0.0  # full jitter: anywhere from 0
+    assert backoff(20, 1.0, 300.0, 0.5) == 150.0  # the cap, then the jitter
+    assert backoff(10**6, 1.0, 300.0, 0.5) == 150.0  # no overflow, however many attempts
