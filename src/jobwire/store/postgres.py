@@ -115,10 +115,12 @@ def _iso(expr: str) -> str:
 
 
 # Waiting jobs whose run_at has come join the claimable ones (the index of the fairness
-# order); found through their own index, only those that are due.
+# order); found through their own index, only those that are due. now() (the statement's
+# start, in autocommit), not clock_timestamp(): a volatile bound is no index condition,
+# and the scan would filter every waiting job.
 _PROMOTE = (
     "UPDATE jobs SET waiting = false WHERE id IN (SELECT id FROM jobs "
-    f"WHERE status = 'queued' AND waiting AND run_at <= {_DB_NOW} "
+    "WHERE status = 'queued' AND waiting AND run_at <= extract(epoch FROM now()) "
     "ORDER BY run_at LIMIT %s FOR UPDATE SKIP LOCKED)")
 # The jobs that the rows of `leases` (job, worker, attempt) still hold, locked in id
 # order like every statement that waits for several job rows (see the module's doc).
