@@ -176,7 +176,8 @@ class Worker:
             # would flood the log. Operators get the traceback with debug logging.
             retrying = "" if delay is None else (
                 f" (attempt {ctx.attempt} of {job.max_attempts}; retrying in {delay:.3g} s)")
-            log.warning("job %s (%s) failed%s: %s", job.id, job.task, retrying, clip(error))
+            log.warning("job %s (%s) failed%s: %s: %s", job.id, job.task, retrying,
+                        type(exc).__name__, clip(str(exc)))
             log.debug("job %s (%s) failed", job.id, job.task, exc_info=True)
             if delay is not None:
                 return _End(Status.QUEUED, error=error, delay=delay)
