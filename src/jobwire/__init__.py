@@ -1,7 +1,7 @@
 """jobwire: deduplicated background jobs with one ordered event log per job and live,
 resumable progress for web UIs."""
 
-from jobwire.app import InputError, Jobwire
+from jobwire.app import Fail, InputError, Jobwire, Retry
 from jobwire.context import Cancelled, Context, SyncContext
 from jobwire.model import Event, Item, ItemStatus, Job, Status
 from jobwire.store import ItemUpdate
@@ -11,12 +11,14 @@ __all__ = [
     "Cancelled",
     "Context",
     "Event",
+    "Fail",
     "InputError",
     "Item",
     "ItemStatus",
     "ItemUpdate",
     "Job",
     "Jobwire",
+    "Retry",
     "Status",
     "SyncContext",
     "Worker",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
 from jobwire.cron import Cron, Every, Schedule
-from jobwire.model import JSON
+from jobwire.model import JSON, backoff
 
 if TYPE_CHECKING:
     from jobwire.context import Context, SyncContext
@@ -32,6 +33,28 @@ class InputError(ValueError):
         self.type = type
 
 
+class Fail(Exception):
+    """Raised by a task: the job fails now with this message, whatever attempts are left
+    (a 404, bad data: trying again would give the same answer)."""
+
+
+class Retry(Exception):
+    """Raised by a task: try again (while attempts are left; else the job fails with this
+    message) after `delay` seconds, or after the task's backoff when None. Retried
+    whatever `retry_on` says."""
+
+    def __init__(self, message: str = "retry requested", *, delay: float | None = None
+                 ) -> None:
+        if delay is not None and not 0 <= delay <= MAX_RETRY_DELAY:
+            raise ValueError(f"Retry delay must be 0 to {MAX_RETRY_DELAY:g} s, not {delay}")
+        super().__init__(message)
+        self.delay = delay
+
+
+# The longest wait between attempts that a task can ask for (30 days, as for a submit's).
+MAX_RETRY_DELAY = 30 * 24 * 3600.0
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskSpec:
     name: str
@@ -40,6 +63,20 @@ class TaskSpec:
     max_attempts: int
     key: Callable[[Any], str] | None = None  # dedup key derived from the input
     timeout: float | None = None  # seconds per attempt; None: the worker's default
+    retry_delay: float = 1.0  # backoff base: the first retry waits up to this long
+    retry_max_delay: float = 300.0  # and no retry waits longer than this
+    retry_on: tuple[type[BaseException], ...] | None = None  # None: every error retries
+
+    def retry_after(self, exc: BaseException, attempt: int) -> float | None:
+        """Seconds to wait before retrying an attempt that raised `exc` (attempts
+        permitting), or None if the job is to fail now."""
+        if isinstance(exc, Retry):
+            if exc.delay is not None:
+                return exc.delay
+        elif isinstance(exc, Fail) or (self.retry_on is not None
+                                       and not isinstance(exc, self.retry_on)):
+            return None
+        return backoff(attempt, self.retry_delay, self.retry_max_delay, random.random())
 
     @property
     def sync(self) -> bool:
@@ -50,7 +87,10 @@ class TaskSpec:
         """The value handed to the task: the validated model, or the raw JSON."""
         if self.input_model is None:
             return raw
-        return self.input_model.model_validate(raw)
+        try:
+            return self.input_model.model_validate(raw)
+        except pydantic.ValidationError as exc:  # the same input would fail again
+            raise Fail(f"ValidationError: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,20 +120,33 @@ class Jobwire:
         max_attempts: int = 3,
         key: Callable[[Any], str] | None = None,
         timeout: float | None = None,
+        retry_delay: float = 1.0,
+        retry_max_delay: float = 300.0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[TaskFn], TaskFn]:
         """`key(input)` gives submissions without an explicit key one, so the same input
         while a job for it is active joins that job. `timeout` (seconds per attempt)
-        replaces the worker's default (`Settings.task_timeout`)."""
+        replaces the worker's default (`Settings.task_timeout`).
+
+        An attempt that raises (or times out, or loses its worker) is retried until
+        `max_attempts` attempts were made; after an error the retry waits a random time
+        up to `min(retry_max_delay, retry_delay * 2**(attempt - 1))` seconds (full
+        jitter). `retry_on` names the exception types that retry; others fail the job at
+        once, as `Fail` always does. `Retry(delay=...)` asks for a retry."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be more than 0 seconds")
+        if not 0 <= retry_delay <= retry_max_delay <= MAX_RETRY_DELAY:
+            raise ValueError(f"need 0 <= retry_delay <= retry_max_delay <= "
+                             f"{MAX_RETRY_DELAY:g} seconds")
 
         def register(fn: TaskFn) -> TaskFn:
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered")
-            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout)
+            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout,
+                                             retry_delay, retry_max_delay, retry_on)
             return fn
 
         return register

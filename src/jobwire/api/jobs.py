@@ -37,7 +37,8 @@ from jobwire.api.schemas import (
     TicketOut,
     errors,
 )
-from jobwire.model import ACTIVE, JSON, Job, Status
+from jobwire.app import InputError
+from jobwire.model import ACTIVE, JSON, Job, Status, now
 from jobwire.server import Runtime
 from jobwire.store import JobActive, OwnerConflict, Store, TooManyActive
 
@@ -127,20 +128,24 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
                                 "description": "seconds to wait before submitting again",
                                 "schema": {"type": "integer"}}}}})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
-    job, created = await submit_as(rt, who, body.task, body.input, body.key)
+    """A job, run as soon as a worker is free, or not before `delay` seconds (measured by
+    the database's clock) or `run_at`. Dedup applies to a delayed job like any other."""
+    run_at = check_schedule(body, rt.settings.max_delay_seconds)
+    job, created = await submit_as(rt, who, body.task, body.input, body.key,
+                                   body.delay or 0.0, run_at)
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")
 
 
-async def submit_as(rt: Runtime, who: str, task: str, input: JSON, key: str | None
-                    ) -> tuple[Job, bool]:
+async def submit_as(rt: Runtime, who: str, task: str, input: JSON, key: str | None,
+                    delay: float = 0.0, run_at: float | None = None) -> tuple[Job, bool]:
     """Validate and submit a job for `who`: a new job, or the active job of its key."""
     spec, value, key = rt.jobwire.validate(task, input, key)
     store = rt.store
 
     def call() -> Awaitable[tuple[Job, bool]]:
-        return store.submit(who, task, value, key, spec.max_attempts)
+        return store.submit(who, task, value, key, spec.max_attempts, delay, run_at)
 
     try:
         if key is None:
@@ -149,6 +154,23 @@ async def submit_as(rt: Runtime, who: str, task: str, input: JSON, key: str | No
         return job, created and own
     except TooManyActive as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+
+
+def check_schedule(body: SubmitRequest, max_delay: float) -> float | None:
+    """The submit's run_at in epoch seconds (None: none given), within `max_delay` of now;
+    InputError (422) naming the field otherwise."""
+    if body.delay is not None and body.run_at is not None:
+        raise InputError(("run_at",), "give delay or run_at, not both")
+    if body.delay is not None and body.delay > max_delay:
+        raise InputError(("delay",), f"must be at most {max_delay:g} seconds "
+                                     "(JOBWIRE_MAX_DELAY_SECONDS)")
+    if body.run_at is None:
+        return None
+    run_at = body.run_at.timestamp()
+    if run_at - now() > max_delay:
+        raise InputError(("run_at",), f"must be at most {max_delay:g} seconds from now "
+                                      "(JOBWIRE_MAX_DELAY_SECONDS)")
+    return run_at
 
 
 @router.get("/jobs", response_model=list[JobOut], responses={

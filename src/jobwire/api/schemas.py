@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -18,6 +19,27 @@ class SubmitRequest(BaseModel):
     # No control characters: PostgreSQL text cannot hold NUL, and a key is an identifier.
     key: str | None = Field(default=None, min_length=1, max_length=500,
                             pattern=r"^[^\x00-\x1f\x7f]+$")
+    # Not before then: seconds from now (the database's clock), or a time; not both.
+    # Their upper bound is JOBWIRE_MAX_DELAY_SECONDS, checked by the route.
+    delay: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    run_at: datetime | None = Field(default=None, description="ISO 8601 with a time zone")
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def iso_with_zone(cls, value: Any) -> Any:
+        """An ISO 8601 text naming its time zone: a bare local time means nothing to a
+        server elsewhere, and a number could be seconds or milliseconds."""
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("must be an ISO 8601 time with a time zone, as text")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 time, e.g. 2030-01-01T12:00:00Z") from None
+        if parsed.tzinfo is None:
+            raise ValueError("must name its time zone (Z or +hh:mm)")
+        return parsed.astimezone(UTC)
 
     @field_validator("task", "input", "key")
     @classmethod
@@ -75,6 +97,8 @@ class JobOut(BaseModel):
     created_at: str
     updated_at: str
     finished_at: str | None = None
+    run_at: str | None = Field(default=None, description=(
+        "not started before this (a delayed submit, or a retry's backoff); null: at once"))
 
 
 class SubmitOut(BaseModel):

@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import datetime
 from types import TracebackType
 
 import httpx
@@ -121,11 +122,14 @@ class Client:
 
     # --- jobs -------------------------------------------------------------------------
 
-    async def submit(self, task: str, input: JSON = None, key: str | None = None
+    async def submit(self, task: str, input: JSON = None, key: str | None = None, *,
+                     delay: float | None = None, run_at: datetime | str | None = None
                      ) -> tuple[dict[str, JSON], bool]:
         """(job snapshot, created): created is False when an active job of this owner,
-        task and key already existed and is returned instead."""
-        return await self.api.submit(task, input, key)
+        task and key already existed and is returned instead. With `delay` (seconds) or
+        `run_at` (an aware datetime, or ISO 8601 text with a zone) the job does not start
+        before then."""
+        return await self.api.submit(task, input, key, delay, run_at)
 
     async def jobs(self, status: str | None = None, limit: int = 50,
                    id_prefix: str | None = None) -> list[dict[str, JSON]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -36,9 +37,10 @@ class SyncClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def submit(self, task: str, input: JSON = None, key: str | None = None
+    def submit(self, task: str, input: JSON = None, key: str | None = None, *,
+               delay: float | None = None, run_at: datetime | str | None = None
                ) -> tuple[dict[str, JSON], bool]:
-        return self._run(self.client.submit(task, input, key))
+        return self._run(self.client.submit(task, input, key, delay=delay, run_at=run_at))
 
     def login(self, user_token: str) -> int:
         return self._run(self.client.login(user_token))

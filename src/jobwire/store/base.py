@@ -111,9 +111,12 @@ class Store(Protocol):
 
     # -- the API's side
     async def submit(
-        self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int
+        self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int,
+        delay: float = 0.0, run_at: float | None = None,
     ) -> tuple[Job, bool]:
         """Create a job, or return the active job of (owner, task, key) with created=False.
+        A job given `run_at` (epoch seconds), or a `delay` (seconds from the database's
+        clock; on SQLite the writing process's), is not claimed before then.
         TooManyActive, creating nothing, if the owner has `max_active_jobs` active jobs
         (joining an active job by its key is never refused). A new job's fairness rank is
         the owner's number of active jobs: claims take low ranks first."""
@@ -158,8 +161,9 @@ class Store(Protocol):
     async def claim(
         self, worker: str, tasks: Collection[str], limit: int, lease_seconds: float
     ) -> list[Job]:
-        """Start up to `limit` queued jobs of `tasks`, lowest fairness rank first, then
-        oldest first: an owner's first active job overtakes another owner's backlog."""
+        """Start up to `limit` queued jobs of `tasks` whose run_at has come, lowest fairness
+        rank first, then oldest first: an owner's first active job overtakes another
+        owner's backlog."""
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         """Extend the leases still held; returns {job id: cancel_requested} for those."""
@@ -176,6 +180,11 @@ class Store(Protocol):
     async def finish(
         self, lease: Lease, status: Status, result: JSON = None, error: str | None = None
     ) -> Written: ...
+
+    async def retry(self, lease: Lease, error: str, delay: float) -> Written:
+        """Requeue the job after its attempt failed with `error`, not to be claimed for
+        `delay` seconds (from the database's clock); items the attempt left running go
+        back to pending. Writes a `retrying` event with the attempt, error and run_at."""
 
     # -- maintenance
     async def count_by_status(self, owner: str | None = None) -> dict[str, int]:

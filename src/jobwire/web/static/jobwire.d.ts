@@ -28,6 +28,8 @@ export interface Job {
   readonly created_at: string;
   readonly updated_at: string;
   readonly finished_at: string | null;
+  /** Not started before this (a delayed submit, or a retry's backoff); null: at once. */
+  readonly run_at: string | null;
 }
 
 export interface Item {
@@ -130,7 +132,8 @@ export declare class HttpError extends Error {
 export declare class Client {
   readonly state: ConnectionState;
   /** Submit a job; an active job of the same task and key comes back with created: false. */
-  submit(task: string, input?: Json, key?: string | null): Promise<SubmitResult>;
+  submit(task: string, input?: Json, key?: string | null,
+         options?: { delay?: number; runAt?: Date | string }): Promise<SubmitResult>;
   /**
    * Follow a job: `onSnapshot` gets its state now and after every change, in seq order,
    * until it ends or the returned function is called. Watchers of one job share one

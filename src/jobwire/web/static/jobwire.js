@@ -64,6 +64,7 @@ export function applyEvent(snapshot, items, event) {
       break;
     case "retrying":
       snap.error = data.error ?? null;
+      snap.run_at = data.run_at ?? null;
       break;
     default:
       if (TERMINAL_EVENTS.has(event.type)) {
@@ -308,10 +309,15 @@ export class Client {
     return parsed;
   }
 
-  /** Submit a job; an active job with the same key comes back with created: false. */
-  async submit(task, input, key) {
+  /**
+   * Submit a job; an active job with the same key comes back with created: false.
+   * `delay` (seconds) or `runAt` (a Date, or ISO 8601 text with a zone): not before then.
+   */
+  async submit(task, input, key, { delay, runAt } = {}) {
     const body = { task, input: input ?? null };
     if (key != null) body.key = key;
+    if (delay != null) body.delay = delay;
+    if (runAt != null) body.run_at = runAt instanceof Date ? runAt.toISOString() : runAt;
     const out = await this.request("POST", "/api/jobs", body);
     this._seed(out.job);
     return deepFreeze(out);
