@@ -194,6 +194,15 @@ class Client:
         data = r.json()
         return data["job"], data["created"]
 
+    async def submit_with(self, task: str, input: Any = None, key: str | None = None,
+                          **schedule: Any) -> tuple[dict[str, Any], bool]:
+        """`submit` with more of the body: delay=..., run_at=..."""
+        r = await self.http.post("/api/jobs", json={"task": task, "input": input, "key": key,
+                                                    **schedule})
+        assert r.status_code in (200, 201), r.text
+        data = r.json()
+        return data["job"], data["created"]
+
     async def job(self, job_id: str) -> dict[str, Any]:
         r = await self.http.get(f"/api/jobs/{job_id}")
         assert r.status_code == 200, r.text

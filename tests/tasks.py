@@ -58,7 +58,7 @@ async def block(ctx: Context, input: Block) -> None:
         await asyncio.sleep(0.01)
 
 
-@jobwire.task()
+@jobwire.task(max_attempts=1)  # fails at once: what a failed job looks like
 async def boom(ctx: Context, input: object) -> None:
     raise RuntimeError("boom on purpose")
 

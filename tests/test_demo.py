@@ -130,3 +130,38 @@ async def test_extract_post_settings_come_from_the_environment(
     assert cut["error"] == f"FetchError: gave up on {base}/: the fetch took longer than 2 s"
     assert time.monotonic() - submitted < 8
     await c.http.aclose()
+
+
+async def test_extract_post_retries_a_503_and_fails_a_404_at_once(
+        procs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What may pass (5xx) is retried with backoff; what would not (a 404) fails on the
+    first attempt, its fetch item failed."""
+    answers = ["503 Service Unavailable", "503 Service Unavailable", "200 OK"]
+
+    async def flaky(host: str) -> AsyncIterator[bytes]:
+        async for data in page(b"<title>Back</title><p>up</p>", answers.pop(0))(host):
+            yield data
+
+    monkeypatch.setenv("JOBWIRE_FETCH_ALLOW_PRIVATE", "1")
+    demo: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'demo.db'}",
+                       "--app", "jobwire.demo:jobwire")
+    c = await guest(demo.url)
+    async with serve({"/flaky": flaky, "/gone": page(b"", "404 Not Found")}) as base:
+        (back, _), (gone, _) = await asyncio.gather(
+            c.submit("extract_post", {"url": f"{base}/flaky"}),
+            c.submit("extract_post", {"url": f"{base}/gone"}))
+        missing = await c.wait_terminal(gone["id"])
+        done = await c.wait_terminal(back["id"])
+    assert (missing["status"], missing["attempt"]) == ("failed", 1)
+    assert missing["error"] == f"FetchError: {base}/gone answered 404 Not Found"
+    assert "retrying" not in [e["type"] for e in await c.events(gone["id"])]
+    items = (await c.http.get(f"/api/jobs/{gone['id']}/items")).json()["items"]
+    assert [(i["ref"], i["status"]) for i in items] == [("fetch", "failed"), ("extract", "pending")]
+
+    assert (done["status"], done["attempt"], done["result"]["title"]) == ("completed", 3, "Back")
+    retries = [e["data"] for e in await c.events(back["id"]) if e["type"] == "retrying"]
+    assert [(r["attempt"], r["error"]) for r in retries] == [
+        (n, f"Unavailable: {base}/flaky answered 503 Service Unavailable") for n in (1, 2)]
+    items = (await c.http.get(f"/api/jobs/{back['id']}/items")).json()["items"]
+    assert [(i["ref"], i["status"]) for i in items] == [("fetch", "done"), ("extract", "done")]
+    await c.http.aclose()

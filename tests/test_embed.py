@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,16 @@ async def test_the_in_process_api_has_the_routes_rules(db_url: str) -> None:
             deep = [deep]
         with pytest.raises(jobwire.InputError, match="too deep"):
             await rt.submit("user:alice", "echo", deep)
+        with pytest.raises(jobwire.InputError) as bad:  # past JOBWIRE_MAX_DELAY_SECONDS
+            await rt.submit("user:alice", "steps", {"n": 1}, delay=1e12)
+        assert bad.value.loc == ("delay",)
+        with pytest.raises(jobwire.InputError) as bad:  # a naive time names no zone
+            await rt.submit("user:alice", "steps", {"n": 1}, run_at=datetime(2030, 1, 1))
+        assert bad.value.loc == ("run_at",)
+        later, _ = await rt.submit("user:alice", "steps", {"n": 1},
+                                   run_at=datetime.now(UTC) + timedelta(hours=1))
+        assert later.run_at is not None and later.run_at > time.time() + 3500
+        await rt.cancel("user:alice", later.id)
 
         job, created = await rt.submit("user:alice", "steps", {"n": 1}, key="k")
         again, created_again = await rt.submit("user:alice", "steps", {"n": 1}, key="k")

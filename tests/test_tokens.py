@@ -16,6 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from jobwire.client import Client as JobwireClient
 from tests.conftest import Client, Proc, cli, guest
 
 pytestmark = pytest.mark.timeout(120)
@@ -419,3 +420,25 @@ async def test_a_database_at_either_version_3_upgrades(db_url: str, third: str) 
         assert fired is not None and fired[1]
     finally:
         await store.close()
+
+
+async def test_a_client_with_a_token_function_outlives_its_short_tokens(
+        procs: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens of at most 3 s, a job of ~8 s: the server closes the socket at each expiry
+    (4401) and the client reconnects with a fresh token, resuming from its seq."""
+    server = jwt_server(procs, tmp_path, monkeypatch)
+    minted: list[str] = []
+
+    def get_token() -> str:  # what an identity SDK's getToken does
+        minted.append(a_jwt("alice", 3))
+        return minted[-1]
+
+    async with JobwireClient(server.url, get_token) as c:
+        job, _ = await c.submit("steps", {"n": 60, "delay": 0.12})
+        states = [state async for state in c.watch(str(job["id"]))]
+        mode = c.connection.mode
+    seqs = [state.seq for state in states]
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), seqs  # every seq, once, in order
+    assert states[-1].status == "completed" and len(seqs) > 60
+    assert len(minted) >= 3, minted  # it was renewed at least twice on the way
+    assert mode == "socket"

@@ -6,7 +6,8 @@ export interface JobwireProviderProps {
   /** A client made with createClient(); or else `url` and `token` make one. */
   client?: Client;
   url?: string;
-  token?: string;
+  /** A token, or a stable function returning fresh ones (a new function is a new client). */
+  token?: string | (() => string | Promise<string>);
   children?: ReactNode;
 }
 

@@ -3,7 +3,7 @@ resumable progress for web UIs."""
 
 from typing import TYPE_CHECKING, Any
 
-from jobwire.app import InputError, Jobwire
+from jobwire.app import Fail, InputError, Jobwire, Retry
 from jobwire.context import Cancelled, Context, SyncContext
 from jobwire.model import Event, Item, ItemStatus, Job, Status
 from jobwire.runtime import NotFound, NotStarted, Runtime
@@ -28,6 +28,7 @@ __all__ = [
     "Context",
     "Embedded",
     "Event",
+    "Fail",
     "InputError",
     "Item",
     "ItemStatus",
@@ -37,6 +38,7 @@ __all__ = [
     "Jobwire",
     "NotFound",
     "NotStarted",
+    "Retry",
     "Runtime",
     "Settings",
     "Status",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import random
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -13,7 +15,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobwire.cron import Cron, Every, Schedule
-from jobwire.model import JSON, MAX_OWNER_ID, valid_owner
+from jobwire.model import JSON, MAX_OWNER_ID, backoff, valid_owner
 
 if TYPE_CHECKING:
     from jobwire.context import Context, SyncContext
@@ -44,6 +46,32 @@ class Submission(BaseModel):
     # No control characters: PostgreSQL text cannot hold NUL, and a key is an identifier.
     key: str | None = Field(default=None, min_length=1, max_length=500,
                             pattern=r"^[^\x00-\x1f\x7f]+$")
+    # Not before then: seconds from now (the database's clock), or a time; not both.
+    # Their upper bound is JOBWIRE_MAX_DELAY_SECONDS, checked by the runtime.
+    delay: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    run_at: datetime | None = Field(default=None, description="ISO 8601 with a time zone")
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def iso_with_zone(cls, value: Any) -> Any:
+        """An ISO 8601 text naming its time zone: a bare local time means nothing to a
+        server elsewhere, and a number could be seconds or milliseconds. (In-process, an
+        aware datetime too.)"""
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            parsed = value
+        elif not isinstance(value, str):
+            raise ValueError("must be an ISO 8601 time with a time zone, as text")
+        else:
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError("must be an ISO 8601 time, e.g. 2030-01-01T12:00:00Z"
+                                 ) from None
+        if parsed.tzinfo is None:
+            raise ValueError("must name its time zone (Z or +hh:mm)")
+        return parsed.astimezone(UTC)
 
     @field_validator("task", "input", "key")
     @classmethod
@@ -81,18 +109,41 @@ def check_owner(owner: object) -> str:
 
 
 def check_submit(owner: object, task: str, input: JSON, key: str | None,
-                 max_depth: int) -> Submission:
+                 max_depth: int, delay: float | None = None,
+                 run_at: datetime | None = None) -> Submission:
     """What `POST /api/jobs` checks of its caller and body, for a submit made in-process
     (the runtime's, or in the host's own transaction): InputError naming the field."""
     check_owner(owner)
     try:
-        sub = Submission(task=task, input=input, key=key)
+        sub = Submission(task=task, input=input, key=key, delay=delay, run_at=run_at)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         raise InputError(tuple(first["loc"]), first["msg"]) from None
     if isinstance(input, (dict, list)) and deeper_than(input, max_depth):
         raise InputError(("input",), f"JSON nested too deep: at most {max_depth} levels")
     return sub
+
+
+class Fail(Exception):
+    """Raised by a task: the job fails now with this message, whatever attempts are left
+    (a 404, bad data: trying again would give the same answer)."""
+
+
+class Retry(Exception):
+    """Raised by a task: try again (while attempts are left; else the job fails with this
+    message) after `delay` seconds, or after the task's backoff when None. Retried
+    whatever `retry_on` says."""
+
+    def __init__(self, message: str = "retry requested", *, delay: float | None = None
+                 ) -> None:
+        if delay is not None and not 0 <= delay <= MAX_RETRY_DELAY:
+            raise ValueError(f"Retry delay must be 0 to {MAX_RETRY_DELAY:g} s, not {delay}")
+        super().__init__(message)
+        self.delay = delay
+
+
+# The longest wait between attempts that a task can ask for (30 days, as for a submit's).
+MAX_RETRY_DELAY = 30 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,6 +154,20 @@ class TaskSpec:
     max_attempts: int
     key: Callable[[Any], str] | None = None  # dedup key derived from the input
     timeout: float | None = None  # seconds per attempt; None: the worker's default
+    retry_delay: float = 1.0  # backoff base: the first retry waits up to this long
+    retry_max_delay: float = 300.0  # and no retry waits longer than this
+    retry_on: tuple[type[BaseException], ...] | None = None  # None: every error retries
+
+    def retry_after(self, exc: BaseException, attempt: int) -> float | None:
+        """Seconds to wait before retrying an attempt that raised `exc` (attempts
+        permitting), or None if the job is to fail now."""
+        if isinstance(exc, Retry):
+            if exc.delay is not None:
+                return exc.delay
+        elif isinstance(exc, Fail) or (self.retry_on is not None
+                                       and not isinstance(exc, self.retry_on)):
+            return None
+        return backoff(attempt, self.retry_delay, self.retry_max_delay, random.random())
 
     @property
     def sync(self) -> bool:
@@ -113,7 +178,10 @@ class TaskSpec:
         """The value handed to the task: the validated model, or the raw JSON."""
         if self.input_model is None:
             return raw
-        return self.input_model.model_validate(raw)
+        try:
+            return self.input_model.model_validate(raw)
+        except pydantic.ValidationError as exc:  # the same input would fail again
+            raise Fail(f"ValidationError: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -143,20 +211,33 @@ class Jobwire:
         max_attempts: int = 3,
         key: Callable[[Any], str] | None = None,
         timeout: float | None = None,
+        retry_delay: float = 1.0,
+        retry_max_delay: float = 300.0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[TaskFn], TaskFn]:
         """`key(input)` gives submissions without an explicit key one, so the same input
         while a job for it is active joins that job. `timeout` (seconds per attempt)
-        replaces the worker's default (`Settings.task_timeout`)."""
+        replaces the worker's default (`Settings.task_timeout`).
+
+        An attempt that raises (or times out, or loses its worker) is retried until
+        `max_attempts` attempts were made; after an error the retry waits a random time
+        up to `min(retry_max_delay, retry_delay * 2**(attempt - 1))` seconds (full
+        jitter). `retry_on` names the exception types that retry; others fail the job at
+        once, as `Fail` always does. `Retry(delay=...)` asks for a retry."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be more than 0 seconds")
+        if not 0 <= retry_delay <= retry_max_delay <= MAX_RETRY_DELAY:
+            raise ValueError(f"need 0 <= retry_delay <= retry_max_delay <= "
+                             f"{MAX_RETRY_DELAY:g} seconds")
 
         def register(fn: TaskFn) -> TaskFn:
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered")
-            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout)
+            self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout,
+                                             retry_delay, retry_max_delay, retry_on)
             return fn
 
         return register

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from jobwire.app import Fail
 from jobwire.model import JSON, Item, ItemStatus, Job
 from jobwire.store import ItemUpdate, Lease, Store, Written
 
@@ -17,8 +18,9 @@ class Cancelled(Exception):
     """Raised by `Context.raise_if_cancelled` when the job's owner asked to cancel."""
 
 
-class TooManyItems(Exception):
-    """A task declared more items than the server's per-job limit; the job fails."""
+class TooManyItems(Fail):
+    """A task declared more items than the server's per-job limit; the job fails (at
+    once: a retry would declare as many)."""
 
 
 class Context:
@@ -35,6 +37,11 @@ class Context:
     @property
     def attempt(self) -> int:
         return self.lease.attempt
+
+    @property
+    def final_attempt(self) -> bool:
+        """No attempt follows this one, whatever it raises."""
+        return self.attempt >= self.job.max_attempts
 
     def _note(self, written: Written) -> None:
         self.cancelled = self.cancelled or written.cancel_requested
@@ -108,6 +115,10 @@ class SyncContext:
     @property
     def attempt(self) -> int:
         return self._ctx.attempt
+
+    @property
+    def final_attempt(self) -> bool:
+        return self._ctx.final_attempt
 
     @property
     def cancelled(self) -> bool:

@@ -37,7 +37,8 @@ class Status(StrEnum):
 ACTIVE: frozenset[Status] = frozenset({Status.QUEUED, Status.RUNNING})
 TERMINAL: frozenset[Status] = frozenset(Status) - ACTIVE
 
-# running -> queued is a retry after the worker's lease expired.
+# running -> queued is a retry: after an error the task may retry, or after the worker's
+# lease expired. The job waits queued until its `run_at`.
 JOB_TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.QUEUED: frozenset({Status.RUNNING, Status.CANCELLED, Status.FAILED}),
     Status.RUNNING: frozenset(
@@ -194,6 +195,8 @@ class Job:
     created_at: float
     updated_at: float
     finished_at: float | None
+    # Not claimed before this (submitted with a delay, or retrying after one); None: at once.
+    run_at: float | None = None
 
     def snapshot(self) -> dict[str, JSON]:
         return {
@@ -212,6 +215,7 @@ class Job:
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
             "finished_at": iso(self.finished_at),
+            "run_at": iso(self.run_at),
         }
 
 
@@ -265,6 +269,7 @@ def apply_event(
         snap["cancel_requested"] = True
     elif kind == EventType.RETRYING:
         snap["error"] = data.get("error")
+        snap["run_at"] = data.get("run_at")
     elif kind in TERMINAL_EVENTS:
         snap["result"] = data.get("result")
         snap["error"] = data.get("error")
@@ -274,6 +279,13 @@ def apply_event(
         if ref in new_items:
             new_items[ref] = {**new_items[ref], "status": ItemStatus.PENDING.value}
     return snap, new_items
+
+
+def backoff(attempt: int, base: float, cap: float, rand: float) -> float:
+    """Seconds before the retry after failed attempt `attempt` (1, 2, ...): exponential
+    backoff with full jitter, `rand` drawn uniformly from [0, 1). Full jitter spreads
+    the retries of jobs that failed together (one outage) instead of bunching them."""
+    return rand * min(cap, base * 2.0 ** min(attempt - 1, 1023))
 
 
 def counts_of(items: Iterable[Mapping[str, JSON]]) -> dict[str, int]:

@@ -40,6 +40,11 @@ class FetchError(Exception):
     """The page could not be fetched; the message quotes the URL without credentials."""
 
 
+class Unavailable(FetchError):
+    """The fetch failed in a way that may pass: the connection failed, or the server
+    answered 5xx or 429. Worth trying again later, unlike other FetchErrors."""
+
+
 class Refused(FetchError):
     """The URL or an address it resolves to may not be fetched."""
 
@@ -203,7 +208,7 @@ async def fetch(url: str, *, max_bytes: int, deadline: float, allow_private: boo
         except Refused as exc:
             raise Refused(f"refused to fetch {redact(request.url)}: {exc}") from None
         except httpx.HTTPError as exc:
-            raise FetchError(f"could not fetch {redact(request.url)}: "
+            raise Unavailable(f"could not fetch {redact(request.url)}: "
                              f"{type(exc).__name__}: {exc}") from None
     raise FetchError(f"gave up on {redact(url)}: more than {max_redirects} redirects")
 
@@ -211,7 +216,9 @@ async def fetch(url: str, *, max_bytes: int, deadline: float, allow_private: boo
 async def _read(response: httpx.Response, max_bytes: int) -> Page:
     url = redact(response.url)
     if not response.is_success:
-        raise FetchError(f"{url} answered {response.status_code} {response.reason_phrase}")
+        error = Unavailable if response.status_code >= 500 or response.status_code == 429 \
+            else FetchError
+        raise error(f"{url} answered {response.status_code} {response.reason_phrase}")
     coding = response.headers.get("Content-Encoding", "").strip().lower()
     if coding not in ("", "identity", "gzip", "x-gzip"):
         raise FetchError(f"{url} came with Content-Encoding {coding!r}; only gzip was asked")

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from jobwire.app import AsyncTaskFn, SyncTaskFn, TaskSpec
+from jobwire.app import AsyncTaskFn, Fail, Retry, SyncTaskFn, TaskSpec
 from jobwire.context import Context, SyncContext
 from jobwire.model import JSON
 
@@ -28,8 +28,11 @@ class TimedOut(Exception):
 
 
 def error_text(exc: Exception) -> str:
-    """The error a failed job records for the exception that ended its attempt."""
-    return str(exc) if isinstance(exc, TimedOut) else f"{type(exc).__name__}: {exc}"
+    """The error a failed job records for the exception that ended its attempt: the
+    message alone for jobwire's own (their type says nothing to the job's owner)."""
+    if type(exc) in (TimedOut, Fail, Retry):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Runner:

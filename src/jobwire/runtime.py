@@ -12,13 +12,14 @@ import contextlib
 import enum
 import re
 from collections.abc import AsyncIterator, Awaitable
+from datetime import datetime
 from typing import Any, Literal, get_args
 
 from jobwire import periodic
 from jobwire.app import InputError, Jobwire, Submission, check_owner, check_submit
 from jobwire.coalesce import Coalescer
 from jobwire.hub import Hub
-from jobwire.model import ACTIVE, JSON, Job, Status
+from jobwire.model import ACTIVE, JSON, Job, Status, now
 from jobwire.sessions import LiveSessions
 from jobwire.settings import Settings
 from jobwire.store import JobActive, Store, TooManyActive, open_store
@@ -164,21 +165,25 @@ class Runtime:
     # -- the in-process API (the HTTP routes call these too)
 
     async def submit(self, owner: str, task: str, input: JSON = None,
-                     key: str | None = None) -> tuple[Job, bool]:
+                     key: str | None = None, *, delay: float | None = None,
+                     run_at: datetime | None = None) -> tuple[Job, bool]:
         """Submit a job for `owner`: (the job, True), or (the active job with this task
-        and key, False). InputError names what is invalid; TooManyActive when the owner
-        has JOBWIRE_MAX_ACTIVE_JOBS active jobs. (A later `conn=` may pass the host's
-        own database connection, so the job exists only if its transaction commits.)"""
-        sub = check_submit(owner, task, input, key, self.settings.max_json_depth)
+        and key, False). It runs when a worker is free, or not before `delay` seconds
+        (the database's clock) or `run_at` (an aware datetime). InputError names what is
+        invalid; TooManyActive when the owner has JOBWIRE_MAX_ACTIVE_JOBS active jobs."""
+        sub = check_submit(owner, task, input, key, self.settings.max_json_depth,
+                           delay, run_at)
         return await self.submit_checked(owner, sub)
 
     async def submit_checked(self, owner: str, sub: Submission) -> tuple[Job, bool]:
-        """`submit` of a Submission already validated (an HTTP body) for a known owner."""
+        """`submit` of a Submission already validated (an HTTP body) for a known owner
+        (an operator's retry may name the periodic jobs' owner)."""
+        run_at = _check_schedule(sub, self.settings.max_delay_seconds)
         spec, value, key = self.jobwire.validate(sub.task, sub.input, sub.key)
-        store = self.store
+        store, delay = self.store, sub.delay or 0.0
 
         def call() -> Awaitable[tuple[Job, bool]]:
-            return store.submit(owner, sub.task, value, key, spec.max_attempts)
+            return store.submit(owner, sub.task, value, key, spec.max_attempts, delay, run_at)
 
         if key is None:
             return await call()
@@ -193,9 +198,13 @@ class Runtime:
         return job
 
     async def list(self, owner: str | _Every, status: StatusFilter | None = None,
-                   limit: int = 50, id_prefix: str | None = None) -> list[Job]:
+                   limit: int = 50, id_prefix: str | None = None, *, task: str | None = None,
+                   since: float | None = None, until: float | None = None,
+                   before: tuple[float, str] | None = None) -> list[Job]:
         """The owner's jobs, newest first; `status="active"` is queued and running;
-        `id_prefix` keeps the ids starting with it (a short id as the dashboard shows)."""
+        `id_prefix` keeps the ids starting with it (a short id as the dashboard shows);
+        `task`, and `since`/`until` (epoch seconds: created in [since, until)) filter;
+        `before` (created_at, id) resumes after a page's last job."""
         if status is not None and status not in STATUS_FILTERS:
             raise InputError(("status",), f"status is one of {', '.join(sorted(STATUS_FILTERS))}")
         if not 1 <= limit <= MAX_LIST:
@@ -203,7 +212,8 @@ class Runtime:
         if id_prefix is not None and re.fullmatch(ID_PREFIX, id_prefix) is None:
             raise InputError(("id_prefix",), "an id prefix is 1 to 32 lowercase hex digits")
         statuses = None if status is None else (ACTIVE if status == "active" else {Status(status)})
-        return await self.store.list_jobs(_reader(owner), statuses, limit, id_prefix)
+        return await self.store.list_jobs(_reader(owner), statuses, limit, id_prefix,
+                                          task=task, since=since, until=until, before=before)
 
     async def cancel(self, owner: str, job_id: str) -> Job:
         """Cancel a queued job at once, or ask a running one to stop. Idempotent."""
@@ -216,6 +226,23 @@ class Runtime:
         """Delete a finished job; JobActive while it is queued or running."""
         if not await self.store.delete_job(_job_id(job_id), check_owner(owner)):
             raise NotFound(job_id)
+
+
+def _check_schedule(sub: Submission, max_delay: float) -> float | None:
+    """The submit's run_at in epoch seconds (None: none given), within `max_delay` of now;
+    InputError naming the field otherwise."""
+    if sub.delay is not None and sub.run_at is not None:
+        raise InputError(("run_at",), "give delay or run_at, not both")
+    if sub.delay is not None and sub.delay > max_delay:
+        raise InputError(("delay",), f"must be at most {max_delay:g} seconds "
+                                     "(JOBWIRE_MAX_DELAY_SECONDS)")
+    if sub.run_at is None:
+        return None
+    run_at = sub.run_at.timestamp()
+    if run_at - now() > max_delay:
+        raise InputError(("run_at",), f"must be at most {max_delay:g} seconds from now "
+                                      "(JOBWIRE_MAX_DELAY_SECONDS)")
+    return run_at
 
 
 def _job_id(job_id: Any) -> str:

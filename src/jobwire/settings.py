@@ -71,6 +71,7 @@ class Settings:
     ws_max_frame_bytes: int = _env_limit("ws_max_frame_bytes", 64 << 10)
     max_json_depth: int = _env_limit("max_json_depth", 64)  # a body or WebSocket message
     max_active_jobs: int = _env_limit("max_active_jobs", 100)  # queued + running per owner
+    max_delay_seconds: float = _env_seconds("max_delay_seconds", 30 * 24 * 3600.0)  # a submit's
     # What tasks that fetch URLs from their input may reach (jobwire.netguard, the demo).
     fetch_allow_private: bool = _env_flag("fetch_allow_private")  # off: public addresses only
     fetch_deadline: float = _env_seconds("fetch_deadline", 15.0)  # the whole fetch, redirects too

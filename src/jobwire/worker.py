@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 
@@ -18,6 +19,17 @@ from jobwire.store import Lease, LeaseLost, Store, StoreError
 from jobwire.text import clip
 
 log = logging.getLogger("jobwire.worker")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _End:
+    """How an attempt ended: a terminal status with its result or error, or QUEUED: a
+    retry after `delay` seconds."""
+
+    status: Status
+    result: JSON = None
+    error: str | None = None
+    delay: float = 0.0
 
 
 class Worker:
@@ -134,21 +146,19 @@ class Worker:
             del self._running[job.id]
         self._wake.set()
         if end is not None:
-            await self._finish(ctx.lease, *end)
+            await self._finish(ctx.lease, end)
 
-    @staticmethod
-    async def _outcome(job: Job, ctx: Context, inner: asyncio.Task[JSON]
-                       ) -> tuple[Status, JSON, str | None] | None:
-        """How the task ended, as (status, result, error) to record; None when nothing
-        is to be recorded here."""
+    async def _outcome(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> _End | None:
+        """How the attempt ended, as what to record; None when nothing is to be recorded
+        here."""
         try:
-            return Status.COMPLETED, await inner, None
+            return _End(Status.COMPLETED, await inner)
         except (asyncio.CancelledError, Cancelled):
             if ctx.lost or not ctx.cancelled:
                 # Lease lost, or the worker is stopping (stop() hands the job back):
                 # it is retried elsewhere, so nothing is recorded here.
                 return None
-            return Status.CANCELLED, None, None
+            return _End(Status.CANCELLED)
         except LeaseLost:
             return None
         except Exception as exc:
@@ -158,26 +168,36 @@ class Worker:
                 # lease runs out and the job is retried, keeping its finished items.
                 log.warning("job %s: database failed under the task: %s", job.id, exc)
                 return None
+            error = error_text(exc)
+            delay = None
+            if ctx.attempt < job.max_attempts and not ctx.cancelled:  # never a cancel's
+                delay = self.jobwire.tasks[job.task].retry_after(exc, ctx.attempt)
             # One line per failure: any guest can make jobs fail, and a traceback each
             # would flood the log. Operators get the traceback with debug logging.
-            log.warning("job %s (%s) failed: %s: %s", job.id, job.task,
+            retrying = "" if delay is None else (
+                f" (attempt {ctx.attempt} of {job.max_attempts}; retrying in {delay:.3g} s)")
+            log.warning("job %s (%s) failed%s: %s: %s", job.id, job.task, retrying,
                         type(exc).__name__, clip(str(exc)))
             log.debug("job %s (%s) failed", job.id, job.task, exc_info=True)
-            return Status.FAILED, None, error_text(exc)
+            if delay is not None:
+                return _End(Status.QUEUED, error=error, delay=delay)
+            return _End(Status.FAILED, error=error)
 
-    async def _finish(self, lease: Lease, status: Status, result: JSON,
-                      error: str | None) -> None:
-        for delay in (0.05, 0.2, 1.0, 3.0, None):
+    async def _finish(self, lease: Lease, end: _End) -> None:
+        for pause in (0.05, 0.2, 1.0, 3.0, None):
             try:
-                await self.store.finish(lease, status, result, error)
+                if end.status == Status.QUEUED:
+                    await self.store.retry(lease, end.error or "", end.delay)
+                else:
+                    await self.store.finish(lease, end.status, end.result, end.error)
                 return
             except LeaseLost:
                 return  # another worker or the expiry owns it now
             except StoreError as exc:
-                if delay is None:
+                if pause is None:
                     log.error("could not record the end of job %s: %s", lease.job, exc)
                     return
-                await asyncio.sleep(delay)
+                await asyncio.sleep(pause)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -341,3 +341,113 @@ test("a subscription the server refuses is long-polled instead, not retried in a
   assert.equal(ws.ops("subscribe").length, 1);
   assert.ok(fetch.calls.some((c) => c.path.startsWith(`/api/jobs/${log.id}/events?after=3`)));
 });
+
+// A token function as identity SDKs have (getToken): each call returns the next token,
+// after a pause, so concurrent callers really overlap.
+function tokens() {
+  const fn = async () => { await tick(2); fn.calls += 1; return `t${fn.calls}`; };
+  fn.calls = 0;
+  return fn;
+}
+
+const authOf = (init) => init.headers.authorization;
+
+test("a token function is asked before every socket, whose first message carries it", async () => {
+  const log = running(1);
+  const getToken = tokens();
+  const fetch = setup(log, {}, { token: getToken });
+  client.watch(log.id, () => {});
+  for (const round of [1, 2]) {
+    await until(() => FakeSocket.all.length === round, `socket ${round}`);
+    const ws = FakeSocket.last;
+    assert.equal(ws.url, "ws://jw.test/api/ws?auth=message");
+    ws.open();
+    await until(() => ws.ops("subscribe").length === 1, `subscribe (socket ${round})`);
+    assert.deepEqual(ws.sent[0], { op: "auth", token: `t${round}` });
+    ws.drop();
+  }
+  assert.equal(getToken.calls, 2, "the first socket and the REST reads shared one call");
+  for (const c of fetch.calls) assert.ok(!/t\d/.test(c.path), c.path);
+});
+
+test("after a 4401 the client gets a fresh token and resubscribes from its seq", async () => {
+  const log = running(3);
+  const getToken = tokens();
+  setup(log, {}, { token: getToken });
+  const errors = [];
+  const w = recorder();
+  client.watch(log.id, w, { onError: (e) => errors.push(e) });
+  await until(() => FakeSocket.all.length === 1, "socket");
+  FakeSocket.last.open();
+  await until(() => FakeSocket.last.ops("subscribe").length === 1, "subscribe");
+  FakeSocket.last.message({ op: "subscribed", job: log.id, after: 3 });
+  FakeSocket.last.message(log.item("i0", "done"));
+  FakeSocket.last.drop(4401, "token expired: reconnect with a fresh token");
+  await until(() => FakeSocket.all.length === 2, "a new socket");
+  const ws = FakeSocket.last;
+  ws.open();
+  await until(() => ws.ops("subscribe").length === 1, "resubscribe");
+  assert.deepEqual(ws.sent[0], { op: "auth", token: "t2" });
+  assert.deepEqual(ws.ops("subscribe")[0], { op: "subscribe", job: log.id, after: 4 });
+  ws.message({ op: "subscribed", job: log.id, after: 4 });
+  ws.message(log.item("i1", "done"));
+  ws.message(log.item("i2", "done"));
+  assert.deepEqual(w.seqs(), [3, 4, 5, 6]);
+  assert.deepEqual(errors, []);
+});
+
+test("a REST 401 asks for one fresh token and retries with it", async () => {
+  const log = running(1);
+  const getToken = tokens();
+  const fetch = setup(log, {
+    [`/api/jobs/${log.id}`]: (_, init) => authOf(init) === "Bearer t2"
+      ? [200, log.snapshot()] : [401, { detail: "token expired" }],
+  }, { token: getToken });
+  const job = await client.job(log.id);
+  assert.equal(job.id, log.id);
+  assert.equal(getToken.calls, 2);
+  assert.equal(fetch.calls.length, 2);
+});
+
+test("concurrent 401s share one token refresh", async () => {
+  const log = running(1);
+  const getToken = tokens();
+  const fetch = setup(log, {
+    [`/api/jobs/${log.id}`]: async (_, init) => {
+      await tick(2); // both requests are refused while neither has refreshed yet
+      return authOf(init) === "Bearer t2" ? [200, log.snapshot()] : [401, { detail: "expired" }];
+    },
+  }, { token: getToken });
+  const jobs = await Promise.all([client.job(log.id), client.job(log.id), client.job(log.id)]);
+  assert.ok(jobs.every((j) => j.id === log.id));
+  assert.equal(getToken.calls, 2, "one call for the first token, one for the refresh");
+  assert.equal(fetch.calls.length, 6);
+});
+
+test("a fresh token refused too ends in the 401, without a loop", async () => {
+  const log = running(2);
+  const getToken = tokens();
+  const fetch = setup(log, {
+    "/api/jobs/nope": () => [401, { detail: "token signature invalid" }],
+  }, { token: getToken });
+  await assert.rejects(client.job("nope"), (e) => e.status === 401);
+  assert.equal(getToken.calls, 2);
+  assert.equal(fetch.calls.filter((c) => c.path === "/api/jobs/nope").length, 2);
+
+  // The socket: closed 4401, reconnected with a fresh token, refused again at once.
+  const errors = [];
+  client.watch(log.id, () => {}, { onError: (e) => errors.push(e) });
+  await until(() => FakeSocket.all.length === 1, "socket");
+  FakeSocket.last.open();
+  await until(() => FakeSocket.last.ops("subscribe").length === 1, "subscribe");
+  FakeSocket.last.message({ op: "subscribed", job: log.id, after: 3 });
+  FakeSocket.last.drop(4401, "token expired: reconnect with a fresh token");
+  await until(() => FakeSocket.all.length === 2, "a new socket");
+  FakeSocket.last.open();
+  FakeSocket.last.drop(4401, "token signature invalid");
+  await until(() => errors.length === 1, "the watcher hears the 401");
+  assert.equal(errors[0].status, 401);
+  await tick(30);
+  assert.equal(FakeSocket.all.length, 2, "no reconnect loop");
+  assert.equal(client.state, "idle");
+});

@@ -36,10 +36,10 @@ export class FakeSocket {
     this.onmessage?.({ data: JSON.stringify(obj) });
   }
 
-  drop() {
+  drop(code = 1006, reason = "") {
     if (this.readyState === 3) return;
     this.readyState = 3;
-    this.onclose?.({ code: 1006 });
+    this.onclose?.({ code, reason });
   }
 
   ops(op) {

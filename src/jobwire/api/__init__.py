@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from jobwire.api import jobs, live, metrics, pages
+from jobwire.api import admin, jobs, live, metrics, pages
 from jobwire.api.auth import Authenticate
 from jobwire.api.headers import SecurityHeaders
 from jobwire.api.identity import Identity
@@ -50,6 +50,7 @@ def create_api(rt: Runtime, *, authenticate: Authenticate | None = None,
     api.state.session_rate = RateLimit.parse(settings.session_rate)
     api.state.identity = Identity(settings)
     api.include_router(jobs.router)
+    api.include_router(admin.router)
     api.include_router(live.router)
     api.include_router(metrics.router)
     api.include_router(pages.router)

@@ -6,6 +6,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from jobwire import periodic
+from jobwire.api import cursor
 from jobwire.api.auth import (
     COOKIE,
     bearer_token,
@@ -15,9 +16,11 @@ from jobwire.api.auth import (
     owner_of,
 )
 from jobwire.api.bodies import BodyRoute
+from jobwire.api.cursor import MAX_CURSOR
 from jobwire.api.deps import CallerDep, JobId, Owner, Reader, RuntimeDep, owned_job
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
+    NO_NUL,
     ClaimOut,
     ClaimRequest,
     ErrorOut,
@@ -34,6 +37,8 @@ from jobwire.runtime import EVERY_OWNER, ID_PREFIX, MAX_LIST, NotFound, StatusFi
 from jobwire.store import OwnerConflict
 
 router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
+
+NEXT_CURSOR = "X-Next-Cursor"
 
 
 @router.post("/sessions", status_code=201, response_model=SessionOut, responses={
@@ -105,30 +110,56 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
                                 "description": "seconds to wait before submitting again",
                                 "schema": {"type": "integer"}}}}})
 async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
+    """A job, run as soon as a worker is free, or not before `delay` seconds (measured by
+    the database's clock) or `run_at`. Dedup applies to a delayed job like any other."""
     job, created = await rt.submit_checked(who, body)
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")
 
 
-@router.get("/jobs", response_model=list[JobOut], responses=errors(400, 401, 403))
-async def list_jobs(rt: RuntimeDep, who: Reader, status: StatusFilter | None = None,
+@router.get("/jobs", response_model=list[JobOut], responses={
+    200: {"description": "a page of jobs, newest first", "headers": {NEXT_CURSOR: {
+        "description": "present when the page is full: pass it as `before` for the next",
+        "schema": {"type": "string"}}}},
+    **errors(400, 401, 403)})
+async def list_jobs(rt: RuntimeDep, who: Reader, response: Response,
+                    status: StatusFilter | None = None,
                     limit: int = Query(50, ge=1, le=MAX_LIST),
                     owner: str | None = Query(None, max_length=210),
-                    id_prefix: str | None = Query(None, pattern=ID_PREFIX)
+                    id_prefix: str | None = Query(None, pattern=ID_PREFIX),
+                    task: str | None = Query(None, min_length=1, max_length=200,
+                                             pattern=NO_NUL),
+                    since: float | None = Query(None, ge=0, allow_inf_nan=False),
+                    until: float | None = Query(None, ge=0, allow_inf_nan=False),
+                    before: str | None = Query(None, max_length=MAX_CURSOR)
                     ) -> list[dict[str, object]]:
     """The caller's jobs, newest first. `status=active` is queued and running only;
-    `id_prefix` keeps the ids starting with it (a short id as the dashboard shows it).
-    The service key without X-Jobwire-Owner lists every owner's, or `owner`'s."""
+    `id_prefix` keeps the ids starting with it (a short id as the dashboard shows it);
+    `task`, and `since`/`until` (epoch seconds: created in [since, until)) filter.
+    The service key without X-Jobwire-Owner lists every owner's, or `owner`'s.
+    A full page has an X-Next-Cursor header: `before=` it resumes after the page's last
+    job, so jobs created meanwhile never shift a page (the list itself stays a list)."""
     if owner is not None:
         if who is not None:
             raise HTTPException(403, "the owner filter is for the service key without "
                                      "X-Jobwire-Owner")
-        if valid_owner(owner) is None and owner != periodic.OWNER:
-            raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
-        who = owner
-    jobs = await rt.list(EVERY_OWNER if who is None else who, status, limit, id_prefix)
+        who = listable_owner(owner)
+    if since is not None and until is not None and until <= since:
+        raise cursor.invalid("until", "must be after since")
+    jobs = await rt.list(EVERY_OWNER if who is None else who, status, limit, id_prefix,
+                         task=task, since=since, until=until,
+                         before=None if before is None else cursor.decode(before))
+    if len(jobs) == limit:
+        response.headers[NEXT_CURSOR] = cursor.encode(jobs[-1])
     return [j.snapshot() for j in jobs]
+
+
+def listable_owner(owner: str) -> str:
+    """`owner` if the service key may list it: a session's owner or the periodic jobs'."""
+    if valid_owner(owner) is None and owner != periodic.OWNER:
+        raise HTTPException(400, f"owner must be user:<id>, guest:<id> or {periodic.OWNER}")
+    return owner
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))

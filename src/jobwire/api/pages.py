@@ -1,4 +1,4 @@
-"""The page at `/` and the sample posts the demo's extract_post task reads offline."""
+"""The pages at `/` and `/admin`, and the sample posts the demo's extract_post reads."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ async def index() -> FileResponse:
     from jobwire.api import STATIC
 
     return FileResponse(STATIC / "index.html")
+
+
+@router.get("/admin")
+async def admin() -> FileResponse:
+    """The operator view: static, so it asks for the service key before it shows anything."""
+    from jobwire.api import STATIC
+
+    return FileResponse(STATIC / "admin.html")
 
 
 @router.get("/demo/posts/{n}", response_class=HTMLResponse)

@@ -57,6 +57,8 @@ class JobOut(BaseModel):
     created_at: str
     updated_at: str
     finished_at: str | None = None
+    run_at: str | None = Field(default=None, description=(
+        "not started before this (a delayed submit, or a retry's backoff); null: at once"))
 
 
 class SubmitOut(BaseModel):

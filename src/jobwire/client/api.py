@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -105,10 +106,15 @@ class Api:
         await self.request("GET", "/api/jobs", auth=False, params={"limit": 1},
                            headers={"Authorization": f"Bearer {token}"})
 
-    async def submit(self, task: str, input: JSON, key: str | None) -> tuple[dict[str, JSON], bool]:
+    async def submit(self, task: str, input: JSON, key: str | None, delay: float | None = None,
+                     run_at: datetime | str | None = None) -> tuple[dict[str, JSON], bool]:
         body: dict[str, JSON] = {"task": task, "input": input}
         if key is not None:
             body["key"] = key
+        if delay is not None:
+            body["delay"] = delay
+        if run_at is not None:
+            body["run_at"] = run_at.isoformat() if isinstance(run_at, datetime) else run_at
         data = await self.json("POST", "/api/jobs", json=body)
         return data["job"], bool(data["created"])
 

@@ -76,6 +76,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("task")
     p.add_argument("--input", default="null", help="the job's input as JSON")
     p.add_argument("--key", help="dedup key: an active job with it is reused")
+    p.add_argument("--delay", type=float, metavar="S",
+                   help="start it no sooner than S seconds from now")
     p.add_argument("--watch", action="store_true", help="then follow it like `watch`")
     job_parser("watch", "follow a job live until it ends")
     p = client_parser("jobs", "list your jobs, newest first")
@@ -138,8 +140,9 @@ async def _submit(client: Client, args: argparse.Namespace) -> int:
         value = json.loads(args.input)
     except ValueError as exc:
         raise JobwireError(f"--input is not valid JSON: {exc}") from None
-    job, created = await client.submit(args.task, value, args.key)
-    say(f"job {job['id']} " + ("created" if created else
+    job, created = await client.submit(args.task, value, args.key, delay=args.delay)
+    when = f", to run at {job['run_at']}" if job.get("run_at") else ""
+    say(f"job {job['id']} " + (f"created{when}" if created else
                                f"reused (already {job['status']} with key {job['key']})"))
     return await _follow(client, str(job["id"])) if args.watch else 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from jobwire.client.api import Api
 from jobwire.client.backoff import Backoff
-from jobwire.client.errors import Unauthorized, Unavailable, api_error
+from jobwire.client.errors import JobwireError, Unauthorized, Unavailable, api_error
 from jobwire.client.feed import Feed
 from jobwire.client.poller import Poller
 
@@ -46,12 +46,19 @@ class Connection:
     the socket fails (refused, a proxy rejects the upgrade, or it closes before any
     message, as with the server's 4429) each feed gets a poller until a later socket
     delivers its first message; the socket is retried with backoff.
+
+    With `renew_token` every socket opens with a token it returns, and a socket closed
+    4401 (the token expired) is replaced like any other; only when the next one is
+    closed 4401 too before it worked do the feeds fail, rather than loop.
     """
 
     def __init__(self, url: str, api: Api, backoff: Callable[[], Backoff],
-                 poll_wait: float) -> None:
+                 poll_wait: float,
+                 renew_token: Callable[[], Awaitable[str]] | None = None) -> None:
         self.url = url
         self.api = api
+        self.renew_token = renew_token
+        self._refused = False  # a socket closed 4401 and none has worked since
         self.poll_wait = poll_wait
         self._backoff_factory = backoff
         self._backoff = backoff()
@@ -116,9 +123,10 @@ class Connection:
         while True:
             await self._wanted.wait()
             try:
+                token = self.api.token if self.renew_token is None else await self.renew_token()
                 ws = await connect(self.url, open_timeout=10, max_size=None,
-                                   additional_headers={"Authorization": f"Bearer {self.api.token}"})
-            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                                   additional_headers={"Authorization": f"Bearer {token}"})
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, JobwireError) as exc:
                 log.debug("cannot open %s (%s): long-polling", self.url, exc)
                 self._start_polling()
             else:
@@ -143,15 +151,19 @@ class Connection:
                         worked = True
                         self._stop_polling()
                         self._backoff.reset()  # the next drop retries quickly
+                        self._refused = False
                     self._dispatch(raw)
         except ConnectionClosed:
             pass
         finally:
             self._ws = None
             writer.cancel()
-        if ws.close_code == BAD_TOKEN:
+        if ws.close_code == BAD_TOKEN and (self.renew_token is None or self._refused):
+            self._refused = False
             for feed in list(self.feeds.values()):
                 feed.fail(Unauthorized(401, ws.close_reason or "invalid or expired token"))
+        elif ws.close_code == BAD_TOKEN:
+            self._refused = True  # the next socket asks for a fresh token
         log.debug("socket closed (%s): reconnecting", ws.close_code)
         return worked
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import datetime
 from types import TracebackType
 
 import httpx
@@ -19,19 +21,25 @@ from jobwire.client.flight import SingleFlight
 from jobwire.client.session import SessionFile
 from jobwire.client.snapshot import JSON, Snapshot
 
+# What an identity SDK offers for short-lived tokens (getToken): each call returns a valid one.
+TokenSource = Callable[[], str | Awaitable[str]]
+
 
 class Client:
     """A jobwire client for one server.
 
     Without `token` it uses the guest session saved in `state_file` for this URL, or
-    creates one on first use (and saves it). With `state_file` it also records which
-    jobs it watches, so `recover()` in a restarted process resumes them.
+    creates one on first use (and saves it). `token` may be a function (sync or async)
+    returning a short-lived token: it is called before each WebSocket and once after a
+    401 or a close for an expired token, so the client outlives every token it uses.
+    With `state_file` it also records which jobs it watches, so `recover()` in a
+    restarted process resumes them.
     `ws_url`, `poll_wait`, `backoff` (base, cap seconds) and the httpx `transport` tune
     how it talks to the server. A watcher that falls more than `backlog` states behind
     skips its oldest ones (it always gets the latest and the terminal state).
     """
 
-    def __init__(self, url: str, token: str | None = None, *,
+    def __init__(self, url: str, token: str | TokenSource | None = None, *,
                  state_file: str | os.PathLike[str] | None = None,
                  ws_url: str | None = None, poll_wait: float = 25.0,
                  backoff: tuple[float, float] = (0.2, 10.0),
@@ -39,17 +47,22 @@ class Client:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.session = SessionFile(state_file, self.url) if state_file is not None else None
-        # A token given by the caller is theirs to replace; a guest one we renew ourselves.
-        renew = self._guest_token if token is None else None
+        # A token given by the caller is theirs to replace; a guest one we renew ourselves,
+        # and one from the caller's function by calling it again.
+        self._source = token if callable(token) else None
+        fixed = token if isinstance(token, str) else None
+        renew = self._renew if fixed is None else None
         if token is None and self.session is not None:
-            token = self.session.token
+            fixed = self.session.token
         self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
-        self.api = Api(self.http, token, renew)
-        self._new_session = SingleFlight(self._create_session)
+        self.api = Api(self.http, fixed, renew)
+        self._new_token = SingleFlight(self._create_session if self._source is None
+                                       else self._ask_source)
         self._recovering = SingleFlight(self._recover)
         self._backoff = backoff
         self.connection = Connection(ws_url or ws_url_of(self.url), self.api,
-                                     self._new_backoff, poll_wait)
+                                     self._new_backoff, poll_wait,
+                                     self._socket_token if self._source is not None else None)
         self.feeds: dict[str, Feed] = {}
         self.backlog = backlog
 
@@ -60,10 +73,26 @@ class Client:
     def _new_backoff(self) -> Backoff:
         return Backoff(*self._backoff)
 
-    async def _guest_token(self, rejected: str | None) -> str:
+    async def _renew(self, rejected: str | None) -> str:
         if self.api.token is not None and self.api.token != rejected:
             return self.api.token  # another call already replaced it
-        return await self._new_session()
+        return await self._new_token()
+
+    async def _ask_source(self) -> str:
+        assert self._source is not None
+        token = self._source()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str) or not token:
+            raise JobwireError(f"the token function returned {type(token).__name__}, "
+                               "not a token string")
+        return token
+
+    async def _socket_token(self) -> str:
+        """A fresh token for a new socket: the last one may expire while it is open."""
+        self.api.authorize(await self._renew(self.api.token))
+        assert self.api.token is not None
+        return self.api.token
 
     async def _create_session(self) -> str:
         token, owner = await self.api.new_session()
@@ -85,6 +114,7 @@ class Client:
             except SessionNotFound:
                 pass  # expired, so nothing to bring; the server did accept the user's token
         self.api.renew = None  # a user's token is not ours to replace with a guest one
+        self.connection.renew_token = self._source = None
         self.api.authorize(user_token)
         if self.session is not None:
             self.session.save_token(user_token, owner, keep_jobs=True)
@@ -92,11 +122,14 @@ class Client:
 
     # --- jobs -------------------------------------------------------------------------
 
-    async def submit(self, task: str, input: JSON = None, key: str | None = None
+    async def submit(self, task: str, input: JSON = None, key: str | None = None, *,
+                     delay: float | None = None, run_at: datetime | str | None = None
                      ) -> tuple[dict[str, JSON], bool]:
         """(job snapshot, created): created is False when an active job of this owner,
-        task and key already existed and is returned instead."""
-        return await self.api.submit(task, input, key)
+        task and key already existed and is returned instead. With `delay` (seconds) or
+        `run_at` (an aware datetime, or ISO 8601 text with a zone) the job does not start
+        before then."""
+        return await self.api.submit(task, input, key, delay, run_at)
 
     async def jobs(self, status: str | None = None, limit: int = 50,
                    id_prefix: str | None = None) -> list[dict[str, JSON]]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
-from jobwire.client.core import Client
+from jobwire.client.core import Client, TokenSource
 from jobwire.client.snapshot import JSON, Snapshot
 
 T = TypeVar("T")
@@ -22,7 +23,7 @@ class SyncClient:
     """Same calls as `Client`, blocking; `watch` is a plain iterator. Call `close()` (or use
     it as a context manager) to stop its thread."""
 
-    def __init__(self, url: str, token: str | None = None, **options: Any) -> None:
+    def __init__(self, url: str, token: str | TokenSource | None = None, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="jobwire-client")
@@ -30,15 +31,16 @@ class SyncClient:
         self.client: Client = self._run(self._make(url, token, options))
 
     @staticmethod
-    async def _make(url: str, token: str | None, options: dict[str, Any]) -> Client:
+    async def _make(url: str, token: str | TokenSource | None, options: dict[str, Any]) -> Client:
         return Client(url, token, **options)  # built on its loop: its asyncio objects live there
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def submit(self, task: str, input: JSON = None, key: str | None = None
+    def submit(self, task: str, input: JSON = None, key: str | None = None, *,
+               delay: float | None = None, run_at: datetime | str | None = None
                ) -> tuple[dict[str, JSON], bool]:
-        return self._run(self.client.submit(task, input, key))
+        return self._run(self.client.submit(task, input, key, delay=delay, run_at=run_at))
 
     def login(self, user_token: str) -> int:
         return self._run(self.client.login(user_token))

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from jobwire import Context, ItemStatus, Jobwire
 from jobwire.demo.audio import features
 from jobwire.demo.posts import POSTS, extract, render_post
-from jobwire.netguard import FetchError, Page, fetch, redact
+from jobwire.netguard import FetchError, Page, Unavailable, fetch, redact
 from jobwire.settings import Settings
 
 jobwire = Jobwire()
@@ -82,7 +82,9 @@ def sample_post(url: str) -> Page | None:
 
 
 # Keyed by the URL as it may be quoted: the key is in every job listing and event.
-@jobwire.task(input=Post, key=lambda post: redact(post.url))
+# Retried (with backoff) only when the fetch may work later: a 404 or a refused address
+# fails at once.
+@jobwire.task(input=Post, key=lambda post: redact(post.url), retry_on=(Unavailable,))
 async def extract_post(ctx: Context, input: Post) -> dict[str, object]:
     """Title, text and links of a web page (the same URL while active is one job)."""
     await ctx.declare(["fetch", "extract"])
@@ -94,7 +96,9 @@ async def extract_post(ctx: Context, input: Post) -> dict[str, object]:
             input.url, max_bytes=MAX_PAGE_BYTES, deadline=settings.fetch_deadline,
             allow_private=settings.fetch_allow_private)
     except FetchError as exc:
-        await ctx.failed("fetch", str(exc))
+        # An item that failed stays failed: only when no attempt follows.
+        if not isinstance(exc, Unavailable) or ctx.final_attempt:
+            await ctx.failed("fetch", str(exc))
         raise
     await ctx.done("fetch", {"status": page.status, "bytes": len(page.body)})
     ctx.raise_if_cancelled()

@@ -111,9 +111,12 @@ class Store(Protocol):
 
     # -- the API's side
     async def submit(
-        self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int
+        self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int,
+        delay: float = 0.0, run_at: float | None = None,
     ) -> tuple[Job, bool]:
         """Create a job, or return the active job of (owner, task, key) with created=False.
+        A job given `run_at` (epoch seconds), or a `delay` (seconds from the database's
+        clock; on SQLite the writing process's), is not claimed before then.
         TooManyActive, creating nothing, if the owner has `max_active_jobs` active jobs
         (joining an active job by its key is never refused). A new job's fairness rank is
         the owner's number of active jobs: claims take low ranks first."""
@@ -132,10 +135,14 @@ class Store(Protocol):
 
     async def list_jobs(
         self, owner: str | None, statuses: Collection[Status] | None, limit: int,
-        id_prefix: str | None = None,
+        id_prefix: str | None = None, *, task: str | None = None,
+        since: float | None = None, until: float | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[Job]:
-        """The owner's jobs (every owner's when None), newest first; with `id_prefix`, only
-        ids starting with it."""
+        """The owner's jobs (every owner's when None), newest first: by (created_at, id)
+        descending, so `before` (a page's last row) resumes exactly after it whatever was
+        inserted meanwhile. With `id_prefix`, only ids starting with it; `task`, created
+        in [since, until) when given."""
 
     async def job_with_items(self, job_id: str, owner: str | None = None
                              ) -> tuple[Job, list[Item]] | None:
@@ -154,8 +161,9 @@ class Store(Protocol):
     async def claim(
         self, worker: str, tasks: Collection[str], limit: int, lease_seconds: float
     ) -> list[Job]:
-        """Start up to `limit` queued jobs of `tasks`, lowest fairness rank first, then
-        oldest first: an owner's first active job overtakes another owner's backlog."""
+        """Start up to `limit` queued jobs of `tasks` whose run_at has come, lowest fairness
+        rank first, then oldest first: an owner's first active job overtakes another
+        owner's backlog."""
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         """Extend the leases still held; returns {job id: cancel_requested} for those."""
@@ -173,8 +181,14 @@ class Store(Protocol):
         self, lease: Lease, status: Status, result: JSON = None, error: str | None = None
     ) -> Written: ...
 
+    async def retry(self, lease: Lease, error: str, delay: float) -> Written:
+        """Requeue the job after its attempt failed with `error`, not to be claimed for
+        `delay` seconds (from the database's clock); items the attempt left running go
+        back to pending. Writes a `retrying` event with the attempt, error and run_at."""
+
     # -- maintenance
-    async def count_by_status(self) -> dict[str, int]: ...
+    async def count_by_status(self, owner: str | None = None) -> dict[str, int]:
+        """Jobs by status: every owner's, or `owner`'s."""
 
     async def expire_leases(self) -> int:
         """Requeue (or fail after max_attempts, or cancel if asked) jobs whose lease ran out."""

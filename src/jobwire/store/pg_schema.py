@@ -99,6 +99,23 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS tickets_expiry ON tickets (expires_at);
     """,
+    # Pages of a listing by (created_at, id), an owner's and every owner's (the operator
+    # view): each walks an index in order from the cursor, whatever the table's size.
+    """
+    DROP INDEX IF EXISTS jobs_by_owner;
+    CREATE INDEX jobs_by_owner ON jobs (owner, created_at DESC, id DESC);
+    CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at DESC, id DESC);
+    """,
+    # Delayed jobs and retries after a backoff (see PostgresStore.claim). A `waiting` job
+    # is queued but may not be claimed before its `run_at`: it is indexed by run_at alone,
+    # so claims never scan the jobs whose time has not come.
+    """
+    ALTER TABLE jobs ADD COLUMN run_at double precision;
+    ALTER TABLE jobs ADD COLUMN waiting boolean NOT NULL DEFAULT false;
+    DROP INDEX jobs_queue;
+    CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued' AND NOT waiting;
+    CREATE INDEX jobs_waiting ON jobs (run_at) WHERE status = 'queued' AND waiting;
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

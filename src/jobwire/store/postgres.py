@@ -49,6 +49,7 @@ from jobwire.model import (
     check_item_transition,
     check_job_transition,
     counts_delta,
+    iso,
     item_sources,
     now,
 )
@@ -71,6 +72,7 @@ from jobwire.store.pg_listen import HOST_ORIGIN, Listener, channel_of, note_sql
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    PROMOTE_BATCH,
     active_job_sql,
     clash_error,
     dumps,
@@ -85,6 +87,7 @@ from jobwire.store.rows import (
     lease_expired_error,
     lease_lost,
     make_event,
+    retrying_data,
 )
 
 log = logging.getLogger("jobwire.store.postgres")
@@ -100,6 +103,25 @@ CONNECT_TIMEOUT = 10.0
 # never expire each other's leases early.
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 _LEASE = "status = 'running' AND worker = %s AND attempt = %s"
+# Times to wait until are kept to the millisecond, so that this statement's rendering
+# of one (`_iso`) and Python's (`model.iso`, the snapshot's) agree to the character.
+_DUE = "round(({})::numeric, 3)::float8"
+
+
+def _iso(expr: str) -> str:
+    """An epoch-seconds expression as `model.iso` renders it, for event data made in SQL."""
+    return (f"to_char(to_timestamp({expr}) AT TIME ZONE 'UTC', "
+            "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+
+
+# Waiting jobs whose run_at has come join the claimable ones (the index of the fairness
+# order); found through their own index, only those that are due. now() (the statement's
+# start, in autocommit), not clock_timestamp(): a volatile bound is no index condition,
+# and the scan would filter every waiting job.
+_PROMOTE = (
+    "UPDATE jobs SET waiting = false WHERE id IN (SELECT id FROM jobs "
+    "WHERE status = 'queued' AND waiting AND run_at <= extract(epoch FROM now()) "
+    "ORDER BY run_at LIMIT %s FOR UPDATE SKIP LOCKED)")
 # The jobs that the rows of `leases` (job, worker, attempt) still hold, locked in id
 # order like every statement that waits for several job rows (see the module's doc).
 _HELD_SQL = ("SELECT jobs.id FROM jobs JOIN leases ON jobs.id = leases.job "
@@ -157,7 +179,8 @@ def _submit_sqls(origin: str, schema: str | None) -> tuple[str, str]:
     (refused)."""
     prefix = "" if schema is None else '"{}".'.format(schema.replace('"', '""'))
     jobs = prefix + "jobs"
-    data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key")
+    data = event_data_sql("'queued'", "0", "0", "0", task="task", key="key",
+                          run_at=_iso("run_at"))
     refused = ", ".join(["NULL"] * (JOB_COLUMNS.count(",") + 3))
     return _LOCK_OWNER.replace("{jobs}", jobs), (
         f"WITH existing AS (SELECT {JOB_COLUMNS} FROM {jobs} WHERE owner = %s "
@@ -165,9 +188,13 @@ def _submit_sqls(origin: str, schema: str | None) -> tuple[str, str]:
         # Counted through the partial index of active jobs, and never past the cap.
         f"active AS (SELECT count(*) AS n FROM (SELECT FROM {jobs} WHERE owner = %s "
         f"AND status IN {ACTIVE_SQL} LIMIT %s) AS counted), "
+        # A given run_at, or the delay from the database's clock, or none.
+        "due AS (SELECT "
+        + _DUE.format(f"coalesce(%s::float8, {_DB_NOW} + %s::float8)") + " AS due), "
         f"new AS (INSERT INTO {jobs} (id, task, key, owner, status, input, max_attempts, "
-        "seq, rank, created_at, updated_at) SELECT %s, %s, %s, %s, 'queued', %s, %s, 1, "
-        "n, %s, %s FROM active WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
+        "seq, rank, created_at, updated_at, run_at, waiting) SELECT %s, %s, %s, %s, "
+        "'queued', %s, %s, 1, n, %s, %s, due, due IS NOT NULL FROM active, due "
+        "WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
         f"AND {_OWNER_LOCKED} "
         "ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
         f"AND status IN {ACTIVE_SQL} DO NOTHING RETURNING {JOB_COLUMNS}), "
@@ -190,12 +217,16 @@ class _Submission:
     key: str | None
     max_attempts: int
     cap: int
+    delay: float = 0.0  # seconds from the database's clock; or
+    run_at: float | None = None  # epoch seconds
 
     def statements(self, at: float) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         owner, task, key, cap = self.owner, self.task, self.key, self.cap
         lock, submit = self.sqls
         return ((lock, (owner, owner, task, key)),
-                (submit, (owner, task, key, owner, cap, uuid.uuid4().hex, task, key, owner,
+                (submit, (owner, task, key, owner, cap,
+                          self.run_at, self.delay if self.delay > 0 else None,
+                          uuid.uuid4().hex, task, key, owner,
                           Json(self.input, dumps), self.max_attempts, at, at, cap,
                           self.channel, cap)))
 
@@ -526,9 +557,11 @@ class PostgresStore:
     # -- the API's side
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
-                     max_attempts: int) -> tuple[Job, bool]:
+                     max_attempts: int, delay: float = 0.0,
+                     run_at: float | None = None) -> tuple[Job, bool]:
         sub = _Submission(_submit_sqls(self.listener.origin, None), self.listener.channel,
-                          owner, task, input, key, max_attempts, self.max_active_jobs)
+                          owner, task, input, key, max_attempts, self.max_active_jobs,
+                          delay, run_at)
         while True:
             at = now()
             lock, submit = sub.statements(at)
@@ -568,7 +601,7 @@ class PostgresStore:
             row = await cur.fetchone()
             assert row is not None  # INSERT … RETURNING: the row it inserted
             job = job_from_row(row, decode=False)
-            data = event_data(Status.QUEUED, 0, 0, 0, task=task, key=key)
+            data = event_data(Status.QUEUED, 0, 0, 0, task=task, key=key, run_at=None)
             return (job, True), [make_event(job.id, 1, EventType.CREATED, data, at)]
 
         return await self._transact(fire)
@@ -578,7 +611,9 @@ class PostgresStore:
             return await self._find(conn, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int, id_prefix: str | None = None) -> list[Job]:
+                        limit: int, id_prefix: str | None = None, *, task: str | None = None,
+                        since: float | None = None, until: float | None = None,
+                        before: tuple[float, str] | None = None) -> list[Job]:
         query = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true"
         params: list[Any] = []
         if owner is not None:  # (not `owner = coalesce(%s, owner)`: that skips the index)
@@ -590,7 +625,15 @@ class PostgresStore:
         if statuses is not None:
             query += " AND status = ANY(%s)"
             params.append([s.value for s in statuses])
-        rows = await self._query(query + " ORDER BY created_at DESC, id LIMIT %s",
+        for clause, value in (("task = %s", task), ("created_at >= %s", since),
+                              ("created_at < %s", until)):
+            if value is not None:
+                query += f" AND {clause}"
+                params.append(value)
+        if before is not None:  # a row comparison: one range scan of the index
+            query += " AND (created_at, id) < (%s, %s)"
+            params += before
+        rows = await self._query(query + " ORDER BY created_at DESC, id DESC LIMIT %s",
                                  (*params, limit))
         return [job_from_row(r, decode=False) for r in rows]
 
@@ -612,9 +655,13 @@ class PostgresStore:
         return (job_from_row(rows[0], decode=False),
                 [item_from_row(r, decode=False) for r in rows[0][-1]])
 
-    async def count_by_status(self) -> dict[str, int]:
-        return {str(s): int(n) for s, n in await self._query(
-            "SELECT status, count(*) FROM jobs GROUP BY status")}
+    async def count_by_status(self, owner: str | None = None) -> dict[str, int]:
+        if owner is None:
+            rows = await self._query("SELECT status, count(*) FROM jobs GROUP BY status")
+        else:
+            rows = await self._query("SELECT status, count(*) FROM jobs WHERE owner = %s "
+                                     "GROUP BY status", (owner,))
+        return {str(s): int(n) for s, n in rows}
 
     async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
         rows = await self._query(
@@ -668,8 +715,12 @@ class PostgresStore:
             return []
 
         at = now()
-        rows = await self._query(self._claim_sql, (
-            list(tasks), limit, worker, lease_seconds, at, self.listener.channel))
+        async with self._connection() as conn, conn.pipeline():
+            # Two statements, one round trip: the claim's snapshot sees what was promoted.
+            await conn.execute(_PROMOTE, (PROMOTE_BATCH,))
+            cur = await conn.execute(self._claim_sql, (
+                list(tasks), limit, worker, lease_seconds, at, self.listener.channel))
+            rows = await cur.fetchall()
         jobs = [job_from_row(row, decode=False) for row in rows]
         self._publish([Event(job=job.id, seq=job.seq, type=EventType.STARTED.value,
                              data=row[-1], at=at) for job, row in zip(jobs, rows, strict=True)])
@@ -682,7 +733,8 @@ class PostgresStore:
         data = event_data_sql("'running'", "total", "done", "failed", attempt="attempt")
         return (
             "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
-            "AND task = ANY(%s) ORDER BY rank, created_at LIMIT %s FOR UPDATE SKIP LOCKED), "
+            "AND NOT waiting AND task = ANY(%s) ORDER BY rank, created_at LIMIT %s "
+            "FOR UPDATE SKIP LOCKED), "
             "claimed AS (UPDATE jobs SET status = 'running', attempt = attempt + 1, "
             f"worker = %s, lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
             f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}), "
@@ -890,6 +942,27 @@ class PostgresStore:
             + _with_events(self.listener.origin, "ended", "status", data,
                            "id, seq, cancel_requested"))
 
+    async def retry(self, lease: Lease, error: str, delay: float) -> Written:
+        async def retry(conn: Conn) -> tuple[Written, list[Event]]:
+            at = now()
+            cur = await conn.execute(
+                "UPDATE jobs SET status = 'queued', error = %s, worker = NULL, "
+                "lease_until = NULL, waiting = true, run_at = "
+                + _DUE.format(f"{_DB_NOW} + %s") + ", seq = seq + 1, updated_at = %s "
+                f"WHERE id = %s AND {_LEASE} "
+                "RETURNING seq, total, done, failed, cancel_requested, run_at",
+                (_text(error), delay, at, lease.job, lease.worker, lease.attempt))
+            row = await cur.fetchone()
+            if row is None:
+                raise lease_lost(lease)
+            seq, total, done, failed, cancel, run_at = row
+            ev = make_event(lease.job, seq, EventType.RETRYING, retrying_data(
+                total, done, failed, lease.attempt, _text(error) or "", iso(run_at),
+                await _reset_running(conn, lease.job)), at)
+            return Written([ev], cancel), [ev]
+
+        return await self._transact(retry)
+
     # -- maintenance
 
     async def expire_leases(self) -> int:
@@ -905,17 +978,26 @@ class PostgresStore:
                 outcome = expiry_outcome(attempt, max_attempts, cancel)
                 error = lease_expired_error(attempt, max_attempts)
                 reset = await _reset_running(conn, job_id)
+                # Retried at once (run_at now, not waiting): the worker died, not the task.
+                retried = outcome == Status.QUEUED
                 job_cur = await conn.execute(
                     "UPDATE jobs SET status = %s, error = %s, worker = NULL, lease_until = NULL, "
-                    "seq = seq + 1, updated_at = %s, finished_at = %s WHERE id = %s "
+                    "seq = seq + 1, updated_at = %s, finished_at = %s, "
+                    "run_at = CASE WHEN %s THEN %s ELSE run_at END WHERE id = %s "
                     "RETURNING seq, total, done, failed",
-                    (outcome.value, error, at, at if outcome.terminal else None, job_id))
+                    (outcome.value, error, at, at if outcome.terminal else None, retried, at,
+                     job_id))
                 row = await job_cur.fetchone()
                 assert row is not None  # locked above
                 seq, total, done, failed = row
-                kind = EventType.RETRYING if outcome == Status.QUEUED else EventType(outcome.value)
-                events.append(make_event(job_id, seq, kind, event_data(
-                    outcome, total, done, failed, error=error, attempt=attempt, reset=reset), at))
+                if retried:
+                    kind, data = EventType.RETRYING, retrying_data(
+                        total, done, failed, attempt, error, iso(at), reset)
+                else:
+                    kind, data = EventType(outcome.value), event_data(
+                        outcome, total, done, failed, error=error, attempt=attempt,
+                        reset=reset)
+                events.append(make_event(job_id, seq, kind, data, at))
             return len(events), events
 
         return await self._transact(expire)

@@ -12,7 +12,7 @@ from jobwire.store.base import Lease, LeaseLost
 
 JOB_COLUMNS = (
     "id, task, key, owner, status, input, total, done, failed, result, error, info, "
-    "attempt, max_attempts, seq, cancel_requested, created_at, updated_at, finished_at"
+    "attempt, max_attempts, seq, cancel_requested, created_at, updated_at, finished_at, run_at"
 )
 
 
@@ -33,7 +33,7 @@ def job_from_row(row: Sequence[Any], decode: bool = True) -> Job:
         input=conv(row[5]), progress=Progress(row[6], row[7], row[8]),
         result=conv(row[9]), error=row[10], info=conv(row[11]), attempt=row[12],
         max_attempts=row[13], seq=row[14], cancel_requested=bool(row[15]),
-        created_at=row[16], updated_at=row[17], finished_at=row[18],
+        created_at=row[16], updated_at=row[17], finished_at=row[18], run_at=row[19],
     )
 
 
@@ -47,6 +47,14 @@ def event_data(status: Status | str, total: int, done: int, failed: int,
     """Every event states the job's status and counts after it, so clients never derive them."""
     return {"status": str(status), "progress": {"total": total, "done": done, "failed": failed},
             **extra}
+
+
+def retrying_data(total: int, done: int, failed: int, attempt: int, error: str,
+                  run_at: str | None, reset: list[str]) -> dict[str, JSON]:
+    """The one shape of a `retrying` event, after an error or a lost lease: the attempt
+    that ended, its error, when the next may start, and the items put back to pending."""
+    return event_data(Status.QUEUED, total, done, failed, attempt=attempt, error=error,
+                      run_at=run_at, reset=reset)
 
 
 def item_change(ref: str, item: ItemStatus, result: JSON, error: str | None
@@ -93,6 +101,11 @@ def lease_lost(lease: Lease) -> LeaseLost:
 
 def lease_expired_error(attempt: int, max_attempts: int) -> str:
     return f"worker lost: lease expired during attempt {attempt} of {max_attempts}"
+
+
+# At most this many jobs whose run_at has come are made claimable by one claim: a claim
+# stays short however many come due at once; the rest follow with the next claims.
+PROMOTE_BATCH = 1000
 
 
 def expiry_outcome(attempt: int, max_attempts: int, cancel_requested: bool) -> Status:

@@ -31,6 +31,7 @@ from jobwire.model import (
     check_item_transition,
     check_job_transition,
     counts_delta,
+    iso,
     now,
 )
 from jobwire.settings import Settings
@@ -47,6 +48,7 @@ from jobwire.store.base import (
 )
 from jobwire.store.rows import (
     JOB_COLUMNS,
+    PROMOTE_BATCH,
     active_job_sql,
     clash_error,
     dumps,
@@ -61,6 +63,7 @@ from jobwire.store.rows import (
     lease_lost,
     loads,
     make_event,
+    retrying_data,
 )
 
 T = TypeVar("T")
@@ -165,6 +168,23 @@ MIGRATIONS: list[str] = [
         expires_at REAL NOT NULL
     );
     CREATE INDEX IF NOT EXISTS tickets_expiry ON tickets (expires_at);
+    """,
+    # Pages of a listing by (created_at, id), an owner's and every owner's (the operator
+    # view): each walks an index in order from the cursor, whatever the table's size.
+    """
+    DROP INDEX IF EXISTS jobs_by_owner;
+    CREATE INDEX jobs_by_owner ON jobs (owner, created_at DESC, id DESC);
+    CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at DESC, id DESC);
+    """,
+    # Delayed jobs and retries after a backoff (see `claim`). A `waiting` job is queued
+    # but may not be claimed before its `run_at`: it is indexed by run_at alone, so
+    # claims never scan the jobs whose time has not come.
+    """
+    ALTER TABLE jobs ADD COLUMN run_at REAL;
+    ALTER TABLE jobs ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_queue;
+    CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued' AND waiting = 0;
+    CREATE INDEX jobs_waiting ON jobs (run_at) WHERE status = 'queued' AND waiting = 1;
     """,
 ]
 
@@ -523,7 +543,8 @@ class SQLiteStore:
     # -- the API's side
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
-                     max_attempts: int) -> tuple[Job, bool]:
+                     max_attempts: int, delay: float = 0.0,
+                     run_at: float | None = None) -> tuple[Job, bool]:
         cap = self.max_active_jobs
 
         # Writers are serialised (BEGIN IMMEDIATE, across processes), so the count below
@@ -540,7 +561,8 @@ class SQLiteStore:
                 f"AND status IN {_ACTIVE_SQL} LIMIT ?)", (owner, cap)).fetchone()[0]
             if rank >= cap:
                 raise TooManyActive(cap)
-            return self._insert_job(conn, owner, task, input, key, max_attempts, rank)
+            return self._insert_job(conn, owner, task, input, key, max_attempts, rank,
+                                    delay, run_at)
 
         return await self._transact(submit)
 
@@ -558,15 +580,20 @@ class SQLiteStore:
         return await self._transact(fire)
 
     def _insert_job(self, conn: sqlite3.Connection, owner: str, task: str, input: JSON,
-                    key: str | None, max_attempts: int, rank: int
-                    ) -> tuple[tuple[Job, bool], list[Event]]:
+                    key: str | None, max_attempts: int, rank: int, delay: float = 0.0,
+                    run_at: float | None = None) -> tuple[tuple[Job, bool], list[Event]]:
         job_id, at = uuid.uuid4().hex, now()
+        # This process's clock: SQLite has no other (docs/guarantees.md).
+        due = run_at if run_at is not None else at + delay if delay > 0 else None
         conn.execute(
             "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-            "rank, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?)",
-            (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at))
+            "rank, created_at, updated_at, run_at, waiting) "
+            "VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?)",
+            (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at, due,
+             due is not None))
         ev = self._add_event(conn, job_id, 1, EventType.CREATED,
-                             event_data(Status.QUEUED, 0, 0, 0, task=task, key=key), at)
+                             event_data(Status.QUEUED, 0, 0, 0, task=task, key=key,
+                                        run_at=iso(due)), at)
         return (self._job(conn, job_id), True), [ev]
 
     def _job(self, conn: sqlite3.Connection, job_id: str, owner: str | None = None) -> Job:
@@ -587,7 +614,9 @@ class SQLiteStore:
         return await self._read(self._find, job_id, owner)
 
     async def list_jobs(self, owner: str | None, statuses: Collection[Status] | None,
-                        limit: int, id_prefix: str | None = None) -> list[Job]:
+                        limit: int, id_prefix: str | None = None, *, task: str | None = None,
+                        since: float | None = None, until: float | None = None,
+                        before: tuple[float, str] | None = None) -> list[Job]:
         def get(conn: sqlite3.Connection) -> list[Job]:
             sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE true", list[object]()
             if owner is not None:
@@ -599,7 +628,15 @@ class SQLiteStore:
             if statuses is not None:
                 sql += f" AND status IN ({', '.join('?' * len(statuses))})"
                 args += [s.value for s in statuses]
-            sql += " ORDER BY created_at DESC, id LIMIT ?"
+            for clause, value in (("task = ?", task), ("created_at >= ?", since),
+                                  ("created_at < ?", until)):
+                if value is not None:
+                    sql += f" AND {clause}"
+                    args.append(value)
+            if before is not None:
+                sql += " AND (created_at, id) < (?, ?)"
+                args += before
+            sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
             rows = conn.execute(sql, (*args, limit)).fetchall()
             return [job_from_row(r) for r in rows]
         return await self._read(get)
@@ -621,9 +658,12 @@ class SQLiteStore:
                 conn.execute("COMMIT")
         return await self._read(get)
 
-    async def count_by_status(self) -> dict[str, int]:
+    async def count_by_status(self, owner: str | None = None) -> dict[str, int]:
         def get(conn: sqlite3.Connection) -> dict[str, int]:
-            return dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
+            if owner is None:
+                return dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
+            return dict(conn.execute("SELECT status, count(*) FROM jobs WHERE owner = ? "
+                                     "GROUP BY status", (owner,)))
         return await self._read(get)
 
     async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
@@ -679,10 +719,16 @@ class SQLiteStore:
 
         def claim(conn: sqlite3.Connection) -> tuple[list[Job], list[Event]]:
             at = now()
+            # Waiting jobs whose run_at has come join the claimable ones (the index of the
+            # fairness order); found through their own index, only those that are due.
+            conn.execute(
+                "UPDATE jobs SET waiting = 0 WHERE id IN (SELECT id FROM jobs "
+                "WHERE status = 'queued' AND waiting = 1 AND run_at <= ? "
+                "ORDER BY run_at LIMIT ?)", (at, PROMOTE_BATCH))
             rows = conn.execute(
                 "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
                 "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
-                "SELECT id FROM jobs WHERE status = 'queued' AND task IN "
+                "SELECT id FROM jobs WHERE status = 'queued' AND waiting = 0 AND task IN "
                 f"({', '.join('?' * len(tasks))}) ORDER BY rank, created_at LIMIT ?) "
                 f"RETURNING {JOB_COLUMNS}",
                 (worker, at + lease_seconds, at, *tasks, limit)).fetchall()
@@ -792,6 +838,19 @@ class SQLiteStore:
             return Written([ev], cancel), [ev]
         return await self._transact(finish)
 
+    async def retry(self, lease: Lease, error: str, delay: float) -> Written:
+        def retry(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
+            at = now()
+            run_at = at + delay
+            seq, _, total, done, failed, cancel = self._fenced(
+                conn, lease, ", status = 'queued', error = ?, worker = NULL, "
+                "lease_until = NULL, run_at = ?, waiting = 1", (error, run_at))
+            ev = self._add_event(conn, lease.job, seq, EventType.RETRYING, retrying_data(
+                total, done, failed, lease.attempt, error, iso(run_at),
+                self._reset_running(conn, lease.job)), at)
+            return Written([ev], cancel), [ev]
+        return await self._transact(retry)
+
     # -- maintenance
 
     async def expire_leases(self) -> int:
@@ -806,16 +865,22 @@ class SQLiteStore:
                 error = lease_expired_error(attempt, max_attempts)
                 reset = self._reset_running(conn, job_id)
                 finished = at if outcome.terminal else None
+                # Retried at once (run_at now, not waiting): the worker died, not the task.
                 seq, total, done, failed = conn.execute(
                     "UPDATE jobs SET status = ?, error = ?, worker = NULL, lease_until = NULL, "
-                    "seq = seq + 1, updated_at = ?, finished_at = ? WHERE id = ? "
+                    "seq = seq + 1, updated_at = ?, finished_at = ?, "
+                    "run_at = CASE WHEN ? THEN ? ELSE run_at END WHERE id = ? "
                     "RETURNING seq, total, done, failed",
-                    (outcome.value, error, at, finished, job_id)).fetchone()
-                kind = EventType.RETRYING if outcome == Status.QUEUED else EventType(outcome.value)
-                events.append(self._add_event(
-                    conn, job_id, seq, kind,
-                    event_data(outcome, total, done, failed, error=error, attempt=attempt,
-                               reset=reset), at))
+                    (outcome.value, error, at, finished, outcome == Status.QUEUED, at,
+                     job_id)).fetchone()
+                if outcome == Status.QUEUED:
+                    kind, data = EventType.RETRYING, retrying_data(
+                        total, done, failed, attempt, error, iso(at), reset)
+                else:
+                    kind, data = EventType(outcome.value), event_data(
+                        outcome, total, done, failed, error=error, attempt=attempt,
+                        reset=reset)
+                events.append(self._add_event(conn, job_id, seq, kind, data, at))
             return len(events), events
         return await self._transact(expire)
 

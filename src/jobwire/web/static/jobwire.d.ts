@@ -28,6 +28,8 @@ export interface Job {
   readonly created_at: string;
   readonly updated_at: string;
   readonly finished_at: string | null;
+  /** Not started before this (a delayed submit, or a retry's backoff); null: at once. */
+  readonly run_at: string | null;
 }
 
 export interface Item {
@@ -93,9 +95,12 @@ export interface ClientOptions {
   url?: string;
   /**
    * A bearer token; without one the page's session cookie is used (same origin). It is
-   * sent in headers and the WebSocket's first message, never in a URL.
+   * sent in headers and the WebSocket's first message, never in a URL. For short-lived
+   * tokens pass a function (e.g. Clerk's `getToken`): it is called before each socket
+   * opens and once after a 401 or a 4401 close (concurrent 401s share one call); a fresh
+   * token refused too is the request's HttpError 401, or the watchers' onError.
    */
-  token?: string;
+  token?: string | (() => string | Promise<string>);
   /** First reconnect delay in ms, doubled per failure (with jitter). Default 250. */
   backoffMs?: number;
   /** Longest reconnect delay in ms. Default 8000. */
@@ -129,7 +134,8 @@ export declare class HttpError extends Error {
 export declare class Client {
   readonly state: ConnectionState;
   /** Submit a job; an active job of the same task and key comes back with created: false. */
-  submit(task: string, input?: Json, key?: string | null): Promise<SubmitResult>;
+  submit(task: string, input?: Json, key?: string | null,
+         options?: { delay?: number; runAt?: Date | string }): Promise<SubmitResult>;
   /**
    * Follow a job: `onSnapshot` gets its state now and after every change, in seq order,
    * until it ends or the returned function is called. Watchers of one job share one

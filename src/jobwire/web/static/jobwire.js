@@ -64,6 +64,7 @@ export function applyEvent(snapshot, items, event) {
       break;
     case "retrying":
       snap.error = data.error ?? null;
+      snap.run_at = data.run_at ?? null;
       break;
     default:
       if (TERMINAL_EVENTS.has(event.type)) {
@@ -218,6 +219,14 @@ function baseUrl(url) {
 }
 
 const clients = new Map(); // "url token" -> the open Client for that server and identity
+const tokenFns = new WeakMap(); // a token function -> its number: clients share by identity
+let tokenFnCount = 0;
+
+function tokenKey(token) {
+  if (typeof token !== "function") return `s${token ?? ""}`;
+  if (!tokenFns.has(token)) tokenFns.set(token, ++tokenFnCount);
+  return `f${tokenFns.get(token)}`;
+}
 
 /**
  * The client for a server: one per page and identity, so components that each call
@@ -226,7 +235,7 @@ const clients = new Map(); // "url token" -> the open Client for that server and
  */
 export function createClient(options = {}) {
   const client = new Client(options);
-  const key = `${client.base} ${client.token ?? ""}`;
+  const key = `${client.base} ${tokenKey(client.token)}`;
   const open = clients.get(key);
   if (open) return open;
   clients.set(key, client);
@@ -254,19 +263,57 @@ export class Client {
     this._recovering = null;
     this._closed = false;
     this._forget = () => {};
+    this._fresh = null; // the last token a token function returned
+    this._refreshing = null; // the token function's call in flight, shared by all callers
+    this._refused = false; // a socket closed 4401 and none has worked since
+    this._opening = null; // waiting for a token before opening a socket
+  }
+
+  // -- tokens: a string is used as is; a function (e.g. an identity provider's getToken)
+  // is asked before each socket and once after a 401, so short-lived tokens are renewed.
+
+  get _renews() {
+    return typeof this.token === "function";
+  }
+
+  // The token to send now, asking the function only if it has not answered yet.
+  async _authToken() {
+    if (!this._renews) return this.token;
+    return this._fresh ?? this._renew(null);
+  }
+
+  // A token other than `stale`: calls the function unless a call already replaced `stale`
+  // (concurrent 401s share one call).
+  _renew(stale) {
+    if (this._fresh !== stale) return Promise.resolve(this._fresh);
+    this._refreshing ??= (async () => {
+      try {
+        this._fresh = await this.token();
+        return this._fresh;
+      } finally {
+        this._refreshing = null;
+      }
+    })();
+    return this._refreshing;
   }
 
   // -- REST
 
   async request(method, path, body, signal) {
-    const headers = {};
-    if (body !== undefined) headers["content-type"] = "application/json";
-    if (this.token) headers.authorization = `Bearer ${this.token}`;
-    const response = await this._fetch(this.base + path, {
-      method, headers, credentials: "same-origin",
-      body: body === undefined ? undefined : JSON.stringify(body),
-      signal,
-    });
+    const send = (token) => {
+      const headers = {};
+      if (body !== undefined) headers["content-type"] = "application/json";
+      if (token) headers.authorization = `Bearer ${token}`;
+      return this._fetch(this.base + path, {
+        method, headers, credentials: "same-origin",
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal,
+      });
+    };
+    const token = await this._authToken();
+    let response = await send(token);
+    // Once only: a fresh token refused too is the caller's 401, not a loop.
+    if (response.status === 401 && this._renews) response = await send(await this._renew(token));
     if (response.status === 204) return null;
     const text = await response.text();
     const parsed = text ? JSON.parse(text) : null;
@@ -274,10 +321,15 @@ export class Client {
     return parsed;
   }
 
-  /** Submit a job; an active job with the same key comes back with created: false. */
-  async submit(task, input, key) {
+  /**
+   * Submit a job; an active job with the same key comes back with created: false.
+   * `delay` (seconds) or `runAt` (a Date, or ISO 8601 text with a zone): not before then.
+   */
+  async submit(task, input, key, { delay, runAt } = {}) {
     const body = { task, input: input ?? null };
     if (key != null) body.key = key;
+    if (delay != null) body.delay = delay;
+    if (runAt != null) body.run_at = runAt instanceof Date ? runAt.toISOString() : runAt;
     const out = await this.request("POST", "/api/jobs", body);
     this._seed(out.job);
     return deepFreeze(out);
@@ -491,11 +543,22 @@ export class Client {
 
   /** Open the page's WebSocket now (watch() also opens it when first needed). */
   connect() {
-    if (this._closed || this._socket || this._reconnectTimer) return;
+    if (this._closed || this._socket || this._reconnectTimer || this._opening) return;
     if (this.state === ConnectionState.IDLE) this._setState(ConnectionState.CONNECTING);
+    if (!this._renews) {
+      this._open(this.token);
+      return;
+    }
+    // A fresh token for every socket: the last one may expire while this one is open.
+    this._opening = this._renew(this._fresh).then(
+      (token) => { this._opening = null; if (!this._closed) this._open(token); },
+      () => { this._opening = null; this._socketClosed(null); });
+  }
+
+  _open(token) {
     // The token goes in the first message, never in the URL (URLs end up in logs), and
     // wins over any session cookie the browser sends; without one, the cookie is used.
-    const url = `${this.base.replace(/^http/, "ws")}/api/ws${this.token ? "?auth=message" : ""}`;
+    const url = `${this.base.replace(/^http/, "ws")}/api/ws${token ? "?auth=message" : ""}`;
     let socket;
     try {
       socket = new this._WS(url);
@@ -509,11 +572,12 @@ export class Client {
       clearTimeout(stableTimer);
       if (this._socket !== socket) return;
       this._failures = 0;
+      this._refused = false;
       this._setState(ConnectionState.LIVE);
     };
     socket.onopen = () => {
       // Frames arrive in order, so the server reads this before any subscribe below.
-      if (this.token) this._send({ op: "auth", token: this.token });
+      if (token) this._send({ op: "auth", token });
       // After failures the socket must prove itself (a message, or staying open) before
       // the pollers stand down, so a socket that opens and drops at once does not flap.
       if (this._failures === 0) stable();
@@ -524,9 +588,9 @@ export class Client {
       if (this.state !== ConnectionState.LIVE) stable();
       this._onMessage(m.data);
     };
-    socket.onclose = () => {
+    socket.onclose = (event) => {
       clearTimeout(stableTimer);
-      this._socketClosed(socket);
+      this._socketClosed(socket, event);
     };
   }
 
@@ -570,11 +634,23 @@ export class Client {
     }
   }
 
-  _socketClosed(socket) {
+  _socketClosed(socket, event) {
     if (socket !== null && this._socket !== socket) return;
     this._socket = null;
     for (const entry of this._entries.values()) entry.subscribed = entry.confirmed = false;
     if (this._closed) return;
+    if (event?.code === 4401 && this._renews) {
+      // The token expired (or was refused): the next socket asks for a fresh one. If that
+      // one is refused too, the watchers hear the 401 instead of a reconnect loop.
+      if (this._refused) {
+        this._refused = false;
+        const error = new HttpError(401, event.reason || "token refused");
+        for (const entry of [...this._entries.values()]) if (!entry.gone) this._fail(entry, error);
+        this._setState(ConnectionState.IDLE);
+        return;
+      }
+      this._refused = true;
+    }
     this._failures += 1;
     this._reconnectTimer = setTimeout(() => {
       this._reconnectTimer = null;
