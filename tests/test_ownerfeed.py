@@ -119,11 +119,14 @@ async def test_a_change_through_one_server_reaches_a_feed_on_another(procs: Any,
     one, two = (procs("serve", "--db", db_url, "--lease", "2") for _ in range(2))
     client = await guest(one.url)
     feed = Feed()
-    async with watching(two.url, client.token, feed) as received:
+    async with watching(two.url, client.token, feed, None) as received:
         await until(feed, received, lambda state: True)
         job = (await client.submit("block", {}))[0]["id"]
         await until(feed, received, lambda state: job in state)
         assert (await client.http.post(f"/api/jobs/{job}/cancel")).status_code == 200
+        await until(feed, received, lambda state: state.get(job) == "cancelled")
+        # A deletion writes no event: it must reach the other server all the same.
+        assert (await client.http.delete(f"/api/jobs/{job}")).status_code == 204
         await until(feed, received, lambda state: job not in state)
     await client.http.aclose()
 
@@ -146,10 +149,11 @@ async def test_another_owners_changes_never_arrive(server: Proc) -> None:
 
 
 async def test_random_changes_and_cuts_end_equal(server: Proc) -> None:
-    """Random creates, cancels and deletes while the socket is cut at random moments."""
+    """Random creates, cancels and deletes while the sockets (one watching the active
+    jobs, one all) are cut at random moments."""
     rng = random.Random(7)
     client = await guest(server.url)
-    feed = Feed()
+    feeds = {"active": Feed(), None: Feed()}
     jobs: list[str] = []
 
     async def act() -> None:
@@ -164,17 +168,22 @@ async def test_random_changes_and_cuts_end_equal(server: Proc) -> None:
                 jobs.remove(job)
 
     for _ in range(6):  # connections
-        async with watching(server.url, client.token, feed) as received:
+        async with contextlib.AsyncExitStack() as sockets:
+            received = {status: await sockets.enter_async_context(
+                watching(server.url, client.token, feed, status))
+                for status, feed in feeds.items()}
             for _ in range(rng.randrange(3, 8)):
                 await act()
-                with contextlib.suppress(TimeoutError):  # take what came so far
-                    async with asyncio.timeout(rng.random() * 0.05):
-                        while True:
-                            feed.fold(await received.recv())
+                for status, feed in feeds.items():
+                    with contextlib.suppress(TimeoutError):  # take what came so far
+                        async with asyncio.timeout(rng.random() * 0.03):
+                            while True:
+                                feed.fold(await received[status].recv())
         for _ in range(rng.randrange(0, 4)):  # changes made while cut off
             await act()
-    async with watching(server.url, client.token, feed) as received:
-        await settle(feed, received, client, "active")
+    for status, feed in feeds.items():
+        async with watching(server.url, client.token, feed, status) as on:
+            await settle(feed, on, client, status)
     await client.http.aclose()
 
 
