@@ -62,7 +62,8 @@ class Listener:
     """
 
     def __init__(self, conninfo: str, channel: str, deliver: Hint,
-                 missed: Callable[[float], Awaitable[None]], owners: OwnerHint) -> None:
+                 missed: Callable[[float], Awaitable[None]], owners: OwnerHint | None = None
+                 ) -> None:
         self.conninfo = make_conninfo(conninfo, **KEEPALIVES)
         self.channel = channel
         self.origin = uuid.uuid4().hex[:12]  # tags our notifications: we deliver ours directly
@@ -132,7 +133,8 @@ class Listener:
         try:
             note = orjson.loads(payload)
             if "owner" in note:  # from a trigger (any process's, ours too): see OwnerChanges
-                self._owners(str(note["owner"]))
+                if self._owners is not None:
+                    self._owners(str(note["owner"]))
                 return
             job, seq = str(note["job"]), int(note["seq"])
             ev = (Event(job=job, seq=seq, type=note["type"], data=note["data"], at=note["at"])

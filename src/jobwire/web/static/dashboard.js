@@ -160,10 +160,16 @@ window.jobwire = client; // for the browser tests and the curious
 client.onState(showConnection);
 client.connect();
 
-// After a reload: the session's active jobs continue live, recent ones show how they ended.
-const [active, recent] = await Promise.all([client.recover(), client.jobs({ limit: RECENT })]);
-const byId = new Map([...recent, ...active].map((j) => [j.id, j]));
-[...byId.values()]
-  .sort((a, b) => b.created_at.localeCompare(a.created_at))
-  .forEach((job) => addJob(job));
-document.body.dataset.ready = "true";
+// The session's jobs, live: those started or deleted in another tab come and go here too.
+// Active ones all show, ended ones the most recent. A card goes only once the feed has
+// listed its job and then not: one just submitted here may not have reached it yet.
+let listed = new Set();
+client.jobs({}, (jobs) => {
+  const shown = jobs.filter((job, i) => i < RECENT || !isTerminal(job.status));
+  const ids = new Set(shown.map((job) => job.id));
+  for (const id of listed) if (!ids.has(id)) removeJob(id);
+  listed = ids;
+  shown.forEach((job) => addJob(job));
+  list.append(...shown.map((job) => cards.get(job.id).el)); // newest first
+  document.body.dataset.ready = "true";
+});
