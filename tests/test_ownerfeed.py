@@ -13,6 +13,8 @@ from typing import Any
 
 import websockets
 
+from jobwire.model import now
+from jobwire.store import open_store
 from tests.conftest import Client, Proc, guest
 from tests.wsframes import Messages
 
@@ -237,3 +239,24 @@ async def test_bad_watch_requests_are_refused(server: Proc) -> None:
     assert r.status_code == 422
     await client.http.aclose()
 
+
+
+async def test_a_cursor_older_than_the_kept_tombstones_gets_the_whole_list(db_url: str
+                                                                           ) -> None:
+    store = open_store(db_url)
+    await store.open()
+    try:
+        kept, _ = await store.submit("user:a", "t", {}, None, 1)
+        gone, _ = await store.submit("user:a", "t", {}, None, 1)
+        cursor = (await store.owner_changes("user:a", 0)).seq
+        await store.request_cancel(gone.id, "user:a")
+        assert await store.delete_job(gone.id, "user:a")
+        since = await store.owner_changes("user:a", cursor)
+        assert (since.reset, since.gone) == (False, [gone.id])
+        await store.prune(now() + 60)  # the tombstone goes with it
+        after = await store.owner_changes("user:a", cursor)
+        assert after.reset, "the deletion can no longer be told: the whole list instead"
+        assert [j.id for j in after.jobs] == [kept.id] and after.seq == since.seq
+        assert not (await store.owner_changes("user:a", after.seq)).reset
+    finally:
+        await store.close()
