@@ -260,3 +260,38 @@ async def test_a_cursor_older_than_the_kept_tombstones_gets_the_whole_list(db_ur
         assert not (await store.owner_changes("user:a", after.seq)).reset
     finally:
         await store.close()
+
+
+async def test_python_client_lists_live_across_a_server_restart(server: Proc) -> None:
+    from jobwire.client import Client as PyClient
+
+    async with PyClient(server.url) as py:
+        lists: list[list[str]] = []
+        changed = asyncio.Event()
+
+        async def follow() -> None:
+            async for jobs in py.jobs(status="active"):
+                lists.append([str(j["id"]) for j in jobs])
+                changed.set()
+
+        async def until_listed(want: Callable[[], list[str]]) -> None:
+            async with asyncio.timeout(WAIT * 3):
+                while not lists or lists[-1] != await want():
+                    changed.clear()
+                    await changed.wait()
+
+        async def rest() -> list[str]:
+            return [str(j["id"]) for j in await py.jobs(status="active", limit=500)]
+
+        reader = asyncio.create_task(follow())
+        ended, kept = [(await py.submit("block", {}))[0]["id"] for _ in range(2)]
+        await until_listed(rest)
+        server.kill()
+        server.start()  # the client reconnects and resumes from its cursor
+        await py.cancel(str(ended))
+        created = (await py.submit("block", {}))[0]["id"]
+        await until_listed(rest)
+        assert lists[-1] == [created, kept]
+        reader.cancel()
+        for job in (kept, created):
+            await py.cancel(str(job))
