@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import websockets
@@ -274,7 +274,7 @@ async def test_python_client_lists_live_across_a_server_restart(server: Proc) ->
                 lists.append([str(j["id"]) for j in jobs])
                 changed.set()
 
-        async def until_listed(want: Callable[[], list[str]]) -> None:
+        async def until_listed(want: Callable[[], Awaitable[list[str]]]) -> None:
             async with asyncio.timeout(WAIT * 3):
                 while not lists or lists[-1] != await want():
                     changed.clear()
@@ -288,10 +288,14 @@ async def test_python_client_lists_live_across_a_server_restart(server: Proc) ->
         await until_listed(rest)
         server.kill()
         server.start()  # the client reconnects and resumes from its cursor
-        await py.cancel(str(ended))
+        await py.cancel(str(ended))  # (running: it ends once its worker sees the request)
         created = (await py.submit("block", {}))[0]["id"]
-        await until_listed(rest)
-        assert lists[-1] == [created, kept]
+
+        async def ended_and_created() -> list[str]:
+            return [str(created), str(kept)]
+
+        await until_listed(ended_and_created)
+        assert lists[-1] == await rest()
         reader.cancel()
         for job in (kept, created):
             await py.cancel(str(job))
