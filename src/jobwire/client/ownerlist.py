@@ -17,8 +17,7 @@ def listed(jobs: dict[str, Job], status: str | None) -> list[Job]:
     """The jobs of a status ("active", one status, or all), newest first as GET /api/jobs."""
     wanted = [j for j in jobs.values() if status is None or j["status"] == status
               or (status == "active" and j["status"] in ACTIVE)]
-    wanted.sort(key=lambda j: str(j["id"]))
-    wanted.sort(key=lambda j: str(j["created_at"]), reverse=True)
+    wanted.sort(key=lambda j: (str(j["created_at"]), str(j["id"])), reverse=True)
     return wanted
 
 

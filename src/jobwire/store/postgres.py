@@ -1047,7 +1047,7 @@ class PostgresStore:
             reset = not floor <= after <= seq or after == 0
             cur = await conn.execute(
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND owner_seq > %s "
-                "ORDER BY created_at DESC, id", (owner, -1 if reset else after))
+                "ORDER BY created_at DESC, id DESC", (owner, -1 if reset else after))
             jobs = [job_from_row(r, decode=False) for r in await cur.fetchall()]
             gone: list[str] = []
             if not reset:

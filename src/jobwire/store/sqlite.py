@@ -981,7 +981,7 @@ class SQLiteStore:
                 since = 0 if reset else after
                 jobs = [job_from_row(r) for r in conn.execute(
                     f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? AND owner_seq > ? "
-                    "ORDER BY created_at DESC, id", (owner, -1 if reset else since))]
+                    "ORDER BY created_at DESC, id DESC", (owner, -1 if reset else since))]
                 gone = [] if reset else [r[0] for r in conn.execute(
                     "SELECT job_id FROM job_tombstones WHERE owner = ? AND owner_seq > ?",
                     (owner, since))]

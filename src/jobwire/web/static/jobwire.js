@@ -220,8 +220,10 @@ export function foldJobs(jobs, message) {
  * GET /api/jobs lists them (newest first), as a frozen array. */
 export function listJobs(jobs, status) {
   const wanted = status === "active" ? (s) => ACTIVE.has(s) : (s) => !status || s === status;
-  const newestFirst = (a, b) => (a.created_at === b.created_at
-    ? (a.id < b.id ? -1 : 1) : (a.created_at < b.created_at ? 1 : -1));
+  const newestFirst = (a, b) => {
+    const [x, y] = a.created_at === b.created_at ? [a.id, b.id] : [a.created_at, b.created_at];
+    return x < y ? 1 : -1;
+  };
   return Object.freeze([...jobs.values()].filter((j) => wanted(j.status)).sort(newestFirst));
 }
 
