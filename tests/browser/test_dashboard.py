@@ -225,3 +225,17 @@ def test_cancel_and_delete_from_the_ui(app: Proc, context: BrowserContext) -> No
     dash.page.reload()
     dash.wait_ready()
     assert dash.job_ids() == []
+
+
+def test_two_tabs_agree_live_on_the_list_of_jobs(app: Proc, context: BrowserContext) -> None:
+    """A job started in tab A appears in tab B; ended, it moves on in B; deleted in A, it
+    leaves B (whose Delete would otherwise answer a 404)."""
+    a, b = (Dashboard(context.new_page(), app.url).open() for _ in range(2))
+    job = a.start_tracks(3)
+    b.card(job).wait_for()
+    b.wait_job(job, "d.status === 'completed'")
+    a.wait_job(job, "d.status === 'completed'")
+    a.card(job).get_by_test_id("delete").click()
+    for tab in (b, a):
+        tab.card(job).wait_for(state="detached")
+        assert tab.job_ids() == []

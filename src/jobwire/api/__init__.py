@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from jobwire.api import admin, jobs, live, metrics, pages
+from jobwire.api import admin, jobs, live, metrics, ownerfeed, pages
 from jobwire.api.auth import Authenticate
 from jobwire.api.headers import SecurityHeaders
 from jobwire.api.identity import Identity
@@ -49,6 +49,7 @@ def create_api(rt: Runtime, *, authenticate: Authenticate | None = None,
                                        settings.max_live_connections)
     api.state.session_rate = RateLimit.parse(settings.session_rate)
     api.state.identity = Identity(settings)
+    api.include_router(ownerfeed.router)  # before jobs': /jobs/stream is no job id
     api.include_router(jobs.router)
     api.include_router(admin.router)
     api.include_router(live.router)

@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
+from jobwire.api import ownerfeed
 from jobwire.api.auth import socket_caller
 from jobwire.api.bodies import TooDeep, loads
 from jobwire.api.deps import JobId, Reader, RuntimeDep, StreamCaller, owned_job, runtime
@@ -27,6 +28,7 @@ from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
+from jobwire.ownerfeed import Watch
 from jobwire.runtime import NotStarted, Runtime
 from jobwire.store import StoreError
 
@@ -127,8 +129,8 @@ class SocketSession:
     lets one process feed a thousand sockets. Idle, a session holds no task or future.
     """
 
-    __slots__ = ("closing", "drained", "limit", "out", "pump", "queued", "rt", "subs",
-                 "who", "ws")
+    __slots__ = ("closing", "drained", "feed", "limit", "out", "pump", "queued", "rt",
+                 "subs", "who", "ws")
     pumping = 0  # sessions of this process with a pump running
 
     def __init__(self, ws: WebSocket, who: str | None) -> None:
@@ -137,6 +139,7 @@ class SocketSession:
         self.rt: Runtime = ws.app.state.runtime  # started: `websocket` checked
         self.limit = self.rt.settings.buffer_bytes
         self.subs: dict[str, Subscription] = {}
+        self.feed: Watch | None = None  # the owner feed (api/ownerfeed.py): one at most
         self.out: list[bytes] = []  # messages not yet sent, in order
         self.queued = 0  # bytes in `out`, bounded by `limit`
         self.closing: tuple[int, str] | None = None  # (code, reason) the pump closes with
@@ -192,6 +195,9 @@ class SocketSession:
             return
         except orjson.JSONDecodeError:
             msg = None
+        if isinstance(msg, dict) and msg.get("op") in ownerfeed.OPS:
+            await ownerfeed.handle(self, msg)
+            return
         if not isinstance(msg, dict) or not isinstance(msg.get("job"), str):
             self.reply(op="error", error='expected {"op": "subscribe"|"unsubscribe", '
                        '"job": "<id>", "after": <seq>}')
@@ -275,6 +281,8 @@ class SocketSession:
     def close(self) -> None:
         for job in list(self.subs):
             self.drop(job)
+        if self.feed is not None:
+            self.feed.close()
 
     def end(self, reason: str) -> None:
         """The session or token that authenticated the socket ended: nothing more goes

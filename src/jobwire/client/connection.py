@@ -17,6 +17,7 @@ from jobwire.client.api import Api
 from jobwire.client.backoff import Backoff
 from jobwire.client.errors import JobwireError, Unauthorized, Unavailable, api_error
 from jobwire.client.feed import Feed
+from jobwire.client.ownerlist import OwnerList
 from jobwire.client.poller import Poller
 
 log = logging.getLogger("jobwire.client")
@@ -69,6 +70,8 @@ class Connection:
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._wanted = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self.owner_list = OwnerList()
+        self.watching_jobs = False
 
     @property
     def mode(self) -> str:
@@ -79,13 +82,33 @@ class Connection:
 
     def subscribe(self, feed: Feed) -> None:
         self.feeds[feed.job_id] = feed
-        self._wanted.set()
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run())
+        self._want()
         if self._ws is not None:
             self._send(op="subscribe", job=feed.job_id, after=feed.seq)
         elif self.polling:
             self._poll(feed)
+
+    def watch_jobs(self) -> None:
+        """Follow the owner feed (all statuses: each reader filters) into `owner_list`."""
+        self.watching_jobs = True
+        self._want()
+        if self._ws is not None:
+            self._send_watch()
+
+    def unwatch_jobs(self) -> None:
+        self.watching_jobs = False
+        if self._ws is not None:
+            self._send(op="unwatch_jobs")
+        if not self.feeds:
+            self._wanted.clear()
+
+    def _send_watch(self) -> None:
+        self._send(op="watch_jobs", status=None, after=self.owner_list.cursor)
+
+    def _want(self) -> None:
+        self._wanted.set()
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
 
     def unsubscribe(self, feed: Feed) -> None:
         if self.feeds.get(feed.job_id) is not feed:
@@ -96,7 +119,7 @@ class Connection:
             poller.stop()
         if self._ws is not None and not (feed.state and feed.state.terminal):
             self._send(op="unsubscribe", job=feed.job_id)  # the server drops ended jobs itself
-        if not self.feeds:
+        if not self.feeds and not self.watching_jobs:
             self._wanted.clear()
 
     def _send(self, **message: object) -> None:
@@ -143,6 +166,8 @@ class Connection:
         self._outbox = asyncio.Queue()
         for feed in self.feeds.values():
             self._send(op="subscribe", job=feed.job_id, after=feed.seq)
+        if self.watching_jobs:
+            self._send_watch()  # from its cursor: the changes since, not the list again
         writer = asyncio.create_task(self._write(ws, self._outbox))
         try:
             async with ws:
@@ -183,6 +208,10 @@ class Connection:
                 self._dispatch_one(msg)
 
     def _dispatch_one(self, msg: dict[str, Any]) -> None:
+        if msg.get("op") == "jobs":
+            if self.watching_jobs:  # (else: late, and resumed from the cursor if watched again)
+                self.owner_list.fold(msg)
+            return
         job = msg.get("job")
         feed = self.feeds.get(job) if isinstance(job, str) else None
         if feed is None:

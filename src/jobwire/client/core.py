@@ -18,6 +18,7 @@ from jobwire.client.connection import Connection, ws_url_of
 from jobwire.client.errors import JobCancelled, JobFailed, JobwireError, SessionNotFound
 from jobwire.client.feed import Feed
 from jobwire.client.flight import SingleFlight
+from jobwire.client.ownerlist import JobList
 from jobwire.client.session import SessionFile
 from jobwire.client.snapshot import JSON, Snapshot
 
@@ -131,11 +132,28 @@ class Client:
         before then."""
         return await self.api.submit(task, input, key, delay, run_at)
 
-    async def jobs(self, status: str | None = None, limit: int = 50,
-                   id_prefix: str | None = None) -> list[dict[str, JSON]]:
+    def jobs(self, status: str | None = None, limit: int = 50,
+             id_prefix: str | None = None) -> JobList:
         """The owner's jobs, newest first; status "active" means queued or running, and
-        `id_prefix` (lowercase hex) keeps the ids starting with it."""
-        return await self.api.jobs(status, limit, id_prefix)
+        `id_prefix` (lowercase hex) keeps the ids starting with it. Awaited: one read.
+        Iterated (`async for jobs in client.jobs(status="active")`): the whole list (all
+        of it: `limit` and `id_prefix` do not apply) now and after every creation, status
+        change or deletion, from one server feed however many loops read it."""
+        return JobList(lambda: self.api.jobs(status, limit, id_prefix),
+                       lambda: self._live_jobs(status))
+
+    async def _live_jobs(self, status: str | None) -> AsyncGenerator[list[dict[str, JSON]]]:
+        owned = self.connection.owner_list
+        owned.readers += 1
+        if owned.readers == 1:
+            self.connection.watch_jobs()
+        try:
+            async for jobs in owned.lists(status):
+                yield jobs
+        finally:
+            owned.readers -= 1
+            if owned.readers == 0:
+                self.connection.unwatch_jobs()
 
     async def job(self, job_id: str) -> dict[str, JSON]:
         return await self.api.job(job_id)

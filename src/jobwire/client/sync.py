@@ -47,7 +47,7 @@ class SyncClient:
 
     def jobs(self, status: str | None = None, limit: int = 50,
              id_prefix: str | None = None) -> list[dict[str, JSON]]:
-        return self._run(self.client.jobs(status, limit, id_prefix))
+        return self._run(self.client.api.jobs(status, limit, id_prefix))
 
     def job(self, job_id: str) -> dict[str, JSON]:
         return self._run(self.client.job(job_id))

@@ -13,14 +13,20 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
-from jobwire.model import JSON, Event, Item, Job, Status
+from jobwire.model import JSON, Event, EventType, Item, Job, Status
 
 # Called on the event loop with (job id, seq, the event if the backend has it at hand).
 # A hint may repeat or skip seqs; listeners catch up from `events()` by seq.
 Hint = Callable[[str, int, Event | None], None]
+# The events that change a job's status, and so its owner's list of jobs.
+STATUS_EVENTS = frozenset({EventType.CREATED, EventType.STARTED, EventType.RETRYING,
+                           EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
 # The seq of a hint about a job that may have changed when the write's outcome is
 # unknown (it failed after its commit, say): listeners read whatever the store has.
 UNKNOWN_SEQ = sys.maxsize
+# Called on the event loop with an owner whose list of jobs may have changed (a job
+# created, changed status, deleted or moved), or None when any owner's may have.
+OwnerHint = Callable[[str | None], None]
 
 
 class StoreError(Exception):
@@ -68,6 +74,21 @@ class Written:
     cancel_requested: bool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OwnerChanges:
+    """What changed in an owner's list of jobs since a cursor, read in one snapshot.
+
+    Every creation, status change, deletion and move of a job bumps its owner's change
+    seq in the same transaction, stamping the row (or a tombstone, for a job deleted or
+    moved away) with it; bumps of one owner commit in seq order. So the rows stamped
+    above the cursor are exactly the jobs that changed since it."""
+
+    seq: int  # the owner's change seq this snapshot is at: the next cursor
+    reset: bool  # the cursor was unknown or older than the kept tombstones: `jobs` is all
+    jobs: list[Job]  # the jobs changed since the cursor (all the owner's when reset), as now
+    gone: list[str]  # ids deleted or moved to another owner since the cursor
+
+
 # An update states the item's new state, which is exactly an Item.
 ItemUpdate = Item
 
@@ -80,6 +101,13 @@ class Store(Protocol):
 
     def listen(self, hint: Hint) -> None:
         """Register a listener for committed events of any job."""
+
+    def listen_owners(self, hint: OwnerHint) -> None:
+        """Register a listener for owners whose list of jobs changed, in any process."""
+
+    async def owner_changes(self, owner: str, after: int) -> OwnerChanges:
+        """The owner's jobs changed since change seq `after`; all of them when `after` is 0,
+        from another database, or older than the tombstones `prune` keeps."""
 
     # -- sessions
     async def add_session(self, token_hash: str, owner: str, expires_at: float | None) -> None: ...
@@ -195,4 +223,5 @@ class Store(Protocol):
 
     async def prune(self, finished_before: float) -> int:
         """Delete terminal jobs finished before the given time, with items and events,
-        and sessions that have expired; the number of jobs deleted."""
+        sessions that have expired and tombstones older than that time; the number of
+        jobs deleted."""

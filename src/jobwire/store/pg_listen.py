@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from jobwire.model import JSON, Event, now
-from jobwire.store.base import Hint, StoreError
+from jobwire.store.base import Hint, OwnerHint, StoreError
 
 log = logging.getLogger("jobwire.store.postgres")
 
@@ -62,7 +62,8 @@ class Listener:
     """
 
     def __init__(self, conninfo: str, channel: str, deliver: Hint,
-                 missed: Callable[[float], Awaitable[None]]) -> None:
+                 missed: Callable[[float], Awaitable[None]], owners: OwnerHint | None = None
+                 ) -> None:
         self.conninfo = make_conninfo(conninfo, **KEEPALIVES)
         self.channel = channel
         self.origin = uuid.uuid4().hex[:12]  # tags our notifications: we deliver ours directly
@@ -71,6 +72,7 @@ class Listener:
         self._ours = (f'{{"o":"{self.origin}"', f'{{"o" : "{self.origin}"')
         self._deliver = deliver
         self._missed = missed
+        self._owners = owners
         self._task: asyncio.Task[None] | None = None
 
     def note(self, ev: Event) -> str:
@@ -130,6 +132,10 @@ class Listener:
             return  # ours: already delivered at commit
         try:
             note = orjson.loads(payload)
+            if "owner" in note:  # from a trigger (any process's, ours too): see OwnerChanges
+                if self._owners is not None:
+                    self._owners(str(note["owner"]))
+                return
             job, seq = str(note["job"]), int(note["seq"])
             ev = (Event(job=job, seq=seq, type=note["type"], data=note["data"], at=note["at"])
                   if "type" in note else None)

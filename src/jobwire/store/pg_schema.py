@@ -116,6 +116,76 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued' AND NOT waiting;
     CREATE INDEX jobs_waiting ON jobs (run_at) WHERE status = 'queued' AND waiting;
     """,
+    # Owner feeds (see OwnerChanges): triggers, so that no write path can forget a bump.
+    # A changed row (or a tombstone) is first marked pending (owner_seq -1). At commit, a
+    # deferred trigger gives each owner the transaction changed one new seq, locking the
+    # owners' rows in name order until commit: so one owner's seqs commit in order, and
+    # as the transaction then waits on nothing but other committers' owner rows, taken in
+    # the same order, the new locks can form no deadlock with the job rows' (see
+    # test_pg_lock_order.py). The notification goes out at that commit.
+    """
+    CREATE TABLE owner_feeds (
+        owner text PRIMARY KEY,
+        seq bigint NOT NULL,
+        floor bigint NOT NULL DEFAULT 0  -- the newest tombstone pruned
+    );
+    ALTER TABLE jobs ADD COLUMN owner_seq bigint NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_owner_seq ON jobs (owner, owner_seq);
+    CREATE TABLE job_tombstones (
+        owner text NOT NULL,
+        job_id text NOT NULL,
+        owner_seq bigint NOT NULL,
+        at double precision NOT NULL,
+        PRIMARY KEY (owner, job_id)
+    );
+    CREATE INDEX job_tombstones_seq ON job_tombstones (owner, owner_seq);
+    CREATE INDEX job_tombstones_at ON job_tombstones (at);
+    CREATE FUNCTION jobwire_jobs_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' AND OLD.owner IS DISTINCT FROM NEW.owner THEN
+            INSERT INTO job_tombstones VALUES (OLD.owner, OLD.id, -1,
+                extract(epoch FROM clock_timestamp()))
+                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = EXCLUDED.at;
+        END IF;
+        IF TG_OP = 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+        NEW.owner_seq := -1;
+        RETURN NEW;
+    END $$;
+    CREATE FUNCTION jobwire_jobs_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
+        who text;
+        bumped bigint;
+    BEGIN
+        IF current_setting('jobwire.stamped', true) = 'y' THEN
+            RETURN NULL;  -- one firing per transaction stamps all its marks
+        END IF;
+        PERFORM set_config('jobwire.stamped', 'y', true);
+        FOR who IN SELECT owner FROM jobs WHERE owner_seq = -1
+                   UNION SELECT owner FROM job_tombstones WHERE owner_seq = -1
+                   ORDER BY 1 LOOP
+            INSERT INTO owner_feeds AS f (owner, seq) VALUES (who, 1)
+                ON CONFLICT (owner) DO UPDATE SET seq = f.seq + 1 RETURNING f.seq INTO bumped;
+            UPDATE jobs SET owner_seq = bumped WHERE owner = who AND owner_seq = -1;
+            UPDATE job_tombstones SET owner_seq = bumped WHERE owner = who AND owner_seq = -1;
+            PERFORM pg_notify(channel, json_build_object('owner', who, 'oseq', bumped)::text);
+        END LOOP;
+        RETURN NULL;
+    END $$;
+    CREATE INDEX jobs_owner_pending ON jobs (owner) WHERE owner_seq = -1;
+    CREATE INDEX job_tombstones_pending ON job_tombstones (owner) WHERE owner_seq = -1;
+    CREATE TRIGGER jobs_feed_insert BEFORE INSERT ON jobs
+        FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_mark();
+    CREATE TRIGGER jobs_feed_update BEFORE UPDATE OF status, owner ON jobs FOR EACH ROW
+        WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.owner IS DISTINCT FROM NEW.owner)
+        EXECUTE FUNCTION jobwire_jobs_mark();
+    CREATE TRIGGER jobs_feed_delete AFTER DELETE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_mark();
+    CREATE CONSTRAINT TRIGGER jobs_feed_stamp AFTER INSERT OR UPDATE OF status, owner OR DELETE
+        ON jobs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_stamp();
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

@@ -61,7 +61,9 @@ from jobwire.store.base import (
     JobActive,
     Lease,
     LeaseLost,
+    OwnerChanges,
     OwnerConflict,
+    OwnerHint,
     StoreError,
     TooManyActive,
     UnknownItem,
@@ -305,6 +307,7 @@ class PostgresStore:
                                 else max_active_jobs)
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._hints: list[Hint] = []
+        self._owner_hints: list[OwnerHint] = []
         self._listener: Listener | None = None
         name = conninfo_to_dict(url).get("application_name")
         self._app_name = str(name) if name else "jobwire"
@@ -387,6 +390,16 @@ class PostgresStore:
     def listen(self, hint: Hint) -> None:
         self._hints.append(hint)
 
+    def listen_owners(self, hint: OwnerHint) -> None:
+        self._owner_hints.append(hint)
+
+    def _owners_changed(self, owner: str | None) -> None:
+        for hint in self._owner_hints:
+            try:
+                hint(owner)
+            except Exception:  # as in _call_hints
+                log.exception("owner listener failed")
+
     # -- lifecycle
 
     async def open(self) -> None:
@@ -414,7 +427,8 @@ class PostgresStore:
         self._listener = Listener(
             make_conninfo(self.url, application_name=f"{self._app_name}/listen"[:63],
                           connect_timeout=int(CONNECT_TIMEOUT)),
-            channel_of(str(row[0]) if row else "public"), self._call_hints, self._resync)
+            channel_of(str(row[0]) if row else "public"), self._call_hints, self._resync,
+            self._owners_changed)
         try:
             await self._listener.start()
         except BaseException:
@@ -438,6 +452,7 @@ class PostgresStore:
             (since,))
         for job, seq in rows:
             self._call_hints(job, seq, None)
+        self._owners_changed(None)  # deletions leave no row to find: every owner re-reads
 
     # -- shared transaction steps
 
@@ -1004,10 +1019,43 @@ class PostgresStore:
 
     async def prune(self, finished_before: float) -> int:
         await self._execute("DELETE FROM sessions WHERE expires_at <= %s", (now(),))
-        return await self._execute(
+        pruned = await self._execute(
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN "
             f"{TERMINAL_SQL} AND finished_at < %s FOR UPDATE SKIP LOCKED)",
             (finished_before,))
+        async with self._connection() as conn, conn.transaction():
+            # The floor rises with the tombstones' deletion: a cursor below a pruned one
+            # gets the whole list. Owner rows are locked in name order, as committers do.
+            await conn.execute(
+                "SELECT 1 FROM owner_feeds WHERE owner IN (SELECT owner FROM job_tombstones "
+                "WHERE at < %s) ORDER BY owner FOR UPDATE", (finished_before,))
+            await conn.execute(
+                "WITH pruned AS (DELETE FROM job_tombstones WHERE at < %s AND owner_seq >= 0 "
+                "RETURNING owner, owner_seq) UPDATE owner_feeds AS f "
+                "SET floor = greatest(f.floor, p.top) FROM (SELECT owner, max(owner_seq) "
+                "AS top FROM pruned GROUP BY owner) AS p WHERE f.owner = p.owner",
+                (finished_before,))
+        return pruned
+
+    async def owner_changes(self, owner: str, after: int) -> OwnerChanges:
+        async with self._connection() as conn, conn.transaction():
+            # One snapshot: a seq, and exactly the rows stamped up to it.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur = await conn.execute(
+                "SELECT seq, floor FROM owner_feeds WHERE owner = %s", (owner,))
+            seq, floor = await cur.fetchone() or (0, 0)
+            reset = not floor <= after <= seq or after == 0
+            cur = await conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND owner_seq > %s "
+                "ORDER BY created_at DESC, id DESC", (owner, -1 if reset else after))
+            jobs = [job_from_row(r, decode=False) for r in await cur.fetchall()]
+            gone: list[str] = []
+            if not reset:
+                cur = await conn.execute(
+                    "SELECT job_id FROM job_tombstones WHERE owner = %s AND owner_seq > %s",
+                    (owner, after))
+                gone = [r[0] for r in await cur.fetchall()]
+        return OwnerChanges(seq, reset, jobs, gone)
 
 
 # -- submitting in a host application's transaction

@@ -36,11 +36,14 @@ from jobwire.model import (
 )
 from jobwire.settings import Settings
 from jobwire.store.base import (
+    STATUS_EVENTS,
     Hint,
     ItemUpdate,
     JobActive,
     Lease,
+    OwnerChanges,
     OwnerConflict,
+    OwnerHint,
     StoreError,
     TooManyActive,
     UnknownItem,
@@ -83,6 +86,12 @@ BUSY_SECONDS = 5.0
 
 _ACTIVE_SQL = "('queued', 'running')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
+_BUMP = ("INSERT INTO owner_feeds (owner, seq) VALUES ({owner}, 1) "
+         "ON CONFLICT (owner) DO UPDATE SET seq = seq + 1;")
+_SEQ = "(SELECT seq FROM owner_feeds WHERE owner = {owner})"
+_TOMBSTONE = ("INSERT INTO job_tombstones (owner, owner_seq, job_id, at) VALUES (OLD.owner, "
+              f"{_SEQ.format(owner='OLD.owner')}, OLD.id, "
+              "(julianday('now') - 2440587.5) * 86400.0);")
 
 # Migration 3, and again in 4 for a database that has another 3 (see there).
 _PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
@@ -186,6 +195,43 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs (rank, created_at) WHERE status = 'queued' AND waiting = 0;
     CREATE INDEX jobs_waiting ON jobs (run_at) WHERE status = 'queued' AND waiting = 1;
     """,
+    # Owner feeds (see OwnerChanges): triggers, so that no write path can forget a bump.
+    # Writers are serialised, so each owner's seq commits in order.
+    f"""
+    CREATE TABLE owner_feeds (
+        owner TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        floor INTEGER NOT NULL DEFAULT 0  -- the newest tombstone pruned
+    ) WITHOUT ROWID;
+    ALTER TABLE jobs ADD COLUMN owner_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_owner_seq ON jobs (owner, owner_seq);
+    CREATE TABLE job_tombstones (
+        owner TEXT NOT NULL,
+        owner_seq INTEGER NOT NULL,
+        job_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (owner, owner_seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_tombstones_at ON job_tombstones (at);
+    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs BEGIN
+        {_BUMP.format(owner="NEW.owner")}
+        UPDATE jobs SET owner_seq = {_SEQ.format(owner="NEW.owner")} WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER jobs_feed_update AFTER UPDATE OF status, owner ON jobs
+    WHEN OLD.status IS NOT NEW.status OR OLD.owner IS NOT NEW.owner BEGIN
+        {_BUMP.format(owner="NEW.owner")}
+        UPDATE jobs SET owner_seq = {_SEQ.format(owner="NEW.owner")} WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER jobs_feed_move AFTER UPDATE OF owner ON jobs
+    WHEN OLD.owner IS NOT NEW.owner BEGIN
+        {_BUMP.format(owner="OLD.owner")}
+        {_TOMBSTONE}
+    END;
+    CREATE TRIGGER jobs_feed_delete AFTER DELETE ON jobs BEGIN
+        {_BUMP.format(owner="OLD.owner")}
+        {_TOMBSTONE}
+    END;
+    """,
 ]
 
 
@@ -227,6 +273,7 @@ class SQLiteStore:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._hints: list[Hint] = []
+        self._owner_hints: list[OwnerHint] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.Task[None] | None = None
         self._data_version = 0
@@ -351,9 +398,18 @@ class SQLiteStore:
         for ev in events:
             for hint in self._hints:
                 hint(ev.job, ev.seq, ev)
+        if any(ev.type in STATUS_EVENTS for ev in events):
+            self._owners_changed(None)  # (events do not name their owner)
+
+    def _owners_changed(self, owner: str | None) -> None:
+        for hint in self._owner_hints:
+            hint(owner)
 
     def listen(self, hint: Hint) -> None:
         self._hints.append(hint)
+
+    def listen_owners(self, hint: OwnerHint) -> None:
+        self._owner_hints.append(hint)
 
     # -- lifecycle
 
@@ -386,9 +442,12 @@ class SQLiteStore:
         # Under BEGIN IMMEDIATE, so two processes starting at once cannot both migrate.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in script.split(";"):
-                if statement.strip():
+            statement = ""
+            for part in script.split(";"):  # (a trigger's body holds semicolons too)
+                statement += part + ";"
+                if sqlite3.complete_statement(statement):
                     conn.execute(statement)
+                    statement = ""
             conn.execute(f"PRAGMA user_version = {number}")
 
     async def open(self) -> None:
@@ -416,16 +475,20 @@ class SQLiteStore:
                 events = await self._run(self._poll_foreign_events)
             except StoreError:
                 continue  # locked or busy: the next round catches up
-            self._publish(events)
+            if events is not None:
+                self._publish(events)
+                # Deletions and moves write no event: any commit may have made some.
+                self._owners_changed(None)
 
-    def _poll_foreign_events(self) -> list[Event]:
+    def _poll_foreign_events(self) -> list[Event] | None:
+        """Other processes' events since the last look; None if none of them committed."""
         conn = self.conn
         newest = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version == self._data_version:
             # No other process committed since the last look: all up to `newest` is ours.
             self._watermark = max(self._watermark, newest)
-            return []
+            return None
         self._data_version = version
         rows = conn.execute(
             "SELECT id, job_id, seq, type, data, at FROM events WHERE id > ? ORDER BY id",
@@ -538,7 +601,9 @@ class SQLiteStore:
                                  (owner, guest)).rowcount
             conn.execute("DELETE FROM sessions WHERE owner = ?", (guest,))
             return int(moved)
-        return await self._run(self._write, claim)
+        moved: int | None = await self._run(self._write, claim)
+        self._owners_changed(None)  # the owner, and a guest whose name it did not know
+        return moved
 
     # -- the API's side
 
@@ -708,7 +773,9 @@ class SQLiteStore:
                 raise JobActive(f"job {job_id} is {job.status}; cancel it first")
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             return True
-        return await self._run(self._write, delete)
+        deleted: bool = await self._run(self._write, delete)
+        self._owners_changed(owner)
+        return deleted
 
     # -- the worker's side
 
@@ -887,8 +954,39 @@ class SQLiteStore:
     async def prune(self, finished_before: float) -> int:
         def prune(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now(),))
-            return conn.execute(
+            pruned = conn.execute(
                 f"DELETE FROM jobs WHERE status IN {_TERMINAL_SQL} AND finished_at < ?",
                 (finished_before,)).rowcount
-        return await self._run(self._write, prune)
+            # The floor first: a cursor below a pruned tombstone must get the whole list.
+            conn.execute(
+                "UPDATE owner_feeds SET floor = max(floor, (SELECT max(owner_seq) FROM "
+                "job_tombstones AS t WHERE t.owner = owner_feeds.owner AND t.at < ?)) "
+                "WHERE owner IN (SELECT owner FROM job_tombstones WHERE at < ?)",
+                (finished_before, finished_before))
+            conn.execute("DELETE FROM job_tombstones WHERE at < ?", (finished_before,))
+            return int(pruned)
+        pruned: int = await self._run(self._write, prune)
+        if pruned:
+            self._owners_changed(None)
+        return pruned
+
+    async def owner_changes(self, owner: str, after: int) -> OwnerChanges:
+        def get(conn: sqlite3.Connection) -> OwnerChanges:
+            conn.execute("BEGIN")  # one read snapshot for all three queries
+            try:
+                seq, floor = conn.execute(
+                    "SELECT seq, floor FROM owner_feeds WHERE owner = ?", (owner,)
+                ).fetchone() or (0, 0)
+                reset = not floor <= after <= seq or after == 0
+                since = 0 if reset else after
+                jobs = [job_from_row(r) for r in conn.execute(
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? AND owner_seq > ? "
+                    "ORDER BY created_at DESC, id DESC", (owner, -1 if reset else since))]
+                gone = [] if reset else [r[0] for r in conn.execute(
+                    "SELECT job_id FROM job_tombstones WHERE owner = ? AND owner_seq > ?",
+                    (owner, since))]
+                return OwnerChanges(seq, reset, jobs, gone)
+            finally:
+                conn.execute("COMMIT")
+        return await self._read(get)
 

@@ -130,14 +130,20 @@ function renderItems(box, items) {
   box.replaceChildren(...shown);
 }
 
-async function start(task, input) {
-  try {
-    const { job } = await client.submit(task, input);
-    addJob(job, { first: true });
-    showError(null);
-  } catch (err) {
-    showError(err);
-  }
+// Submits in flight: the list waits for them, so a job started here gets its card from
+// the submit's answer (its first state) even when the feed announces it first.
+let submitting = Promise.resolve();
+
+function start(task, input) {
+  submitting = Promise.all([submitting, (async () => {
+    try {
+      const { job } = await client.submit(task, input);
+      addJob(job, { first: true });
+      showError(null);
+    } catch (err) {
+      showError(err);
+    }
+  })()]);
 }
 
 function showConnection(state) {
@@ -164,10 +170,21 @@ window.jobwire = client; // for the browser tests and the curious
 client.onState(showConnection);
 client.connect();
 
-// After a reload: the session's active jobs continue live, recent ones show how they ended.
-const [active, recent] = await Promise.all([client.recover(), client.jobs({ limit: RECENT })]);
-const byId = new Map([...recent, ...active].map((j) => [j.id, j]));
-[...byId.values()]
-  .sort((a, b) => b.created_at.localeCompare(a.created_at))
-  .forEach((job) => addJob(job));
-document.body.dataset.ready = "true";
+// The session's jobs, live: those started or deleted in another tab come and go here too.
+// Active ones all show, ended ones the most recent. A card goes only once the feed has
+// listed its job and then not: one just submitted here may not have reached it yet.
+let listed = new Set();
+let latest = [];
+function showList() {
+  const shown = latest.filter((job, i) => i < RECENT || !isTerminal(job.status));
+  const ids = new Set(shown.map((job) => job.id));
+  for (const id of listed) if (!ids.has(id)) removeJob(id);
+  listed = ids;
+  shown.forEach((job) => addJob(job));
+  list.append(...shown.map((job) => cards.get(job.id).el)); // newest first
+  document.body.dataset.ready = "true";
+}
+client.jobs({}, (jobs) => {
+  latest = jobs;
+  submitting.then(showList); // (always the latest list, whichever submit ends first)
+});

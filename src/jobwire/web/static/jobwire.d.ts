@@ -147,6 +147,13 @@ export declare class Client {
   recover(): Promise<readonly Job[]>;
   job(jobId: string): Promise<Job>;
   jobs(query?: { status?: "active" | Status; limit?: number }): Promise<readonly Job[]>;
+  /**
+   * The caller's jobs, live: `onList` gets the list (newest first, frozen) now and after
+   * every creation, status change or deletion, until the returned function is called.
+   * One server feed per client however many listeners; a reconnect resumes by cursor.
+   */
+  jobs(query: { status?: "active" | Status }, onList: (jobs: readonly Job[]) => void
+       ): () => void;
   cancel(jobId: string): Promise<Job>;
   /** Delete a finished job; rejects with HttpError 409 while it is active. */
   remove(jobId: string): Promise<void>;
@@ -196,3 +203,16 @@ export declare function applyEvent(snapshot: Job, items: ReadonlyMap<string, Ite
 export declare function countsOf(items: Iterable<Item>): Progress;
 export declare function isTerminal(status: Status): boolean;
 export declare function deepFreeze<T>(value: T): T;
+/** One `jobs` message of the owner feed folded into a Map of jobs by id (a new Map). */
+export declare function foldJobs(jobs: ReadonlyMap<string, Job>, message: JobsMessage
+                                 ): Map<string, Job>;
+/** The Map's jobs of a status ("active", one status, or all), newest first. */
+export declare function listJobs(jobs: ReadonlyMap<string, Job>, status?: "active" | Status | null
+                                 ): readonly Job[];
+/** The owner feed's message (`watch_jobs` on the WebSocket, `GET /api/jobs/stream`). */
+export interface JobsMessage {
+  op: "jobs";
+  cursor: number;
+  reset: boolean;
+  changes: readonly { id: string; job: Job | null }[];
+}

@@ -201,6 +201,32 @@ export class HttpError extends Error {
   }
 }
 
+const ACTIVE = new Set(["queued", "running"]);
+
+/**
+ * Fold one `jobs` message of the owner feed into a Map id -> job, returning a new Map:
+ * `reset` starts from nothing; each change drops its id, then puts its job back unless null.
+ */
+export function foldJobs(jobs, message) {
+  const next = message.reset ? new Map() : new Map(jobs);
+  for (const { id, job } of message.changes) {
+    next.delete(id);
+    if (job) next.set(id, deepFreeze(job));
+  }
+  return next;
+}
+
+/** The jobs of the Map with `status` ("active", a status, or none), ordered as
+ * GET /api/jobs lists them (newest first), as a frozen array. */
+export function listJobs(jobs, status) {
+  const wanted = status === "active" ? (s) => ACTIVE.has(s) : (s) => !status || s === status;
+  const newestFirst = (a, b) => {
+    const [x, y] = a.created_at === b.created_at ? [a.id, b.id] : [a.created_at, b.created_at];
+    return x < y ? 1 : -1;
+  };
+  return Object.freeze([...jobs.values()].filter((j) => wanted(j.status)).sort(newestFirst));
+}
+
 const sleep = (ms, signal) => new Promise((resolve) => {
   const timer = setTimeout(resolve, ms);
   signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
@@ -257,6 +283,8 @@ export class Client {
     this._stateListeners = new Set();
     this._entries = new Map(); // job id -> entry (one per job, however many watchers)
     this._seeds = new Map(); // job id -> a snapshot known complete at its seq (no items yet)
+    // The owner feed: one on the server (all statuses) whatever the number of listeners.
+    this._feed = { jobs: new Map(), cursor: 0, ready: false, listeners: new Set() };
     this._socket = null;
     this._failures = 0; // consecutive sockets that closed before proving stable
     this._reconnectTimer = null;
@@ -339,8 +367,31 @@ export class Client {
     return deepFreeze(await this.request("GET", `/api/jobs/${encodeURIComponent(id)}`));
   }
 
-  /** The caller's jobs, newest first; status may be "active" (queued or running). */
-  async jobs({ status, limit } = {}) {
+  /**
+   * The caller's jobs, newest first; status may be "active" (queued or running).
+   * Without onList, one read (a Promise of the list). With it, live: onList(list) now and
+   * after every creation, status change or deletion, until the returned function is
+   * called; after a reconnect the list resumes from the feed's cursor.
+   */
+  jobs(options = {}, onList) {
+    if (typeof onList !== "function") return this._list(options);
+    const listener = { status: options.status ?? null, onList };
+    const feed = this._feed;
+    feed.listeners.add(listener);
+    if (feed.listeners.size === 1) {
+      if (this._socketOpen) this._watchJobs();
+      else this.connect();
+    } else if (feed.ready) {
+      queueMicrotask(() => feed.listeners.has(listener)
+        && onList(listJobs(feed.jobs, listener.status)));
+    }
+    return () => {
+      if (!feed.listeners.delete(listener) || feed.listeners.size) return;
+      if (this._socketOpen) this._send({ op: "unwatch_jobs" });
+    };
+  }
+
+  async _list({ status, limit } = {}) {
     const q = new URLSearchParams();
     if (status) q.set("status", status);
     if (limit) q.set("limit", String(limit));
@@ -351,7 +402,7 @@ export class Client {
 
   /** The owner's active jobs, e.g. after a reload. Concurrent calls share one request. */
   recover() {
-    this._recovering ??= this.jobs({ status: "active" })
+    this._recovering ??= this._list({ status: "active" })
       .finally(() => { this._recovering = null; });
     return this._recovering;
   }
@@ -583,6 +634,7 @@ export class Client {
       if (this._failures === 0) stable();
       else stableTimer = setTimeout(stable, this.opts.stableMs);
       for (const entry of this._entries.values()) this._follow(entry);
+      if (this._feed.listeners.size) this._watchJobs();
     };
     socket.onmessage = (m) => {
       if (this.state !== ConnectionState.LIVE) stable();
@@ -596,6 +648,21 @@ export class Client {
 
   _send(message) {
     this._socket.send(JSON.stringify(message));
+  }
+
+  _watchJobs() {
+    this._send({ op: "watch_jobs", status: null, after: this._feed.cursor });
+  }
+
+  _onJobs(msg) {
+    const feed = this._feed;
+    if (!feed.listeners.size) return; // unwatched: the next watch resumes from the cursor
+    feed.jobs = foldJobs(feed.jobs, msg);
+    feed.cursor = msg.cursor;
+    feed.ready = true;
+    for (const { status, onList } of [...feed.listeners]) {
+      try { onList(listJobs(feed.jobs, status)); } catch (err) { console.error(err); }
+    }
   }
 
   _subscribe(entry) {
@@ -614,6 +681,7 @@ export class Client {
   }
 
   _onOne(msg) {
+    if (msg?.op === "jobs") this._onJobs(msg);
     if (!msg || typeof msg.job !== "string") return;
     const entry = this._entries.get(msg.job);
     if (msg.op === undefined) {
