@@ -16,7 +16,7 @@ from jobwire.api import admin, jobs, live, metrics, ownerfeed, pages
 from jobwire.api.headers import SecurityHeaders
 from jobwire.api.identity import Identity
 from jobwire.api.limits import BodyLimit, OwnerSlots
-from jobwire.api.public import Origins, RateLimit, SameOrigin
+from jobwire.api.public import Cors, Origins, RateLimit, SameOrigin
 from jobwire.app import InputError
 from jobwire.settings import Settings
 from jobwire.store import StoreError
@@ -33,6 +33,7 @@ def create_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]],
     # Outermost, so BodyLimit's refusals carry the headers too.
     api.add_middleware(SecurityHeaders, exempt=frozenset(
         url for url in (api.docs_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url) if url))
+    api.add_middleware(Cors, origins=api.state.origins)  # outermost: refusals readable too
     api.state.connections = OwnerSlots(settings.max_connections,
                                        settings.max_live_connections)
     api.state.session_rate = RateLimit.parse(settings.session_rate)
