@@ -57,6 +57,29 @@ def watch_to_completion(page: Page, job: str, tracks: int) -> list[str]:
     return seen
 
 
+# How the example's page reaches jobwire (page.js): `jobwire-url`, and a JWT from `me-url`
+# or the app's cookie. Answers the statuses of REST, a WebSocket watch and SSE for a job.
+NOT_FOUND = """async (id) => {
+  const meta = (n) => document.querySelector(`meta[name="${n}"]`)?.content;
+  const base = new URL(meta("jobwire-url"), location.href).href.replace(/\\/$/, "");
+  const token = meta("me-url") && (await (await fetch(meta("me-url"))).json()).token;
+  const { createClient } = await import(`${base}/static/jobwire.js`);
+  const client = createClient({ url: base, token });
+  const rest = await client.job(id).then(() => 200, (e) => e.status);
+  const ws = await new Promise((resolve) => {
+    client.watch(id, () => resolve(200), { onError: (e) => resolve(e.status) });
+  });
+  const headers = token ? { authorization: `Bearer ${token}` } : {};
+  const sse = (await fetch(`${base}/api/jobs/${id}/stream`, { headers })).status;
+  return [rest, ws, sse];
+}"""
+
+
+def not_found(page: Page, job: str) -> list[int]:
+    statuses: list[int] = page.evaluate(NOT_FOUND, job)
+    return statuses
+
+
 @pytest.fixture
 def sidecar(procs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             ) -> Iterator[tuple[Proc, Proc, str]]:
@@ -99,19 +122,7 @@ def test_sidecar_users_see_their_own_jobs_live_across_origins(
         assert bob.locator(f'[data-job-id="{job}"]').count() == 0
         # Alice's job is not found for Bob over REST, the WebSocket and SSE (read by fetch,
         # which can send the bearer header across origins; EventSource cannot).
-        rest, ws, sse = bob.evaluate("""async ([base, id]) => {
-          const { createClient } = await import(`${base}/static/jobwire.js`);
-          const me = await (await fetch("/me")).json();
-          const client = createClient({ url: base, token: me.token });
-          const rest = await client.job(id).then(() => 200, (e) => e.status);
-          const ws = await new Promise((resolve) => {
-            client.watch(id, () => resolve("watched"), { onError: (e) => resolve(e.status) });
-          });
-          const sse = (await fetch(`${base}/api/jobs/${id}/stream`,
-            { headers: { authorization: `Bearer ${me.token}` } })).status;
-          return [rest, ws, sse];
-        }""", [service.url, job])
-        assert (rest, ws, sse) == (404, 404, 404)
+        assert not_found(bob, job) == [404, 404, 404]
         # Bob's own job streams across origins the same way.
         events = bob.evaluate("""async ([base, id]) => {
           const me = await (await fetch("/me")).json();
@@ -199,3 +210,39 @@ def log_in_unready(context: BrowserContext, url: str) -> Page:
     page.click("form[action='/login'] button")
     page.wait_for_selector("[data-testid=user]")
     return page
+
+
+@pytest.fixture
+def mounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proc]:
+    """examples/fastapi_app: the host app with jobwire mounted at /jobs."""
+    monkeypatch.setenv("JOBWIRE_DB", f"sqlite:///{tmp_path / 'app.db'}")
+    app = Proc(port=free_port(), log=tmp_path / "app.log", module="examples.fastapi_app.app")
+    try:
+        yield app.start()
+    finally:
+        app.stop()
+
+
+def test_mounted_app_submits_in_process_and_users_see_their_own_jobs_live(
+        mounted: Proc, context: BrowserContext) -> None:
+    assert httpx.get(mounted.url + "/jobs/api/jobs").status_code == 401  # not logged in
+    alice = log_in(context, mounted.url, "alice")
+    job = analyse(alice)  # the app's POST /analyse submits in-process; the page watches it
+    alice.wait_for_selector("[data-testid=connection][data-state=live]")
+    progress = watch_to_completion(alice, job, tracks=4)
+    assert "4/4" in progress and any(p != "4/4" for p in progress), progress
+
+    others = context.browser.new_context()  # type: ignore[union-attr]
+    try:
+        bob = log_in(others, mounted.url, "bob")
+        assert bob.eval_on_selector_all("[data-testid=job]", "els => els.length") == 0
+        assert not_found(bob, job) == [404, 404, 404]
+        bob.click("text=Log out")
+        bob.click("[data-testid=guest]")
+        bob.wait_for_selector("body[data-ready=true]", state="attached")
+        assert bob.text_content("[data-testid=user]").startswith("guest:")  # type: ignore[union-attr]
+        assert bob.eval_on_selector_all("[data-testid=job]", "els => els.length") == 0
+        watch_to_completion(bob, analyse(bob), tracks=2)
+        assert not_found(bob, job) == [404, 404, 404]
+    finally:
+        others.close()
