@@ -22,7 +22,7 @@ USERS = {  # name -> (password, liked tracks)
     "alice": ("alice-pw", ["alice-01", "alice-02", "alice-03", "alice-04"]),
     "bob": ("bob-pw", ["bob-01", "bob-02", "bob-03"]),
 }
-GUEST_TRACKS = ["guest-01", "guest-02"]
+GUEST_TRACKS = ["guest-01", "guest-02", "guest-03"]
 _sessions: dict[str, str] = {}  # session id -> owner, "user:<name>" or "guest:<id>"
 PAGE_JS = Path(__file__).with_name("page.js")
 

@@ -17,6 +17,7 @@ client.onState((state) => {
   $("connection").dataset.state = state;
   $("connection").textContent = state;
 });
+client.connect(); // live before the first job starts
 
 function render(card, job) {
   const { done, failed, total } = job.progress;
