@@ -211,3 +211,37 @@ def test_cors_answers_listed_origins_only(sidecar: tuple[Proc, Proc, str],
     assert tried == ["TypeError", "TypeError"]
     assert dash.evaluate("fetch('/api/jobs').then((r) => r.json())") == []
 
+
+
+@pytest.fixture
+def mounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proc]:
+    """examples/fastapi_app: the host app with jobwire mounted at /jobs."""
+    monkeypatch.setenv("JOBWIRE_DB", f"sqlite:///{tmp_path / 'app.db'}")
+    app = Proc(port=free_port(), log=tmp_path / "app.log", module="examples.fastapi_app.app")
+    try:
+        yield app.start()
+    finally:
+        app.stop()
+
+
+def test_mounted_app_submits_in_process_and_users_see_their_own_jobs_live(
+        mounted: Proc, context: BrowserContext) -> None:
+    assert httpx.get(mounted.url + "/jobs/api/jobs").status_code == 401  # not logged in
+    alice = log_in(context, mounted.url, "alice")
+    job = analyse(alice)  # the app's POST /analyse submits in-process; the page watches it
+    watch_to_completion(alice, job, tracks=4)
+
+    others = context.browser.new_context()  # type: ignore[union-attr]
+    try:
+        bob = log_in(others, mounted.url, "bob")
+        assert bob.eval_on_selector_all("[data-testid=job]", "els => els.length") == 0
+        assert not_found(bob, job) == [404, 404, 404]
+        bob.click("text=Log out")
+        bob.click("[data-testid=guest]")
+        bob.wait_for_selector("[data-testid=connection][data-state=live]")
+        assert (bob.text_content("[data-testid=user]") or "").startswith("guest:")
+        assert bob.eval_on_selector_all("[data-testid=job]", "els => els.length") == 0
+        watch_to_completion(bob, analyse(bob), tracks=3)
+        assert not_found(bob, job) == [404, 404, 404]
+    finally:
+        others.close()
