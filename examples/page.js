@@ -1,17 +1,20 @@
 // The examples' page: "Analyse my liked tracks" and every job of the signed-in user with
 // live per-track progress, through jobwire.js. Configured by <meta> tags:
 //   jobwire-url  where jobwire is: another origin, or a path of this app ("/jobs")
-//   me-url       a route of this app answering {token, tracks}: a JWT for jobwire, and
-//                what to submit (the sidecar); without it the cookie identifies the user
+//   me-url       a route of this app answering {token, tracks}: a fresh JWT for jobwire,
+//                and what to submit (the sidecar); without it the cookie identifies the user
 //   submit-url   a route of this app that starts the analysis itself (the mounted app)
 const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content;
 const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 
 const base = new URL(meta("jobwire-url"), location.href).href.replace(/\/$/, "");
-const me = meta("me-url") ? await (await fetch(meta("me-url"))).json() : {};
+const me = async () => (await fetch(meta("me-url"))).json();
 // A module from another origin: jobwire must answer it with CORS headers for this origin.
 const { createClient } = await import(`${base}/static/jobwire.js`);
-const client = createClient({ url: base, token: me.token });
+// The token is asked for before each socket and after a 401, so one that expired while
+// the page was open is replaced instead of failing.
+const token = meta("me-url") ? async () => (await me()).token : undefined;
+const client = createClient({ url: base, token });
 
 client.onState((state) => {
   $("connection").dataset.state = state;
@@ -51,7 +54,7 @@ async function analyse() {
       if (!response.ok) throw new Error(`${meta("submit-url")}: ${response.status}`);
       show((await response.json()).job);
     } else {
-      show((await client.submit("analyze_tracks", { tracks: me.tracks })).job.id);
+      show((await client.submit("analyze_tracks", { tracks: (await me()).tracks })).job.id);
     }
   } catch (error) {
     $("error").textContent = error.message;

@@ -32,12 +32,17 @@ new MutationObserver((records) => {
 def log_in(context: BrowserContext, url: str, user: str, ready: bool = True) -> Page:
     """A fresh tab logged in to the host app as `user`, its page ready and its WebSocket
     open (unless not `ready`); the tab's `renders` are every progress its job cards
-    showed."""
+    showed, its `urls` every URL it asked for and every uncaught error."""
     page = context.new_page()
     renders: dict[str, list[str]] = {}
     page.expose_function("recordRender", lambda job, p: renders.setdefault(job, []).append(p))
     page.add_init_script(RECORDER)
     page.renders = renders  # type: ignore[attr-defined]
+    urls: list[str] = []  # every URL the tab asked for, the WebSocket's too
+    page.on("request", lambda r: urls.append(r.url))
+    page.on("websocket", lambda ws: urls.append(ws.url))
+    page.on("pageerror", lambda e: urls.append(f"pageerror: {e}"))
+    page.urls = urls  # type: ignore[attr-defined]
     page.goto(url + "/")
     page.fill("input[name=user]", user)
     page.fill("input[name=password]", f"{user}-pw")
@@ -118,11 +123,13 @@ def test_sidecar_users_see_their_own_jobs_live_across_origins(
         sidecar: tuple[Proc, Proc, str], context: BrowserContext) -> None:
     service, backend, _ = sidecar
     alice = log_in(context, backend.url, "alice")
-    errors: list[str] = []
-    alice.on("pageerror", lambda e: errors.append(str(e)))
     job = analyse(alice)  # a cross-origin POST with the JWT: preflight, then the submit
     watch_to_completion(alice, job, tracks=4)
-    assert errors == []
+    urls = alice.urls  # type: ignore[attr-defined]
+    assert f"{service.url.replace('http', 'ws')}/api/ws?auth=message" in urls
+    # The JWT went in headers and the socket's first message: never in a URL (a JWT
+    # starts with "eyJ", its JSON header's "{").
+    assert not [u for u in urls if "eyJ" in u or u.startswith("pageerror")], urls
 
     bob_context = context.browser.new_context()  # type: ignore[union-attr]
     try:
