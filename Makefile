@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 	$(BIN)/jobwire serve
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
 # React and esbuild for the React browser tests (tests/browser/react), from its lock file.

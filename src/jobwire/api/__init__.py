@@ -14,7 +14,7 @@ from jobwire.api.auth import Authenticate
 from jobwire.api.headers import SecurityHeaders
 from jobwire.api.identity import Identity
 from jobwire.api.limits import BodyLimit, OwnerSlots
-from jobwire.api.public import Origins, RateLimit, SameOrigin
+from jobwire.api.public import Cors, Origins, RateLimit, SameOrigin
 from jobwire.app import InputError
 from jobwire.runtime import NotFound, NotStarted, Runtime
 from jobwire.store import JobActive, StoreError, TooManyActive
@@ -45,6 +45,7 @@ def create_api(rt: Runtime, *, authenticate: Authenticate | None = None,
     # Outermost, so BodyLimit's refusals carry the headers too.
     api.add_middleware(SecurityHeaders, exempt=frozenset(
         url for url in (api.docs_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url) if url))
+    api.add_middleware(Cors, origins=api.state.origins)  # outermost: refusals readable too
     api.state.connections = OwnerSlots(settings.max_connections,
                                        settings.max_live_connections)
     api.state.session_rate = RateLimit.parse(settings.session_rate)

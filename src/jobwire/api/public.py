@@ -13,8 +13,10 @@ import time
 from collections.abc import Callable
 
 from fastapi import HTTPException
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobwire.api.auth import COOKIE, bearer_token, by_message, token_of
@@ -180,3 +182,25 @@ class SameOrigin:
                 await JSONResponse({"detail": refused}, 403)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class Cors(CORSMiddleware):
+    """CORS for the pages of JOBWIRE_ALLOWED_ORIGINS (exact origins), so a browser app on
+    another origin can call the API, read streams, and import /static/jobwire.js (a
+    module script needs CORS). Bearer tokens only, no credentials: the browser sends no
+    cookie cross-origin that it would let the page read the answer to. A preflight from
+    any other origin gets a bare 400 that names no method or header."""
+
+    # Authorization: the bearer JWT; Content-Type: JSON bodies; Last-Event-ID: resuming
+    # a stream read by fetch. (X-Jobwire-Owner is the service key's: a backend's header.)
+    HEADERS = ("Authorization", "Content-Type", "Last-Event-ID")
+
+    def __init__(self, app: ASGIApp, origins: Origins) -> None:
+        super().__init__(app, allow_origins=sorted(origins.allowed),
+                         allow_methods=["GET", "POST", "DELETE"], allow_headers=self.HEADERS,
+                         allow_credentials=False, max_age=600)
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        if not self.is_allowed_origin(request_headers["origin"]):
+            return PlainTextResponse("Disallowed CORS origin", 400, headers={"Vary": "Origin"})
+        return super().preflight_response(request_headers)
