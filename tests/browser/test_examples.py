@@ -223,7 +223,6 @@ def test_cors_answers_listed_origins_only(sidecar: tuple[Proc, Proc, str],
 @pytest.fixture
 def mounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proc]:
     """examples/fastapi_app: the host app with jobwire mounted at /jobs."""
-    pytest.importorskip("jobwire.embed", reason="jobwire.asgi (branch wt-embed) not merged")
     monkeypatch.setenv("JOBWIRE_DB", f"sqlite:///{tmp_path / 'app.db'}")
     app = Proc(port=free_port(), log=tmp_path / "app.log", module="examples.fastapi_app.app")
     try:
