@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from jobwire.store import Store, open_store
+
 ROOT = Path(__file__).resolve().parent.parent
 # Processes the tests start run this checkout's code (and its tests' task modules), even
 # with a virtualenv whose editable install points at another checkout.
@@ -59,6 +61,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of each backend."""
     with fresh_db(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """An open store on a fresh database of each backend."""
+    s = open_store(db_url)
+    await s.open()
+    yield s
+    await s.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,16 +17,8 @@ from jobwire import Context, InputError, Jobwire
 from jobwire.cron import Every, tick_key
 from jobwire.model import Job, Status, now
 from jobwire.periodic import OWNER
-from jobwire.store import Lease, Store, open_store
+from jobwire.store import Lease, Store
 from tests.conftest import Proc, guest
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def periodic_jobs(store: Store) -> list[Job]:

@@ -6,21 +6,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from jobwire.model import IllegalTransition, ItemStatus, Status, apply_event, counts_of
 from jobwire.store import ItemUpdate, Lease, LeaseLost, Store, open_store
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def replay(store: Store, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:

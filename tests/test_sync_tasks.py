@@ -15,20 +15,12 @@ from bench.looplag import loop_lag, summary
 
 from jobwire import Jobwire, Status, Worker
 from jobwire.model import Event, Job
-from jobwire.store import Store, open_store
+from jobwire.store import Store
 from tests.conftest import Proc, guest
 from tests.tasks import jobwire
 from tests.test_store import replay
 
 OWNER = "tester"
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture
