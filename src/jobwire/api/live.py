@@ -25,7 +25,7 @@ from jobwire.api.deps import JobId, Reader, RuntimeDep, StreamCaller, owned_job,
 from jobwire.api.identity import SERVICE
 from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
-from jobwire.api.schemas import ErrorOut, EventsOut, errors
+from jobwire.api.schemas import ErrorOut, EventsOut, bad_last_event_id, errors
 from jobwire.hub import Subscription
 from jobwire.model import Event
 from jobwire.ownerfeed import Watch
@@ -77,7 +77,7 @@ async def stream(job_id: JobId, rt: RuntimeDep, caller: StreamCaller, request: R
         try:
             after = max(after, int(last_event_id))
         except ValueError:
-            raise HTTPException(422, "Last-Event-ID must be a seq number") from None
+            raise bad_last_event_id("a seq number") from None
     if job.status.terminal and after >= job.seq:
         return Response(status_code=204)  # tells EventSource to stop reconnecting
     slot = connections(request).acquire(who or SERVICE)

@@ -14,7 +14,7 @@ from starlette.requests import HTTPConnection
 
 from jobwire.api.deps import RuntimeDep, StreamCaller, runtime
 from jobwire.api.limits import OwnerSlots, Refusal
-from jobwire.api.schemas import ErrorOut, errors
+from jobwire.api.schemas import ErrorOut, bad_last_event_id, errors
 from jobwire.ownerfeed import STATUSES, Message, OwnerFeeds, statuses_of
 from jobwire.runtime import StatusFilter
 
@@ -52,7 +52,7 @@ async def stream_jobs(rt: RuntimeDep, caller: StreamCaller, request: Request,
         try:
             after = max(after, int(last_event_id))
         except ValueError:
-            raise HTTPException(422, "Last-Event-ID must be a cursor number") from None
+            raise bad_last_event_id("a cursor number") from None
     slots: OwnerSlots = request.app.state.connections
     slot = slots.acquire(who)
     if isinstance(slot, Refusal):

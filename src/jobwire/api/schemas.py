@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobwire.app import Submission
@@ -28,6 +29,13 @@ ERRORS = {
     429: "over a limit of this caller (the detail says which); retry later",
     503: "the database is unavailable; retry later",
 }
+
+
+def bad_last_event_id(what: str) -> RequestValidationError:
+    """A 422 in the shape of every other validation error, naming the header."""
+    return RequestValidationError([{"loc": ("header", "last-event-id"),
+                                    "msg": f"Last-Event-ID must be {what}",
+                                    "type": "value_error"}])
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -140,7 +140,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX job_tombstones_seq ON job_tombstones (owner, owner_seq);
     CREATE INDEX job_tombstones_at ON job_tombstones (at);
-    CREATE FUNCTION jobwire_jobs_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+    CREATE FUNCTION jobwire_jobs_mark() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
     BEGIN
         IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' AND OLD.owner IS DISTINCT FROM NEW.owner THEN
             INSERT INTO job_tombstones VALUES (OLD.owner, OLD.id, -1,
@@ -153,7 +154,8 @@ MIGRATIONS: list[str] = [
         NEW.owner_seq := -1;
         RETURN NEW;
     END $$;
-    CREATE FUNCTION jobwire_jobs_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+    CREATE FUNCTION jobwire_jobs_stamp() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
     DECLARE
         channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
         who text;
