@@ -66,16 +66,18 @@ def test_the_jobwire_package_is_the_servers_jobwire_js(tarballs: dict[str, Path]
 
 def test_the_tarballs_install_and_import_with_react(tarballs: dict[str, Path],
                                                     tmp_path: Path) -> None:
-    lock = json.loads((HARNESS / "package-lock.json").read_text())["packages"]
-    react = [f"{n}@{lock[f'node_modules/{n}']['version']}" for n in ("react", "react-dom")]
+    react_modules = HARNESS / "node_modules"
+    if not (react_modules / "react-dom").is_dir():
+        pytest.skip("React is not installed in the test harness: run `make test` (npm ci) first")
     (tmp_path / "package.json").write_text('{"private": true, "type": "module"}')
-    try:  # --offline: React comes from npm's cache, which `make test`'s npm ci filled
-        run("npm", "install", "--offline", "--no-audit", "--no-fund", "--loglevel=error",
-            str(tarballs["jobwire"]), str(tarballs["jobwire-react"]), *react, cwd=tmp_path)
-    except subprocess.CalledProcessError as exc:
-        if "ENOTCACHED" in exc.stderr:
-            pytest.skip("React is not in npm's cache: run `make test` (npm ci) first")
-        raise
+    # The tarballs install offline: their only dependency is each other. React, their peer,
+    # is the harness's own copy (a fresh machine's npm cache holds its tarballs but not the
+    # registry documents that `npm install react@x` would need).
+    run("npm", "install", "--offline", "--legacy-peer-deps", "--no-audit", "--no-fund",
+        "--loglevel=error", str(tarballs["jobwire"]), str(tarballs["jobwire-react"]),
+        cwd=tmp_path)
+    for name in ("react", "react-dom", "scheduler"):
+        shutil.copytree(react_modules / name, tmp_path / "node_modules" / name)
     (tmp_path / "smoke.mjs").write_text(SMOKE)
     out = json.loads(run("node", "smoke.mjs", cwd=tmp_path))
     assert out == {"html": "<p>loading false</p><p>null false</p>", "hooks": "function",
