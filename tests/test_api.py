@@ -107,7 +107,9 @@ async def test_no_token_is_401(shared_server: Proc) -> None:
             assert (await anon.request(method, path)).status_code == 401, path
         r = await anon.get("/api/jobs", headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401
+    # A first frame other than auth is refused at once (waiting for none is test_tokens').
     async with websockets.connect(shared_server.url.replace("http", "ws") + "/api/ws") as ws:
+        await ws.send('{"op": "subscribe", "job": "x", "after": 0}')
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401

@@ -20,7 +20,7 @@ from tests.conftest import guest
 
 pytestmark = pytest.mark.timeout(300)
 
-FUZZ_SECONDS = os.environ.get("JOBWIRE_FUZZ_SECONDS", "20")
+FUZZ_SECONDS = os.environ.get("JOBWIRE_FUZZ_SECONDS", "12")
 # Everything but positive_data_acceptance (any string is a valid `task` in the schema,
 # but only registered ones are accepted) and allow_header_conformance (FastAPI answers
 # an undeclared method with 405 without an Allow header; no client relies on it).

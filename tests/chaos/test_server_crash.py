@@ -66,7 +66,7 @@ async def test_sigkill_server_while_50_clients_watch(serve: Serve, procs: Any,
     for _ in range(2):
         procs("worker", "--db", db_url, "--app", APP, "--lease", "2", "--concurrency", "10")
     c = await guest(srv.url)
-    jobs = [(await c.submit("crunch", {"n": 200, "delay": 0.1}))[0]["id"] for _ in range(JOBS)]
+    jobs = [(await c.submit("crunch", {"n": 130, "delay": 0.1}))[0]["id"] for _ in range(JOBS)]
 
     watchers: list[asyncio.Task[Any]] = []
     for k in range(WS_WATCHERS):

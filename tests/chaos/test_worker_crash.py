@@ -17,10 +17,10 @@ from tests.conftest import Client, Proc, guest
 
 pytestmark = pytest.mark.timeout(400)
 
-JOBS = 500
+JOBS = 300
 ITEMS = 5
 WORKERS = 3
-KILLS = 10
+KILLS = 6
 
 
 def check_job(job: dict[str, Any], items: list[dict[str, Any]],
