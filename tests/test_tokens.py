@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from jobwire.client import Client as JobwireClient
+from jobwire.client import TokenError
 from tests.conftest import Client, Proc, cli, guest
 
 pytestmark = pytest.mark.timeout(120)
@@ -442,3 +443,37 @@ async def test_a_client_with_a_token_function_outlives_its_short_tokens(
     assert states[-1].status == "completed" and len(seqs) > 60
     assert len(minted) >= 3, minted  # it was renewed at least twice on the way
     assert mode == "socket"
+
+
+async def test_a_token_function_that_raises_leaves_the_watch_alive(
+        procs: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's getToken fails twice (offline, say) as the socket opens: the client
+    long-polls meanwhile with the token it has and opens the socket once it works again,
+    and a call that needs a token says what failed."""
+    server = jwt_server(procs, tmp_path, monkeypatch)
+    calls: list[int] = []
+
+    def get_token() -> str:
+        calls.append(len(calls))
+        if len(calls) in (2, 3):
+            raise LookupError("no token cached and the identity provider is down")
+        return a_jwt("alice", 60)
+
+    async with JobwireClient(server.url, get_token, backoff=(0.1, 0.5)) as c:
+        job, _ = await c.submit("steps", {"n": 30, "delay": 0.1})
+        states = await asyncio.wait_for(_collect(c.watch(str(job["id"]))), 60)
+        mode = c.connection.mode
+    seqs = [state.seq for state in states]
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)) and states[-1].status == "completed"
+    assert len(calls) >= 4 and mode == "socket"
+
+    def broken() -> str:
+        raise RuntimeError("signed out")
+
+    async with JobwireClient(server.url, broken) as c:
+        with pytest.raises(TokenError, match="signed out"):
+            await c.submit("steps", {"n": 1})
+
+
+async def _collect(states: Any) -> list[Any]:
+    return [state async for state in states]

@@ -11,6 +11,7 @@ from jobwire.client.errors import (
     JobNotFound,
     JobwireError,
     ServerUnavailable,
+    TokenError,
     Unauthorized,
     Unavailable,
 )
@@ -20,5 +21,5 @@ from jobwire.client.sync import SyncClient
 __all__ = [
     "ApiError", "Client", "InvalidRequest", "JobActive", "JobCancelled", "JobEnded",
     "JobFailed", "JobNotFound", "JobwireError", "ServerUnavailable", "Snapshot", "SyncClient",
-    "Unauthorized", "Unavailable",
+    "TokenError", "Unauthorized", "Unavailable",
 ]

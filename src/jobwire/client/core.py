@@ -15,7 +15,7 @@ import httpx
 from jobwire.client.api import Api
 from jobwire.client.backoff import Backoff
 from jobwire.client.connection import Connection, ws_url_of
-from jobwire.client.errors import JobCancelled, JobFailed, JobwireError, SessionNotFound
+from jobwire.client.errors import JobCancelled, JobFailed, JobwireError, SessionNotFound, TokenError
 from jobwire.client.feed import Feed
 from jobwire.client.flight import SingleFlight
 from jobwire.client.ownerlist import JobList
@@ -81,9 +81,14 @@ class Client:
 
     async def _ask_source(self) -> str:
         assert self._source is not None
-        token = self._source()
-        if inspect.isawaitable(token):
-            token = await token
+        try:
+            token = self._source()
+            if inspect.isawaitable(token):
+                token = await token
+        except Exception as exc:  # the host's SDK: offline, signed out, a bug
+            # A JobwireError, so a socket waiting for it falls back to polling and tries
+            # again later instead of its connection task dying, and a call says why.
+            raise TokenError(f"the token function raised {exc!r}") from exc
         if not isinstance(token, str) or not token:
             raise JobwireError(f"the token function returned {type(token).__name__}, "
                                "not a token string")

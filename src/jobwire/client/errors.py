@@ -10,6 +10,10 @@ class JobwireError(Exception):
     """Base of every client error."""
 
 
+class TokenError(JobwireError):
+    """The token function given to the client raised (its cause is the original error)."""
+
+
 class Unavailable(JobwireError):
     """The server could not be reached (refused, timed out, connection dropped)."""
 
