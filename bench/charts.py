@@ -94,20 +94,22 @@ def idle(data: dict[str, Any], ax: Axes) -> None:
 
 
 def growth(data: dict[str, Any], ax: Axes) -> None:
-    for backend in dict.fromkeys(r["backend"] for r in data["rows"] if "error" not in r):
-        rows = [r for r in data["rows"] if r["backend"] == backend and "error" not in r]
-        xs = [r["finished_jobs"] for r in rows]
-        for key in ("submit_p50", "claim_p50", "submit_p99", "claim_p99"):
+    done = [r for r in data["rows"] if "error" not in r]
+    for backend, kind in dict.fromkeys((r["backend"], r["kind"]) for r in done):
+        rows = [r for r in done if r["backend"] == backend and r["kind"] == kind]
+        xs = [r["jobs"] for r in rows]
+        for key in ("submit_p50", "claim_p50"):
             stats = [r[key] for r in rows]
             ax.errorbar(xs, _med(stats), yerr=_err(stats), capsize=3,
-                        fmt="o-" if key.endswith("p50") else "s--", label=f"{backend} {key}")
+                        fmt="o-" if key.startswith("submit") else "s--",
+                        label=f"{backend} {kind}: {key}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("finished jobs in the table")
-    ax.set_ylabel("ms per call")
+    ax.set_xlabel("jobs in the table (finished, queued or delayed)")
+    ax.set_ylabel("ms per call (p50)")
     ax.set_title("Cost growth")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
 
 
 CHARTS: dict[str, Callable[[dict[str, Any], Axes], None]] = {

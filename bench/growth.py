@@ -1,10 +1,12 @@
 """Cost growth: submit and claim latency as the jobs table grows from 10^3 to 10^6
-finished jobs (each with its three events), on both backends. Indexes must keep it flat.
+jobs, on both backends: finished jobs (each with its three events), queued jobs waiting
+for a worker, and delayed jobs waiting for their run_at. Indexes must keep it flat.
 
-Finished jobs are bulk-inserted with SQL straight into the store's tables (setup speed);
-then one call at a time is timed through the store API.
+The jobs are bulk-inserted with SQL straight into the store's tables (setup speed); then
+one call at a time is timed through the store API.
 
-Run: .venv/bin/python -m bench.growth [--max 1000000] [--calls N] [--reps R]
+Run: .venv/bin/python -m bench.growth [--max 1000000] [--kinds finished,queued,delayed]
+     [--calls N] [--reps R]
 """
 
 from __future__ import annotations
@@ -22,36 +24,49 @@ from bench.common import fmt, parser, percentile, pg_database, record, stats, ta
 from jobwire.model import Status
 from jobwire.store import Lease, Store, open_store
 
-# Finished jobs with three events each (created, started, completed), ids old<n>.
-SQLITE_FILL = [
-    """WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?)
-    INSERT INTO jobs (id, task, key, owner, status, input, result, attempt, max_attempts, seq,
-                      created_at, updated_at, finished_at)
-    SELECT 'old' || x, 'noop', 'k' || x, 'owner' || (x % 1000), 'completed', 'null', 'null',
-           1, 1, 3, ? + x * 1e-3, ? + x * 1e-3, ? + x * 1e-3 FROM c""",
-    """WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?)
-    INSERT INTO events (job_id, seq, type, data, at)
-    SELECT 'old' || x, s.seq, s.type, '{}', ? + x * 1e-3 FROM c,
-           (SELECT 1 AS seq, 'created' AS type UNION ALL SELECT 2, 'started'
-            UNION ALL SELECT 3, 'completed') AS s""",
-]
-PG_FILL = [
-    """INSERT INTO jobs (id, task, key, owner, status, input, result, attempt, max_attempts, seq,
-                         created_at, updated_at, finished_at)
-    SELECT 'old' || x, 'noop', 'k' || x, 'owner' || mod(x, 1000), 'completed', 'null', 'null',
-           1, 1, 3, {ts}, {ts}, {ts} FROM generate_series(%s::bigint, %s::bigint) AS x""",
-    """INSERT INTO events (job_id, seq, type, data, at)
-    SELECT 'old' || x, s.seq, s.type, '{{}}', {ts} FROM generate_series(%s::bigint, %s::bigint) x,
-           (VALUES (1, 'created'), (2, 'started'), (3, 'completed')) AS s(seq, type)""",
-]
+# What accumulates, by kind: finished jobs with their three events (created, started,
+# completed), or jobs waiting to run with their one event (created): queued ones ready to
+# be claimed, or delayed ones whose run_at is a day away. Ids old<n>.
+KINDS: dict[str, dict[str, Any]] = {
+    "finished": {"status": "completed", "result": "'null'", "attempt": 1, "seq": 3,
+                 "finished": True, "delay": None},
+    "queued": {"status": "queued", "result": "NULL", "attempt": 0, "seq": 1,
+               "finished": False, "delay": None},
+    "delayed": {"status": "queued", "result": "NULL", "attempt": 0, "seq": 1,
+                "finished": False, "delay": 86400},
+}
+EVENTS = ["created", "started", "completed"]
 
 
-def fill_sqlite(db: str, start: int, end: int) -> None:
+def _jobs_sql(kind: dict[str, Any], xs: str, owner: str, ts: str, epoch: str,
+              true: str, false: str) -> str:
+    finished = ts if kind["finished"] else "NULL"
+    run_at = "NULL" if kind["delay"] is None else f"{epoch} + {kind['delay']}"
+    waiting = false if kind["delay"] is None else true
+    return f"""INSERT INTO jobs (id, task, key, owner, status, input, result, attempt,
+                     max_attempts, seq, created_at, updated_at, finished_at, run_at, waiting)
+    SELECT 'old' || x, 'noop', 'k' || x, {owner}, '{kind["status"]}', 'null', {kind["result"]},
+           {kind["attempt"]}, 1, {kind["seq"]}, {ts}, {ts}, {finished}, {run_at}, {waiting}
+    FROM {xs}"""
+
+
+def _events_sql(kind: dict[str, Any], xs: str, ts: str) -> str:
+    types = " UNION ALL ".join(f"SELECT {n} AS seq, '{t}' AS type"
+                               for n, t in enumerate(EVENTS[:kind["seq"]], 1))
+    return f"""INSERT INTO events (job_id, seq, type, data, at)
+    SELECT 'old' || x, s.seq, s.type, '{{}}', {ts} FROM {xs}, ({types}) AS s"""
+
+
+def fill_sqlite(db: str, kind: str, start: int, end: int) -> None:
     conn = sqlite3.connect(db.removeprefix("sqlite:///"), isolation_level=None, timeout=60)
     base = time.time() - 3600
+    xs = "c"
+    rec = "WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
+    ts = f"{base} + x * 1e-3"
     conn.execute("BEGIN IMMEDIATE")
-    conn.execute(SQLITE_FILL[0], (start, end, base, base, base))
-    conn.execute(SQLITE_FILL[1], (start, end, base))
+    conn.execute(rec + _jobs_sql(KINDS[kind], xs, "'owner' || (x % 1000)", ts, f"{base}",
+                                 "1", "0"), (start, end))
+    conn.execute(rec + _events_sql(KINDS[kind], xs, ts), (start, end))
     conn.execute("COMMIT")
     conn.execute("ANALYZE")
     conn.close()
@@ -63,14 +78,16 @@ def _pg_types(conn: psycopg.Connection[Any]) -> dict[str, str]:
     return {r[0]: r[1] for r in rows}
 
 
-def fill_postgres(db: str, start: int, end: int) -> None:
+def fill_postgres(db: str, kind: str, start: int, end: int) -> None:
     with psycopg.connect(db, autocommit=True) as conn:
         # Timestamps are whatever type the backend chose (epoch floats or timestamptz).
-        ts = ("now() - interval '1 hour'" if "timestamp" in _pg_types(conn)["created_at"]
-              else "extract(epoch from now()) - 3600")
+        stamped = "timestamp" in _pg_types(conn)["created_at"]
+        ts = "now() - interval '1 hour'" if stamped else "extract(epoch from now()) - 3600"
+        xs = "generate_series(%s::bigint, %s::bigint) AS x"
         with conn.transaction():
-            for sql in PG_FILL:
-                conn.execute(sql.format(ts=ts), (start, end))  # type: ignore[arg-type]
+            conn.execute(_jobs_sql(KINDS[kind], xs, "'owner' || mod(x, 1000)", ts,  # type: ignore[arg-type]
+                                   "extract(epoch from now())", "true", "false"), (start, end))
+            conn.execute(_events_sql(KINDS[kind], xs, ts), (start, end))  # type: ignore[arg-type]
         conn.execute("ANALYZE")
 
 
@@ -95,8 +112,8 @@ async def measure(store: Store, calls: int, tag: str) -> dict[str, float]:
             "claim_p50": percentile(claim, 0.5), "claim_p99": percentile(claim, 0.99)}
 
 
-async def grow(db: str, fill: Callable[[str, int, int], None], sizes: list[int], calls: int,
-               reps: int) -> list[dict[str, Any]]:
+async def grow(db: str, fill: Callable[[str, str, int, int], None], kind: str,
+               sizes: list[int], calls: int, reps: int) -> list[dict[str, Any]]:
     rows = []
     have = 0
     for size in sizes:
@@ -105,33 +122,38 @@ async def grow(db: str, fill: Callable[[str, int, int], None], sizes: list[int],
             await store.open()
             await store.close()
         t0 = time.perf_counter()
-        await asyncio.to_thread(fill, db, have + 1, size)
+        await asyncio.to_thread(fill, db, kind, have + 1, size)
         have = size
-        print(f"  {size:,} finished jobs (filled in {time.perf_counter() - t0:.1f} s)",
+        print(f"  {size:,} {kind} jobs (filled in {time.perf_counter() - t0:.1f} s)",
               flush=True)
         # Opened after the fill, so the store does not take the bulk rows for fresh
         # events written by another process and relay them to (absent) listeners.
-        store = open_store(db, max_active_jobs=calls)  # `calls` jobs of one owner at once
+        # Room for every job the runs submit: with queued jobs waiting, claims take those
+        # first, so the submitted ones stay active.
+        store = open_store(db, max_active_jobs=calls * reps * len(sizes))
         await store.open()
         try:
             runs = [await measure(store, calls, f"{size}-{r}") for r in range(reps)]
         finally:
             await store.close()
-        rows.append({"finished_jobs": size, **{k: stats([r[k] for r in runs]) for k in runs[0]}})
+        rows.append({"kind": kind, "jobs": size,
+                     **{k: stats([r[k] for r in runs]) for k in runs[0]}})
     return rows
 
 
-async def sqlite_growth(sizes: list[int], calls: int, reps: int) -> list[dict[str, Any]]:
+async def sqlite_growth(kind: str, sizes: list[int], calls: int,
+                        reps: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        return await grow(f"sqlite:///{tmp}/bench.db", fill_sqlite, sizes, calls, reps)
+        return await grow(f"sqlite:///{tmp}/bench.db", fill_sqlite, kind, sizes, calls, reps)
 
 
-async def postgres_growth(sizes: list[int], calls: int, reps: int) -> list[dict[str, Any]]:
+async def postgres_growth(kind: str, sizes: list[int], calls: int,
+                          reps: int) -> list[dict[str, Any]]:
     with pg_database("growth") as url:
-        return await grow(url, fill_postgres, sizes, calls, reps)
+        return await grow(url, fill_postgres, kind, sizes, calls, reps)
 
 
-BACKENDS: dict[str, Callable[[list[int], int, int], Awaitable[list[dict[str, Any]]]]] = {
+BACKENDS: dict[str, Callable[[str, list[int], int, int], Awaitable[list[dict[str, Any]]]]] = {
     "SQLite": sqlite_growth,
     "PostgreSQL": postgres_growth,
 }
@@ -140,28 +162,40 @@ BACKENDS: dict[str, Callable[[list[int], int, int], Awaitable[list[dict[str, Any
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--max", type=int, default=1_000_000)
+    p.add_argument("--kinds", default=",".join(KINDS), help="of %(default)s")
     p.add_argument("--calls", type=int, default=200, help="timed calls per repetition")
     p.add_argument("--only", default="")
     args = p.parse_args()
     sizes = [10 ** k for k in range(3, 7) if 10 ** k <= args.max]
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        p.error(f"--kinds: unknown {', '.join(sorted(unknown))}; of {', '.join(KINDS)}")
     rows: list[dict[str, Any]] = []
     for name, run in BACKENDS.items():
         if args.only and args.only.lower() not in name.lower():
             continue
-        print(f"{name} ...", flush=True)
-        try:
-            rows += [{"backend": name, **r} for r in asyncio.run(run(sizes, args.calls, args.reps))]
-        except Exception as exc:  # report it and go on with the other backend
-            print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
-            rows.append({"backend": name, "error": f"{type(exc).__name__}: {exc}"})
-    table(f"Latency (ms) of one call as finished jobs accumulate: median (min-max) over "
-          f"{args.reps} repetitions of the p50/p99 of {args.calls} calls",
-          ["backend", "finished jobs", "submit p50", "submit p99", "claim p50", "claim p99"],
-          [[r["backend"], f"{r['finished_jobs']:,}", *(fmt(r[k], 2) for k in (
-              "submit_p50", "submit_p99", "claim_p50", "claim_p99"))]
-           for r in rows if "error" not in r])
-    params = {"sizes": sizes, "calls": args.calls, "reps": args.reps}
+        for kind in kinds:
+            print(f"{name}, {kind} jobs ...", flush=True)
+            try:
+                rows += [{"backend": name, **r}
+                         for r in asyncio.run(run(kind, sizes, args.calls, args.reps))]
+            except Exception as exc:  # report it and go on with the others
+                print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
+                rows.append({"backend": name, "kind": kind,
+                             "error": f"{type(exc).__name__}: {exc}"})
+    table(f"Latency (ms) of one call as jobs accumulate: median (min-max) over "
+          f"{args.reps} repetitions of the p50/p99 of {args.calls} calls", *growth_table(rows))
+    params = {"sizes": sizes, "kinds": kinds, "calls": args.calls, "reps": args.reps}
     print(f"appended to {record('growth', params, rows)}")
+
+
+def growth_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The table's header and rows (also `bench.report`'s)."""
+    return (["backend", "jobs in the table", "submit p50", "submit p99", "claim p50",
+             "claim p99"],
+            [[r["backend"], f"{r['jobs']:,} {r['kind']}", *(fmt(r[k], 2) for k in (
+                "submit_p50", "submit_p99", "claim_p50", "claim_p99"))]
+             for r in rows if "error" not in r])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.charts import latest
 from bench.common import fmt
+from bench.growth import growth_table
 
 
 def md(columns: list[str], rows: list[list[Any]]) -> str:
@@ -56,10 +57,7 @@ def idle(d: dict[str, Any]) -> str:
 
 
 def growth(d: dict[str, Any]) -> str:
-    return md(["backend", "finished jobs", "submit p50", "submit p99", "claim p50", "claim p99"],
-              [[r["backend"], f"{r['finished_jobs']:,}",
-                *(fmt(r[k], 2) for k in ("submit_p50", "submit_p99", "claim_p50", "claim_p99"))]
-               for r in d["rows"] if "error" not in r])
+    return md(*growth_table(d["rows"]))
 
 
 def main() -> None:
