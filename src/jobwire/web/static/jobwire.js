@@ -63,6 +63,8 @@ export function applyEvent(snapshot, items, event) {
       snap.cancel_requested = true;
       break;
     case "retrying":
+      // The attempts that count: one fewer when a stopping worker handed the job back.
+      snap.attempt = data.attempt;
       snap.error = data.error ?? null;
       snap.run_at = data.run_at ?? null;
       break;
