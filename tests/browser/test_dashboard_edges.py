@@ -169,3 +169,24 @@ def test_sign_in_refuses_other_sites_guest_tokens_and_tokens_it_does_not_know(
     assert httpx.get(app.url + "/api/jobs", cookies=cookie).status_code == 401  # claimed
 
 
+
+
+def test_a_worker_stopped_cleanly_shows_its_job_requeued_not_failed(
+        procs: Any, context: BrowserContext, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'jobwire.db'}"
+    demo = ("--app", "jobwire.demo:jobwire", "--db", db)
+    api: Proc = procs("serve", *demo, "--no-workers")
+    worker: Proc = procs("worker", *demo, "--lease", "60")
+    dash = Dashboard(context.new_page(), api.url).open()
+    job = dash.start_tracks(3000)
+    dash.wait_job(job, "d.status === 'running' && d.done > 0")
+    worker.stop()  # SIGTERM: a deploy
+    dash.wait_job(job, "d.status === 'queued'")
+    error = dash.card(job).get_by_test_id("error")
+    assert error.inner_text() == "worker stopped; requeued"
+    assert error.get_attribute("data-kind") == "requeued"
+    assert error.evaluate("e => getComputedStyle(e).color") != "rgb(209, 67, 67)"  # no red
+    assert "attempt 0" in dash.card(job).get_by_test_id("counts").inner_text()
+    procs("worker", *demo, "--lease", "60")
+    dash.wait_job(job, "d.status === 'running'")
+    assert "attempt 1" in dash.card(job).get_by_test_id("counts").inner_text()

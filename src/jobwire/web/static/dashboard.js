@@ -145,12 +145,11 @@ function render({ el, latest: job }) {
     + (job.finished_at ? ` · finished ${when(job.finished_at)}` : "");
   stamp.title = `created ${job.created_at}${job.finished_at ? `, finished ${job.finished_at}` : ""}`;
 
-  // A queued job's error is the attempt before: it is requeued, not failed.
+  // A queued job's error is why its last attempt ended: it is requeued, not failed.
   const error = $("error", el);
-  const requeued = job.status === "queued" && job.error;
   error.hidden = !job.error;
-  error.dataset.kind = requeued ? "requeued" : "";
-  error.textContent = requeued ? `requeued after: ${job.error}` : job.error ?? "";
+  error.dataset.kind = job.status === "queued" && job.error ? "requeued" : "";
+  error.textContent = job.error ?? "";
   const result = $("result", el);
   result.hidden = job.result == null;
   result.querySelector("pre").textContent =
