@@ -35,3 +35,19 @@ def test_bad_arguments_are_clear_messages(tmp_path: Path) -> None:
         out = jobwire(*args)
         assert out.returncode == 2, (args, out.stderr)
         assert words in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_serve_says_at_start_what_it_runs_with_without_the_password(procs: Any,
+                                                                     db_url: str) -> None:
+    # The test server trusts local connections, so a password in the URL is accepted
+    # and ignored: what matters is that it never reaches the log.
+    db = db_url.replace("postgresql://postgres@", "postgresql://postgres:hunter2@")
+    server: Proc = procs("serve", "--db", db, "--concurrency", "3")
+    api_only: Proc = procs("serve", "--db", db, "--no-workers")
+    for proc, workers in ((server, "3 worker slots"), (api_only, "no workers")):
+        log = proc.log.read_text()
+        shown = db.replace(":hunter2@", ":***@")
+        line = (f"serving http://127.0.0.1:{proc.port}/ on {shown} with app "
+                f"tests.tasks:jobwire and {workers}")
+        assert line in log, log
+        assert "hunter2" not in log

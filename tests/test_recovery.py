@@ -110,21 +110,6 @@ async def test_leases_run_on_the_database_clock(procs: Any, pg_url: str,
         fast.stop()
 
 
-async def test_stopped_worker_hands_its_jobs_back_at_once(procs: Any, db_url: str) -> None:
-    """SIGTERM (a deploy, Ctrl-C): the running job is requeued as the worker exits, not
-    after its lease (a minute here) runs out, and another worker finishes it."""
-    c, first, job = await job_under_way(procs, db_url, "60", 40, 2)
-    first.stop()
-    assert first.proc is not None and first.proc.returncode == 0
-    queued = await c.job(job["id"])
-    assert queued["status"] == "queued", "handed back by the time the worker is gone"
-    procs("worker", "--db", db_url, "--lease", "60")
-    ended = await c.wait_terminal(job["id"], timeout=30)
-    assert ended["status"] == "completed" and ended["attempt"] == 2
-    assert ended["progress"]["done"] == 40
-    await c.http.aclose()
-
-
 async def test_job_fails_after_max_attempts(procs: Any, db_url: str) -> None:
     api: Proc = procs("serve", "--db", db_url, "--no-workers")
     c = await guest(api.url)
@@ -172,4 +157,33 @@ async def test_retention_prunes_finished_jobs_only(procs: Any, db_url: str) -> N
     assert (await c.http.get(f"/api/jobs/{finished['id']}/events")).status_code == 404
     assert (await c.job(running["id"]))["status"] == "running", "active jobs are never pruned"
     await c.http.post(f"/api/jobs/{running['id']}/cancel")
+    await c.http.aclose()
+
+
+async def test_sigterm_hands_running_jobs_back_requeued_with_the_attempt_not_counted(
+        procs: Any, db_url: str) -> None:
+    """SIGTERM (a deploy, Ctrl-C) is no failure: the running job is queued again as the
+    worker exits, not after its lease (a minute here) runs out, saying so; the attempt it
+    was on does not count, so a job on its last attempt is not failed; and another worker
+    finishes it."""
+    c, first, job = await job_under_way(procs, db_url, "60", 12, 3)
+    assert first.proc is not None
+    first.stop()  # SIGTERM
+    assert first.proc.returncode == 0
+    handed = await c.job(job["id"])
+    assert handed["status"] == "queued" and handed["attempt"] == 0, handed
+    assert handed["error"] == "worker stopped; requeued"
+    events = await c.events(job["id"])
+    retry = events[-1]
+    assert retry["type"] == "retrying" and retry["data"]["attempt"] == 0, retry
+    assert retry["data"]["error"] == "worker stopped; requeued"
+
+    procs("worker", "--db", db_url, "--lease", "60")
+    ended = await c.wait_terminal(job["id"], timeout=30)
+    # `steps` has max_attempts=2: one more stop would have failed it had this one counted.
+    assert ended["status"] == "completed" and ended["attempt"] == 1, ended
+    assert ended["progress"] == {"total": 12, "done": 12, "failed": 0}
+    events = await c.events(job["id"])
+    assert [e["data"]["attempt"] for e in events if e["type"] == "started"] == [1, 1]
+    assert not any("lease expired" in (e["data"].get("error") or "") for e in events)
     await c.http.aclose()

@@ -106,6 +106,31 @@ async def test_writes_need_the_current_lease(store: Store) -> None:
     assert types.count("retrying") == 1 and types.count("started") == 2
 
 
+async def test_hand_back_is_fenced_and_does_not_count_the_attempt(store: Store) -> None:
+    """Only the lease's holder, on the same attempt, hands a job back; a job with a cancel
+    requested is not requeued (it expires as cancelled)."""
+    job, _ = await store.submit("o", "t", {}, None, 1)  # one attempt: its last
+    other, _ = await store.submit("o", "t", {}, None, 1)
+    await store.claim("w", ["t"], 2, 30)
+    lease, lease2 = Lease(job.id, "w", 1), Lease(other.id, "w", 1)
+    await store.declare_items(lease, ["a", "b"])
+    await store.update_items(lease, [ItemUpdate("a", ItemStatus.DONE),
+                                     ItemUpdate("b", ItemStatus.RUNNING)])
+    await store.request_cancel(other.id, "o")
+    assert await store.hand_back([Lease(job.id, "intruder", 1), Lease(job.id, "w", 2),
+                                  Lease(job.id, "w", 0), lease2]) == 0
+    assert (await store.get_job(job.id)).status == Status.RUNNING  # type: ignore[union-attr]
+    assert await store.hand_back([lease]) == 1
+    assert await store.hand_back([lease]) == 0  # no longer held: once
+    back = await store.get_job(job.id)
+    assert back is not None and back.status == Status.QUEUED and back.attempt == 0
+    assert back.error == "worker stopped; requeued" and back.progress.done == 1
+    last = (await store.events(job.id, back.seq - 1))[-1]
+    assert last.type == "retrying" and last.data["attempt"] == 0 and last.data["reset"] == ["b"]
+    [again] = await store.claim("w2", ["t"], 1, 30)
+    assert again.id == job.id and again.attempt == 1  # its one attempt, not a second
+
+
 async def test_lease_expiry_fails_after_max_attempts(store: Store) -> None:
     job, _ = await store.submit("o", "t", {}, None, 1)
     await store.claim("w", ["t"], 1, 0.01)

@@ -96,7 +96,8 @@ async def _run_worker(settings: Settings, jobwire: Jobwire) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with Runtime(jobwire, settings) as rt:
         assert rt.worker is not None
-        logging.getLogger("jobwire").info("worker %s running on %s", rt.worker.id, settings.db)
+        logging.getLogger("jobwire").info("worker %s running on %s", rt.worker.id,
+                                          settings.describe())
         await stop.wait()
 
 

@@ -268,6 +268,8 @@ def apply_event(
     elif kind == EventType.CANCEL_REQUESTED:
         snap["cancel_requested"] = True
     elif kind == EventType.RETRYING:
+        # The attempts that count: one fewer when a stopping worker handed the job back.
+        snap["attempt"] = data["attempt"]
         snap["error"] = data.get("error")
         snap["run_at"] = data.get("run_at")
     elif kind in TERMINAL_EVENTS:

@@ -1,4 +1,5 @@
-"""Keeps secrets that clients put in URLs (`?token=`, `?ticket=`) out of the server's logs.
+"""Keeps secrets that clients put in URLs (`?token=`, `?ticket=`) out of the server's logs,
+and the password of a database URL out of the lines that name the database.
 
 uvicorn logs every request's path with its query string (access log) and every WebSocket
 handshake's (error log). A filter on those loggers rewrites the value of each secret
@@ -28,6 +29,16 @@ def redact(text: str) -> str:
     """`text` with the value of every secret query parameter in it replaced."""
     return _QUERY.sub(
         lambda m: "?" + "&".join(_redact_param(p) for p in m.group(0)[1:].split("&")), text)
+
+
+_PASSWORD = re.compile(r"(?P<head>://[^/@:?#]*:)[^/?#]*(?=@)")  # to the last @
+_PASSWORD_PARAM = re.compile(r"(?i)([?&]password=)[^&#]*")
+
+
+def database_url(url: str) -> str:
+    """A database URL as it may be logged: a password (`user:secret@`, `?password=`) is
+    `***`, the user, host, port and database stay."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD.sub(r"\g<head>***", url))
 
 
 class RedactSecrets(logging.Filter):

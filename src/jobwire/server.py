@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 from fastapi import FastAPI
 
@@ -29,6 +31,8 @@ def serve(settings: Settings, jobwire: Jobwire) -> None:
     # own rate limit); uvicorn sets the client and scheme from them, rightmost untrusted
     # hop first.
     proxies = trusted_proxies(settings.trusted_proxies)
+    logging.getLogger("jobwire").info("serving http://%s:%d/ on %s", settings.host,
+                                      settings.port, settings.describe())
     # No permessage-deflate: its per-socket zlib state costs ~150 KB per WebSocket and a
     # compression of every event for every subscriber (bench/README.md: 2.5x the memory of
     # 10,000 idle sockets, half the fan-out rate), for events of a few hundred bytes.

@@ -104,3 +104,11 @@ class Settings:
     # close theirs: docs/guarantees.md "A public server").
     session_check_seconds: float = _env_seconds("session_check_seconds", 2.0)
     ticket_seconds: int = _env_limit("ticket_seconds", 30)  # how long a ticket is usable
+
+    def describe(self) -> str:
+        """The database (its password masked), app and worker slots, for the line a
+        process logs as it starts."""
+        from jobwire.redact import database_url
+
+        workers = f"{self.concurrency} worker slots" if self.concurrency else "no workers"
+        return f"{database_url(self.db)} with app {self.app} and {workers}"

@@ -90,8 +90,9 @@ class Worker:
         self._loops.append(asyncio.create_task(periodic.run(self.jobwire, self.store)))
 
     async def stop(self) -> None:
-        """Stop the running tasks and hand their jobs back at once: they are retried
-        (attempts permitting) without waiting for their leases to run out."""
+        """Stop the running tasks and hand their jobs back at once: queued again, the
+        attempt not counted (nothing failed), without waiting for their leases to run
+        out."""
         for task in self._loops:
             task.cancel()
         leases = [ctx.lease for ctx, _ in self._running.values()]
@@ -100,8 +101,9 @@ class Worker:
         await asyncio.gather(*self._loops, *self._jobs, return_exceptions=True)
         if leases:
             try:
-                # Leases that end now expire like a dead worker's, by the same rules;
-                # jobs whose end was recorded meanwhile are no longer held and untouched.
+                # Jobs whose end was recorded meanwhile are no longer held and untouched.
+                await self.store.hand_back(leases)
+                # Those with a cancel requested: expired now, by expiry's rules (cancelled).
                 await self.store.heartbeat(leases, 0)
                 await self.store.expire_leases()
             except StoreError as exc:

@@ -14,6 +14,7 @@ from jobwire.api.auth import (
     new_session,
     new_ticket,
     owner_of,
+    session_caller,
 )
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.cursor import MAX_CURSOR
@@ -27,13 +28,14 @@ from jobwire.api.schemas import (
     ItemsOut,
     JobOut,
     SessionOut,
+    SignInRequest,
     SubmitOut,
     SubmitRequest,
     TicketOut,
     errors,
 )
 from jobwire.model import valid_owner
-from jobwire.runtime import EVERY_OWNER, ID_PREFIX, MAX_LIST, NotFound, StatusFilter
+from jobwire.runtime import EVERY_OWNER, ID_PREFIX, MAX_LIST, NotFound, Runtime, StatusFilter
 from jobwire.store import OwnerConflict
 
 router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
@@ -41,7 +43,8 @@ router = APIRouter(prefix="/api", responses=errors(503), route_class=BodyRoute)
 NEXT_CURSOR = "X-Next-Cursor"
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOut, responses={
+@router.post("/sessions", status_code=201, response_model=SessionOut,
+             response_model_exclude_unset=True, responses={
     200: {"model": SessionOut, "description": "the caller's session (bearer or cookie), "
           "which is valid: returned as it is, not replaced"},
     **errors(403, 429)})
@@ -61,10 +64,55 @@ async def create_session(rt: RuntimeDep, request: Request, response: Response
         raise HTTPException(403, "guest sessions are off: this app signs you in")
     check_session_rate(request)
     token, who = await new_session(rt.store, ttl=rt.settings.guest_ttl_seconds)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                        max_age=int(rt.settings.guest_ttl_seconds),
+    set_cookie(rt, request, response, token, rt.settings.guest_ttl_seconds)
+    # Said, so a page can tell its visitor why their jobs are gone; not by whom: the
+    # cookie's holder need not be the user who claimed it.
+    ended = bearer_token(request) is None and COOKIE in request.cookies
+    return {"token": token, "owner": who, **({"previous": "ended"} if ended else {})}
+
+
+# How long a browser keeps a user's token signed in: user tokens do not expire, and
+# browsers keep a cookie at most about this long anyway.
+USER_COOKIE_SECONDS = 400 * 24 * 3600.0
+
+
+def set_cookie(rt: Runtime, request: Request, response: Response, token: str,
+               seconds: float) -> None:
+    """The session cookie: HttpOnly, so no script of the page (or injected into it) reads
+    the token; SameSite=Strict, so no other site's request carries it."""
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=int(seconds),
                         secure=rt.settings.secure_cookies or request.url.scheme == "https")
-    return {"token": token, "owner": who}
+
+
+@router.post("/sessions/signin", response_model=ClaimOut, responses={
+    **errors(401, 413),
+    403: {"model": ErrorOut, "description": "not a user's token, or a cross-site request"},
+    409: {"model": ErrorOut,
+          "description": "an active job of each side has the same task and key"}})
+async def sign_in(body: SignInRequest, rt: RuntimeDep, request: Request, response: Response
+                  ) -> dict[str, object]:
+    """Sign a browser in as a user (the dashboard's Sign in): `token` is one of the user's
+    tokens (`jobwire users add`). The guest session of the request's cookie, if it has
+    one, is claimed by the user as by /sessions/claim, and the cookie then holds the
+    user's token, still out of reach of the page's scripts."""
+    if not request.app.state.builtin_auth:
+        raise HTTPException(403, "jobwire's own sign-in is off: this app signs you in")
+    user = await session_caller(rt.store, body.token)
+    if user.owner is None or not user.owner.startswith("user:"):
+        raise HTTPException(403, "not a user's token: sign in with a token from "
+                                 "`jobwire users add`")
+    moved = 0
+    guest = request.cookies.get(COOKIE)
+    if guest is not None and guest != body.token:
+        try:
+            claimed = await rt.store.claim_session(hash_token(guest), user.owner)
+        except OwnerConflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        if claimed is not None:  # (the cookie was no guest's, or no longer valid: kept)
+            moved = claimed
+            rt.live.end(hash_token(guest))
+    set_cookie(rt, request, response, body.token, USER_COOKIE_SECONDS)
+    return {"owner": user.owner, "moved": moved}
 
 
 @router.post("/tickets", status_code=201, response_model=TicketOut, responses=errors(400, 401))

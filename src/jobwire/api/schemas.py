@@ -78,6 +78,9 @@ class SessionOut(BaseModel):
     token: str | None = Field(description="null for a session the request's HttpOnly "
                                           "cookie holds")
     owner: str
+    previous: Literal["ended"] | None = Field(None, description=(
+        "`ended`: the request's session cookie named a session that has ended (claimed by "
+        "a user, revoked or expired), so this is a new guest without its jobs"))
 
 
 class TicketOut(BaseModel):
@@ -89,6 +92,12 @@ class ClaimRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: str = Field(min_length=1, max_length=500, description="the guest session's token")
+
+
+class SignInRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=500, description="a user's token")
 
 
 class ClaimOut(BaseModel):

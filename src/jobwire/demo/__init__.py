@@ -8,13 +8,17 @@ import re
 from typing import Annotated
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from jobwire import Context, ItemStatus, Jobwire
+from jobwire.context import Cancelled
 from jobwire.demo.audio import features
 from jobwire.demo.posts import POSTS, extract, render_post
 from jobwire.netguard import FetchError, Page, Unavailable, fetch, redact
+from jobwire.runner import error_text
 from jobwire.settings import Settings
+from jobwire.store import StoreError
 
 jobwire = Jobwire()
 
@@ -28,9 +32,15 @@ class Tracks(BaseModel):
     tracks: list[TrackId] = Field(min_length=1, max_length=5000)
 
 
+def _web_url(url: str) -> str:
+    if not re.fullmatch(r"https?://[^\s]+", url):
+        raise PydanticCustomError("web_url", "must be an http:// or https:// address")
+    return url
+
+
 class Post(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2000)
+    url: Annotated[str, Field(max_length=2000), AfterValidator(_web_url)]
 
 
 @jobwire.task(input=Tracks)
@@ -88,21 +98,26 @@ def sample_post(url: str) -> Page | None:
 async def extract_post(ctx: Context, input: Post) -> dict[str, object]:
     """Title, text and links of a web page (the same URL while active is one job)."""
     await ctx.declare(["fetch", "extract"])
-    await ctx.running("fetch")
-    # Read at call time: the fetch settings come from the environment alone.
-    settings = Settings()
+    step = "fetch"
     try:
+        await ctx.running(step)
+        # Read at call time: the fetch settings come from the environment alone.
+        settings = Settings()
         page = sample_post(input.url) or await fetch(
             input.url, max_bytes=MAX_PAGE_BYTES, deadline=settings.fetch_deadline,
             allow_private=settings.fetch_allow_private)
-    except FetchError as exc:
-        # An item that failed stays failed: only when no attempt follows.
+        await ctx.done(step, {"status": page.status, "bytes": len(page.body)})
+        ctx.raise_if_cancelled()
+        step = "extract"
+        await ctx.running(step)
+        post = extract(page.text, page.url)
+    except (Cancelled, StoreError):
+        raise  # not the step's failure: cancelled, or the database failed under it
+    except Exception as exc:
+        # The step that was running shows that it failed and why; only when no attempt
+        # follows, since an item that failed stays failed.
         if not isinstance(exc, Unavailable) or ctx.final_attempt:
-            await ctx.failed("fetch", str(exc))
+            await ctx.failed(step, str(exc) if isinstance(exc, FetchError) else error_text(exc))
         raise
-    await ctx.done("fetch", {"status": page.status, "bytes": len(page.body)})
-    ctx.raise_if_cancelled()
-    await ctx.running("extract")
-    post = extract(page.text, page.url)
-    await ctx.done("extract", {"links": len(post.links)})
+    await ctx.done(step, {"links": len(post.links)})
     return post.as_dict()

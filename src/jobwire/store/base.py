@@ -209,6 +209,12 @@ class Store(Protocol):
         self, lease: Lease, status: Status, result: JSON = None, error: str | None = None
     ) -> Written: ...
 
+    async def hand_back(self, leases: Sequence[Lease]) -> int:
+        """Requeue at once the jobs a stopping worker still holds by these leases (and
+        with no cancel requested, which expire as cancelled), its attempt not counted:
+        attempt goes back by one, the items it left running back to pending, and a
+        `retrying` event says so (error HANDED_BACK, attempt the one before). How many."""
+
     async def retry(self, lease: Lease, error: str, delay: float) -> Written:
         """Requeue the job after its attempt failed with `error`, not to be claimed for
         `delay` seconds (from the database's clock); items the attempt left running go

@@ -73,6 +73,7 @@ from jobwire.store.batch import Batcher
 from jobwire.store.pg_listen import HOST_ORIGIN, Listener, channel_of, note_sql
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
+    HANDED_BACK,
     JOB_COLUMNS,
     PROMOTE_BATCH,
     active_job_sql,
@@ -957,6 +958,29 @@ class PostgresStore:
             + _with_events(self.listener.origin, "ended", "status", data,
                            "id, seq, cancel_requested"))
 
+    async def hand_back(self, leases: Sequence[Lease]) -> int:
+        async def hand_back(conn: Conn) -> tuple[int, list[Event]]:
+            at = now()
+            events = []
+            for lease in leases:
+                # Fenced like every write of a worker: only the lease's holder, same attempt.
+                cur = await conn.execute(
+                    "UPDATE jobs SET status = 'queued', error = %s, worker = NULL, "
+                    "lease_until = NULL, attempt = attempt - 1, run_at = %s, seq = seq + 1, "
+                    f"updated_at = %s WHERE id = %s AND {_LEASE} AND NOT cancel_requested "
+                    "RETURNING seq, total, done, failed, attempt",
+                    (HANDED_BACK, at, at, lease.job, lease.worker, lease.attempt))
+                row = await cur.fetchone()
+                if row is None:
+                    continue
+                seq, total, done, failed, attempt = row
+                events.append(make_event(lease.job, seq, EventType.RETRYING, retrying_data(
+                    total, done, failed, attempt, HANDED_BACK, iso(at),
+                    await _reset_running(conn, lease.job)), at))
+            return len(events), events
+
+        return await self._transact(hand_back) if leases else 0
+
     async def retry(self, lease: Lease, error: str, delay: float) -> Written:
         async def retry(conn: Conn) -> tuple[Written, list[Event]]:
             at = now()
@@ -991,7 +1015,7 @@ class PostgresStore:
             events = []
             for job_id, attempt, max_attempts, cancel in await cur.fetchall():
                 outcome = expiry_outcome(attempt, max_attempts, cancel)
-                error = lease_expired_error(attempt, max_attempts)
+                error = lease_expired_error(attempt, max_attempts, outcome == Status.QUEUED)
                 reset = await _reset_running(conn, job_id)
                 # Retried at once (run_at now, not waiting): the worker died, not the task.
                 retried = outcome == Status.QUEUED

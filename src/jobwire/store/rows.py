@@ -99,8 +99,14 @@ def lease_lost(lease: Lease) -> LeaseLost:
     return LeaseLost(f"job {lease.job} is no longer held by worker {lease.worker}")
 
 
-def lease_expired_error(attempt: int, max_attempts: int) -> str:
-    return f"worker lost: lease expired during attempt {attempt} of {max_attempts}"
+# Why a job a stopping worker handed back is queued again: nothing failed, and the
+# attempt it was on does not count.
+HANDED_BACK = "worker stopped; requeued"
+
+
+def lease_expired_error(attempt: int, max_attempts: int, requeued: bool = False) -> str:
+    lost = f"lease expired during attempt {attempt} of {max_attempts}"
+    return f"worker lost; requeued ({lost})" if requeued else f"worker lost: {lost}"
 
 
 # At most this many jobs whose run_at has come are made claimable by one claim: a claim

@@ -50,6 +50,7 @@ from jobwire.store.base import (
     Written,
 )
 from jobwire.store.rows import (
+    HANDED_BACK,
     JOB_COLUMNS,
     PROMOTE_BATCH,
     active_job_sql,
@@ -905,6 +906,30 @@ class SQLiteStore:
             return Written([ev], cancel), [ev]
         return await self._transact(finish)
 
+    async def hand_back(self, leases: Sequence[Lease]) -> int:
+        def hand_back(conn: sqlite3.Connection) -> tuple[int, list[Event]]:
+            at = now()
+            events = []
+            for lease in leases:
+                # Fenced like every write of a worker: only the lease's holder, same attempt.
+                row = conn.execute(
+                    "UPDATE jobs SET status = 'queued', error = ?, worker = NULL, "
+                    "lease_until = NULL, attempt = attempt - 1, run_at = ?, seq = seq + 1, "
+                    "updated_at = ? WHERE id = ? AND status = 'running' AND worker = ? "
+                    "AND attempt = ? AND NOT cancel_requested "
+                    "RETURNING seq, total, done, failed, attempt",
+                    (HANDED_BACK, at, at, lease.job, lease.worker, lease.attempt)).fetchone()
+                if row is None:
+                    continue
+                seq, total, done, failed, attempt = row
+                events.append(self._add_event(conn, lease.job, seq, EventType.RETRYING,
+                                              retrying_data(total, done, failed, attempt,
+                                                            HANDED_BACK, iso(at),
+                                                            self._reset_running(conn, lease.job)),
+                                              at))
+            return len(events), events
+        return await self._transact(hand_back) if leases else 0
+
     async def retry(self, lease: Lease, error: str, delay: float) -> Written:
         def retry(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
             at = now()
@@ -929,7 +954,7 @@ class SQLiteStore:
             events = []
             for job_id, attempt, max_attempts, cancel in rows:
                 outcome = expiry_outcome(attempt, max_attempts, bool(cancel))
-                error = lease_expired_error(attempt, max_attempts)
+                error = lease_expired_error(attempt, max_attempts, outcome == Status.QUEUED)
                 reset = self._reset_running(conn, job_id)
                 finished = at if outcome.terminal else None
                 # Retried at once (run_at now, not waiting): the worker died, not the task.

@@ -126,10 +126,28 @@ export interface SubmitResult {
   readonly job: Job;
 }
 
+/** One invalid field of a 422: `field` without the request part ("input.tracks",
+ * "limit", "input.tracks[3]"), `message` as the server words it. */
+export interface FieldError {
+  readonly field: string;
+  readonly message: string;
+}
+
+/**
+ * A non-2xx answer. `message` reads as a person would: the invalid fields of a 422
+ * ("input.tracks: List should have at least 1 item…"), else the server's `detail`,
+ * else "HTTP <status>".
+ */
 export declare class HttpError extends Error {
   readonly status: number;
+  /** The answer's JSON, or its text when it was not JSON. */
   readonly body: unknown;
+  /** The invalid fields a 422 names; empty for any other answer. */
+  readonly fields: readonly FieldError[];
 }
+
+/** The invalid fields a 422 body (`{detail: [{loc, msg}]}`) names. */
+export declare function fieldErrors(body: unknown): FieldError[];
 
 export declare class Client {
   readonly state: ConnectionState;

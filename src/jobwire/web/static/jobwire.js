@@ -63,6 +63,8 @@ export function applyEvent(snapshot, items, event) {
       snap.cancel_requested = true;
       break;
     case "retrying":
+      // The attempts that count: one fewer when a stopping worker handed the job back.
+      snap.attempt = data.attempt;
       snap.error = data.error ?? null;
       snap.run_at = data.run_at ?? null;
       break;
@@ -193,11 +195,37 @@ export const ConnectionState = Object.freeze({
   POLLING: "polling",
 });
 
+// Where a validation error's `loc` starts: the part of the request, not a field name.
+const LOC_PARTS = new Set(["body", "query", "path", "header"]);
+
+/** The invalid fields a 422 body names, as [{field, message}] ("input.tracks", "…"). */
+export function fieldErrors(body) {
+  if (!Array.isArray(body?.detail)) return [];
+  return body.detail.map((d) => {
+    const loc = Array.isArray(d?.loc) ? d.loc : [];
+    const path = LOC_PARTS.has(loc[0]) ? loc.slice(1) : loc;
+    const field = path.map((p, i) => (typeof p === "number" ? `[${p}]` : `${i ? "." : ""}${p}`))
+      .join("");
+    return { field, message: String(d?.msg ?? "is not valid") };
+  });
+}
+
+/**
+ * A non-2xx answer. `message` is what a person can read ("input.tracks: List should have
+ * at least 1 item…", or the server's `detail`); `status`, the parsed `body` and
+ * `fields` (the invalid fields of a 422) are there to handle it.
+ */
 export class HttpError extends Error {
   constructor(status, body) {
-    super(`HTTP ${status}: ${typeof body === "string" ? body : JSON.stringify(body)}`);
+    const fields = fieldErrors(body);
+    const detail = typeof body === "string" ? body : body?.detail;
+    super(fields.length ? fields.map((f) => (f.field ? `${f.field}: ${f.message}` : f.message))
+      .join("; ")
+      : typeof detail === "string" && detail ? detail.slice(0, 500) : `HTTP ${status}`);
+    this.name = "HttpError";
     this.status = status;
     this.body = body;
+    this.fields = fields;
   }
 }
 
@@ -344,7 +372,8 @@ export class Client {
     if (response.status === 401 && this._renews) response = await send(await this._renew(token));
     if (response.status === 204) return null;
     const text = await response.text();
-    const parsed = text ? JSON.parse(text) : null;
+    let parsed = null;
+    try { parsed = text ? JSON.parse(text) : null; } catch { parsed = text; }
     if (!response.ok) throw new HttpError(response.status, parsed ?? text);
     return parsed;
   }
