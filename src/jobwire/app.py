@@ -191,9 +191,8 @@ class TaskSpec:
         task's range."""
         lo, hi = self.priority_range
         if priority is not None and not lo <= priority <= hi:
-            allowed = (f"must be between {lo} and {hi}" if lo < hi
-                       else f"cannot be chosen for task {self.name!r} (it is {lo})")
-            raise InputError(("priority",), f"priority {allowed}")
+            raise InputError(("priority",), f"must be between {lo} and {hi}" if lo < hi else
+                             f"cannot be chosen for task {self.name!r}: it is {lo}")
         limit_key = None
         if self.concurrency is not None:
             key = owner if self.concurrency_key is None else self.concurrency_key(value, owner)

@@ -223,6 +223,7 @@ COMMANDS: dict[str, Command] = {"submit": _submit, "watch": _watch, "jobs": _job
 
 # Where each option's value travels in a request, for naming it in the server's errors.
 OPTIONS = {("body", "input"): "--input", ("body", "key"): "--key", ("body", "task"): "task",
+           ("body", "delay"): "--delay", ("body", "priority"): "--priority",
            ("query", "limit"): "--limit", ("query", "status"): "--status"}
 # pydantic's words for a wrong JSON type, in JSON's.
 TYPES = {"model_type": "must be a JSON object", "dict_type": "must be a JSON object",

@@ -253,6 +253,30 @@ MIGRATIONS: list[str] = [
 ]
 
 
+def claim_sql(tasks: int, queues: int | None) -> str:
+    """The claim of `SQLiteStore.claim`, for `tasks` task names and `queues` queue names
+    (None: any queue), with parameters (worker, lease_until, updated_at, *tasks, *queues,
+    limit).
+
+    Writers are serialised (BEGIN IMMEDIATE, across processes), so the running jobs
+    counted per limit key are exact until commit: candidates skip full keys (the jobs
+    behind them are not held up), then each key gets only the first of its candidates
+    that fit."""
+    in_queues = "" if queues is None else f"AND queue IN ({', '.join('?' * queues)}) "
+    return (
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
+        "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
+        "SELECT id FROM (SELECT id, limit_key, limit_max, row_number() OVER "
+        f"(PARTITION BY limit_key ORDER BY {CLAIM_ORDER}) AS nth FROM ("
+        "SELECT id, limit_key, limit_max, priority, rank, run_at, created_at "
+        "FROM jobs WHERE status = 'queued' AND waiting = 0 AND task IN "
+        f"({', '.join('?' * tasks)}) {in_queues}AND (limit_key IS NULL OR "
+        f"{_RUNNING_OF_KEY.format('jobs.limit_key')} < limit_max) "
+        f"ORDER BY {CLAIM_ORDER} LIMIT ?)) AS w WHERE w.limit_key IS NULL "
+        f"OR nth + {_RUNNING_OF_KEY.format('w.limit_key')} <= w.limit_max) "
+        f"RETURNING {JOB_COLUMNS}")
+
+
 class _Lane:
     """Calls of one kind (reads or writes) waiting for the store thread, and the batch of
     them on it now. Calls that queue up meanwhile go together as the next batch: one
@@ -804,7 +828,6 @@ class SQLiteStore:
                     lease_seconds: float, queues: Collection[str] | None = None) -> list[Job]:
         if not tasks or limit <= 0 or (queues is not None and not queues):
             return []
-        in_queues = "" if queues is None else f"AND queue IN ({', '.join('?' * len(queues))}) "
 
         def claim(conn: sqlite3.Connection) -> tuple[list[Job], list[Event]]:
             at = now()
@@ -814,23 +837,9 @@ class SQLiteStore:
                 "UPDATE jobs SET waiting = 0 WHERE id IN (SELECT id FROM jobs "
                 "WHERE status = 'queued' AND waiting = 1 AND run_at <= ? "
                 "ORDER BY run_at LIMIT ?)", (at, PROMOTE_BATCH))
-            # Writers are serialised (BEGIN IMMEDIATE, across processes), so the running
-            # jobs counted per limit key are exact until commit: candidates skip full keys
-            # (the jobs behind them are not held up), then each key gets only the first of
-            # its candidates that fit.
-            rows = conn.execute(
-                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
-                "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
-                "SELECT id FROM (SELECT id, limit_key, limit_max, row_number() OVER "
-                f"(PARTITION BY limit_key ORDER BY {CLAIM_ORDER}) AS nth FROM ("
-                "SELECT id, limit_key, limit_max, priority, rank, run_at, created_at "
-                "FROM jobs WHERE status = 'queued' AND waiting = 0 AND task IN "
-                f"({', '.join('?' * len(tasks))}) {in_queues}AND (limit_key IS NULL OR "
-                f"{_RUNNING_OF_KEY.format('jobs.limit_key')} < limit_max) "
-                f"ORDER BY {CLAIM_ORDER} LIMIT ?)) AS w WHERE w.limit_key IS NULL "
-                f"OR nth + {_RUNNING_OF_KEY.format('w.limit_key')} <= w.limit_max) "
-                f"RETURNING {JOB_COLUMNS}",
-                (worker, at + lease_seconds, at, *tasks, *(queues or ()), limit)).fetchall()
+            rows = conn.execute(claim_sql(len(tasks), None if queues is None else len(queues)),
+                                (worker, at + lease_seconds, at, *tasks, *(queues or ()),
+                                 limit)).fetchall()
             jobs = [job_from_row(r) for r in rows]
             events = [self._add_event(
                 conn, job.id, job.seq, EventType.STARTED,
