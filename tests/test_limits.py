@@ -15,6 +15,7 @@ from jobwire.model import Status
 from jobwire.runtime import Runtime
 from jobwire.settings import Settings
 from jobwire.store import Lease, Placement, Store, open_store
+from jobwire.worker import Worker
 from tests import limit_tasks
 
 WORKERS = 3
@@ -146,3 +147,25 @@ async def test_postgres_claim_walks_the_index(pg_url: str) -> None:
         await store.close()
     assert "Index Scan using jobs_queue on jobs" in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
+
+
+async def test_a_keys_next_job_starts_when_the_last_ends_without_a_poll(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker claims again once it has written the end of a limited job (its slot
+    is free only then), instead of waiting for its next poll (an hour here)."""
+    monkeypatch.setenv("JOBWIRE_TEST_RUN_LOG", str(tmp_path / "runs.log"))
+    jw = limit_tasks.jobwire
+    ids = []
+    for _ in range(3):
+        spec, value, key, place = jw.prepare("one_per_owner", {"s": 0.0}, None, "user:a")
+        ids.append((await store.submit("user:a", spec.name, value, key, 1, place=place))[0].id)
+    worker = Worker(jw, store, concurrency=2, poll_seconds=3600)
+    await worker.start()
+    try:
+        for _ in range(300):  # at most 30 s
+            if (await store.count_by_status()).get("completed", 0) == len(ids):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await worker.stop()
+    assert await store.count_by_status() == {"completed": len(ids)}

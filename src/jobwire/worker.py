@@ -152,6 +152,10 @@ class Worker:
         self._wake.set()
         if end is not None:
             await self._finish(ctx.lease, end)
+            if self.jobwire.tasks[job.task].concurrency is not None:
+                # Its limit key's slot is free only now that its end is written: claim
+                # again, or the key's next job would wait for the next poll.
+                self._wake.set()
 
     async def _outcome(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> _End | None:
         """How the attempt ended, as what to record; None when nothing is to be recorded
