@@ -143,3 +143,9 @@ def sync_nap(ctx: SyncContext, input: Marked) -> str:
         outcome = f"refused: {type(exc).__name__}: {exc}"
     Path(input.marker).write_text(json.dumps({"outcome": outcome, "at": time.time()}))
     return "woke"
+
+
+@jobwire.task(priority=2, priority_range=(-5, 10), queue="media")
+async def ranked(ctx: Context, input: object) -> object:
+    """A task whose submitters may choose a priority from -5 to 10; in queue `media`."""
+    return input

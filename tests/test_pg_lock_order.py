@@ -86,3 +86,48 @@ async def test_claim_heartbeat_and_finish_never_deadlock(pg_url: str) -> None:
     assert not deadlocks, (f"{len(deadlocks)} deadlocks, in {sum(map(bool, failures))} "
                            f"of {ROUNDS} rounds: {deadlocks[0]}")
     assert not any(failures), failures
+
+
+async def test_limit_slots_taken_and_freed_together_never_deadlock(pg_url: str) -> None:
+    """Jobs of many limit keys claimed by two workers while both record ends of other
+    keys' jobs in batches, each in its own order: the claims take the keys' rows of
+    job_limits in key order, and so does the trigger that frees the slots of a batch.
+    Afterwards every key's count of running jobs is back to 0."""
+    from jobwire.store import Placement
+
+    url = with_params(pg_url, options="-cdeadlock_timeout=10")
+    stores = [PostgresStore(url, 1000) for _ in range(3)]
+    for s in stores:
+        await s.open()
+    rng = random.Random(2)
+    keys = [f"t\x1fk{i}" for i in range(8)]
+    failures: list[BaseException] = []
+    try:
+        held: list[Lease] = []
+        for _ in range(6):
+            await asyncio.gather(*(stores[2].submit("user:x", "t", {}, None, 3, place=Placement(
+                limit_key=key, limit_max=4)) for key in keys for _ in range(6)))
+
+            async def claim(i: int) -> list[Lease]:
+                jobs = await stores[i].claim(f"w{i}", ["t"], 40, 30)
+                return [Lease(j.id, f"w{i}", j.attempt) for j in jobs]
+
+            async def finish(i: int, leases: list[Lease]) -> None:
+                await asyncio.gather(*(stores[i].finish(lease, Status.COMPLETED, {})
+                                       for lease in rng.sample(leases, len(leases))))
+
+            half = len(held) // 2
+            outcomes = await asyncio.gather(claim(0), claim(1), finish(0, held[:half]),
+                                            finish(1, held[half:]), return_exceptions=True)
+            failures += [o for o in outcomes if isinstance(o, BaseException)]
+            held = [lease for o in outcomes[:2] if isinstance(o, list) for lease in o]
+        await asyncio.gather(*(stores[0].finish(lease, Status.COMPLETED, {})
+                               for lease in held))
+        running = await stores[0]._query("SELECT key, running FROM job_limits WHERE running <> 0")
+    finally:
+        for s in stores:
+            await s.close()
+    deadlocks = [f for f in failures if deadlocked(f)]
+    assert not deadlocks, f"{len(deadlocks)} deadlocks: {deadlocks[0]}"
+    assert not failures, failures
+    assert running == [], running

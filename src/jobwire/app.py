@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import random
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobwire.cron import Cron, Every, Schedule
 from jobwire.model import JSON, MAX_OWNER_ID, backoff, valid_owner
+from jobwire.store.base import Placement
 
 if TYPE_CHECKING:
     from jobwire.context import Context, SyncContext
@@ -36,6 +39,21 @@ class InputError(ValueError):
         self.type = type
 
 
+# Priorities are -MAX_PRIORITY to MAX_PRIORITY: a sane integer for every database.
+MAX_PRIORITY = 1000
+# A queue's name: short, and safe in a command line, a log and a metric label.
+QUEUE_NAME = re.compile(r"[a-z0-9_-]{1,50}")
+# Key function results longer than this (or with control characters) are stored hashed.
+MAX_LIMIT_KEY = 200
+
+
+def check_queue(name: object) -> str:
+    """`name` if it can name a queue, else ValueError saying what one is."""
+    if not isinstance(name, str) or QUEUE_NAME.fullmatch(name) is None:
+        raise ValueError(f"a queue name is 1 to 50 of a-z, 0-9, _ and -, not {name!r}")
+    return name
+
+
 class Submission(BaseModel):
     """What a submit names, checked the same way over HTTP and in-process."""
 
@@ -50,6 +68,9 @@ class Submission(BaseModel):
     # Their upper bound is JOBWIRE_MAX_DELAY_SECONDS, checked by the runtime.
     delay: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     run_at: datetime | None = Field(default=None, description="ISO 8601 with a time zone")
+    # Within the range the task allows (TaskSpec.priority_range); None: the task's own.
+    priority: int | None = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+                                 strict=True)
 
     @field_validator("run_at", mode="before")
     @classmethod
@@ -110,12 +131,13 @@ def check_owner(owner: object) -> str:
 
 def check_submit(owner: object, task: str, input: JSON, key: str | None,
                  max_depth: int, delay: float | None = None,
-                 run_at: datetime | None = None) -> Submission:
+                 run_at: datetime | None = None, priority: int | None = None) -> Submission:
     """What `POST /api/jobs` checks of its caller and body, for a submit made in-process
     (the runtime's, or in the host's own transaction): InputError naming the field."""
     check_owner(owner)
     try:
-        sub = Submission(task=task, input=input, key=key, delay=delay, run_at=run_at)
+        sub = Submission(task=task, input=input, key=key, delay=delay, run_at=run_at,
+                         priority=priority)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         raise InputError(tuple(first["loc"]), first["msg"]) from None
@@ -157,6 +179,32 @@ class TaskSpec:
     retry_delay: float = 1.0  # backoff base: the first retry waits up to this long
     retry_max_delay: float = 300.0  # and no retry waits longer than this
     retry_on: tuple[type[BaseException], ...] | None = None  # None: every error retries
+    priority: int = 0
+    priority_range: tuple[int, int] = (0, 0)  # what a submit may ask for instead
+    queue: str = "default"
+    concurrency: int | None = None  # running at once per owner, or per concurrency_key
+    concurrency_key: Callable[[Any, str], str] | None = None
+
+    def placement(self, value: Any, owner: str, priority: int | None) -> Placement:
+        """How a job of this task with input `value` (as the task gets it) for `owner` is
+        claimed; InputError naming `priority` if the submit asks for one outside the
+        task's range."""
+        lo, hi = self.priority_range
+        if priority is not None and not lo <= priority <= hi:
+            raise InputError(("priority",), f"must be between {lo} and {hi}" if lo < hi else
+                             f"cannot be chosen for task {self.name!r}: it is {lo}")
+        limit_key = None
+        if self.concurrency is not None:
+            key = owner if self.concurrency_key is None else self.concurrency_key(value, owner)
+            if not isinstance(key, str):
+                raise TypeError(f"concurrency_key of task {self.name!r} returned "
+                                f"{type(key).__name__}, not str")
+            if len(key) > MAX_LIMIT_KEY or not key.isprintable():
+                key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")
+                                                 ).hexdigest()
+            limit_key = f"{self.name}\x1f{key}"
+        return Placement(self.priority if priority is None else priority, self.queue,
+                         limit_key, self.concurrency)
 
     def retry_after(self, exc: BaseException, attempt: int) -> float | None:
         """Seconds to wait before retrying an attempt that raised `exc` (attempts
@@ -214,6 +262,11 @@ class Jobwire:
         retry_delay: float = 1.0,
         retry_max_delay: float = 300.0,
         retry_on: tuple[type[BaseException], ...] | None = None,
+        priority: int = 0,
+        priority_range: tuple[int, int] | None = None,
+        queue: str = "default",
+        concurrency: int | None = None,
+        concurrency_key: Callable[[Any, str], str] | None = None,
     ) -> Callable[[TaskFn], TaskFn]:
         """`key(input)` gives submissions without an explicit key one, so the same input
         while a job for it is active joins that job. `timeout` (seconds per attempt)
@@ -223,7 +276,14 @@ class Jobwire:
         `max_attempts` attempts were made; after an error the retry waits a random time
         up to `min(retry_max_delay, retry_delay * 2**(attempt - 1))` seconds (full
         jitter). `retry_on` names the exception types that retry; others fail the job at
-        once, as `Fail` always does. `Retry(delay=...)` asks for a retry."""
+        once, as `Fail` always does. `Retry(delay=...)` asks for a retry.
+
+        Claims take higher `priority` first (-1000 to 1000); a submit may ask for
+        another within `priority_range` (default: none but `priority`, so no caller
+        jumps the line). Jobs go to `queue`: `jobwire worker --queue NAME` serves only
+        the queues named. `concurrency=N`: at most N jobs of this task run at once per
+        owner, or per `concurrency_key(input, owner)` (a str) when given, across every
+        worker; the key is fixed when the job is submitted."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if timeout is not None and not timeout > 0:
@@ -232,12 +292,24 @@ class Jobwire:
             raise ValueError(f"need 0 <= retry_delay <= retry_max_delay <= "
                              f"{MAX_RETRY_DELAY:g} seconds")
 
+        lo, hi = (priority, priority) if priority_range is None else priority_range
+        if not -MAX_PRIORITY <= lo <= priority <= hi <= MAX_PRIORITY:
+            raise ValueError(f"need -{MAX_PRIORITY} <= priority_range[0] <= priority <= "
+                             f"priority_range[1] <= {MAX_PRIORITY}")
+        check_queue(queue)
+        if concurrency is not None and not 1 <= concurrency <= 1_000_000:
+            raise ValueError("concurrency must be 1 to 1000000 (None: no limit)")
+        if concurrency_key is not None and concurrency is None:
+            raise ValueError("concurrency_key needs concurrency=N, the limit per key")
+
         def register(fn: TaskFn) -> TaskFn:
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered")
             self.tasks[task_name] = TaskSpec(task_name, fn, input, max_attempts, key, timeout,
-                                             retry_delay, retry_max_delay, retry_on)
+                                             retry_delay, retry_max_delay, retry_on,
+                                             priority, (lo, hi), queue, concurrency,
+                                             concurrency_key)
             return fn
 
         return register
@@ -280,6 +352,17 @@ class Jobwire:
     def validate(self, task: str, raw: JSON, key: str | None = None
                  ) -> tuple[TaskSpec, JSON, str | None]:
         """Check a submission; returns the spec, the input as stored, and the dedup key."""
+        spec, value, key = self._parse(task, raw, key)
+        return spec, _stored(value), key
+
+    def prepare(self, task: str, raw: JSON, key: str | None, owner: str,
+                priority: int | None = None) -> tuple[TaskSpec, JSON, str | None, Placement]:
+        """`validate`, and how the job of `owner` is claimed (TaskSpec.placement)."""
+        spec, value, key = self._parse(task, raw, key)
+        return spec, _stored(value), key, spec.placement(value, owner, priority)
+
+    def _parse(self, task: str, raw: JSON, key: str | None) -> tuple[TaskSpec, Any, str | None]:
+        """The spec, the input as the task gets it, and the dedup key."""
         spec = self.tasks.get(task)
         if spec is None:
             known = ", ".join(sorted(self.tasks)) or "none"
@@ -293,9 +376,12 @@ class Jobwire:
                 raise InputError(("input", *first["loc"]), first["msg"], first["type"]) from None
         if key is None and spec.key is not None:
             key = spec.key(value)
-        if isinstance(value, pydantic.BaseModel):
-            value = value.model_dump(mode="json")
         return spec, value, key
+
+
+def _stored(value: Any) -> JSON:
+    """The input as stored: a model's JSON."""
+    return value.model_dump(mode="json") if isinstance(value, pydantic.BaseModel) else value
 
 
 def load(spec: str) -> Jobwire:

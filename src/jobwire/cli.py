@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from jobwire.app import Jobwire, load
+from jobwire.app import Jobwire, check_queue, load
 from jobwire.client import cli as client_cli
 from jobwire.settings import SettingError, Settings
 from jobwire.store import StoreError, open_store
@@ -40,6 +40,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="seconds a worker holds a job without a heartbeat (default %(default)s)")
     p.add_argument("--retention", type=float, default=Settings.retention_seconds,
                    help="seconds finished jobs are kept (default %(default)s)")
+    p.add_argument("--queue", action="append", dest="queues", metavar="NAME",
+                   help="claim only jobs of this queue (repeatable; default: every queue)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,11 +80,16 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Jobwire]:
     if args.concurrency < 0 or args.lease <= 0 or args.retention <= 0:
         raise CLIError("--concurrency must be >= 0, --lease and --retention > 0")
     try:
+        queues = None if args.queues is None else tuple(check_queue(q) for q in args.queues)
+    except ValueError as exc:
+        raise CLIError(f"--queue: {exc}") from None
+    try:
         jobwire = load(args.app)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     settings = Settings(db=args.db, app=args.app, concurrency=args.concurrency,
-                        lease_seconds=args.lease, retention_seconds=args.retention)
+                        lease_seconds=args.lease, retention_seconds=args.retention,
+                        queues=queues)
     return settings, jobwire
 
 

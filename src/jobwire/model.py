@@ -197,6 +197,9 @@ class Job:
     finished_at: float | None
     # Not claimed before this (submitted with a delay, or retrying after one); None: at once.
     run_at: float | None = None
+    # Claimed before jobs of lower priority; only by workers that serve its queue.
+    priority: int = 0
+    queue: str = "default"
 
     def snapshot(self) -> dict[str, JSON]:
         return {
@@ -216,6 +219,8 @@ class Job:
             "updated_at": iso(self.updated_at),
             "finished_at": iso(self.finished_at),
             "run_at": iso(self.run_at),
+            "priority": self.priority,
+            "queue": self.queue,
         }
 
 

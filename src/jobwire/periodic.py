@@ -58,10 +58,10 @@ async def run(jobwire: Jobwire, store: Store) -> None:
 async def _fire(jobwire: Jobwire, store: Store, p: PeriodicSpec, tick: float,
                 catch_up: bool) -> bool:
     """Fire one tick; False if the store failed (it is tried again)."""
-    spec = jobwire.tasks[p.task]
+    spec, _, _, place = jobwire.prepare(p.task, p.input, None, OWNER)
     try:
         fired = await store.submit_tick(OWNER, p.task, p.input, spec.max_attempts, tick,
-                                        catch_up)
+                                        catch_up, place)
     except StoreError as exc:
         log.warning("periodic %s: could not fire %s: %s", p.task, tick_key(tick), exc)
         return False

@@ -122,7 +122,8 @@ class Runtime:
                                      retention_seconds=s.retention_seconds,
                                      max_items=s.max_items_per_job,
                                      threads=s.sync_threads or None,
-                                     task_timeout=s.task_timeout or None)
+                                     task_timeout=s.task_timeout or None,
+                                     queues=s.queues)
                 await self.worker.start()
         except BaseException:
             self.worker = None
@@ -166,24 +167,28 @@ class Runtime:
 
     async def submit(self, owner: str, task: str, input: JSON = None,
                      key: str | None = None, *, delay: float | None = None,
-                     run_at: datetime | None = None) -> tuple[Job, bool]:
+                     run_at: datetime | None = None, priority: int | None = None
+                     ) -> tuple[Job, bool]:
         """Submit a job for `owner`: (the job, True), or (the active job with this task
         and key, False). It runs when a worker is free, or not before `delay` seconds
-        (the database's clock) or `run_at` (an aware datetime). InputError names what is
-        invalid; TooManyActive when the owner has JOBWIRE_MAX_ACTIVE_JOBS active jobs."""
+        (the database's clock) or `run_at` (an aware datetime); `priority` within the
+        task's `priority_range`. InputError names what is invalid; TooManyActive when the
+        owner has JOBWIRE_MAX_ACTIVE_JOBS active jobs."""
         sub = check_submit(owner, task, input, key, self.settings.max_json_depth,
-                           delay, run_at)
+                           delay, run_at, priority)
         return await self.submit_checked(owner, sub)
 
     async def submit_checked(self, owner: str, sub: Submission) -> tuple[Job, bool]:
         """`submit` of a Submission already validated (an HTTP body) for a known owner
         (an operator's retry may name the periodic jobs' owner)."""
         run_at = _check_schedule(sub, self.settings.max_delay_seconds)
-        spec, value, key = self.jobwire.validate(sub.task, sub.input, sub.key)
+        spec, value, key, place = self.jobwire.prepare(sub.task, sub.input, sub.key, owner,
+                                                       sub.priority)
         store, delay = self.store, sub.delay or 0.0
 
         def call() -> Awaitable[tuple[Job, bool]]:
-            return store.submit(owner, sub.task, value, key, spec.max_attempts, delay, run_at)
+            return store.submit(owner, sub.task, value, key, spec.max_attempts, delay, run_at,
+                                place)
 
         if key is None:
             return await call()

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
+from collections.abc import Collection
 
 from jobwire import periodic
 from jobwire.app import Jobwire
@@ -35,7 +36,8 @@ class _End:
 class Worker:
     """Runs up to `concurrency` jobs at once from `store` using the tasks of `jobwire`;
     plain `def` tasks on up to `threads` threads (default: `concurrency`), each attempt
-    for at most its task's timeout (default: `task_timeout`; None: no limit)."""
+    for at most its task's timeout (default: `task_timeout`; None: no limit). Only jobs
+    in `queues` (None: in any queue) are claimed."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class Worker:
         max_items: int = 100_000,
         threads: int | None = None,
         task_timeout: float | None = None,
+        queues: Collection[str] | None = None,
     ) -> None:
         self.jobwire = jobwire
         self.store = store
@@ -59,6 +62,7 @@ class Worker:
         self.retention_seconds = retention_seconds
         self.id = worker_id or uuid.uuid4().hex
         self.max_items = max_items
+        self.queues = None if queues is None else sorted(set(queues))
         self._running: dict[str, tuple[Context, asyncio.Task[JSON]]] = {}
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -117,7 +121,8 @@ class Worker:
             names, free = self._runner.claimable(self.jobwire.tasks, free)
             if free > 0 and names:
                 try:
-                    jobs = await self.store.claim(self.id, names, free, self.lease_seconds)
+                    jobs = await self.store.claim(self.id, names, free, self.lease_seconds,
+                                                  self.queues)
                 except StoreError as exc:
                     log.warning("claim failed: %s", exc)
             for job in jobs:
@@ -149,6 +154,10 @@ class Worker:
         self._wake.set()
         if end is not None:
             await self._finish(ctx.lease, end)
+            if self.jobwire.tasks[job.task].concurrency is not None:
+                # Its limit key's slot is free only now that its end is written: claim
+                # again, or the key's next job would wait for the next poll.
+                self._wake.set()
 
     async def _outcome(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> _End | None:
         """How the attempt ended, as what to record; None when nothing is to be recorded

@@ -67,6 +67,8 @@ class JobOut(BaseModel):
     finished_at: str | None = None
     run_at: str | None = Field(default=None, description=(
         "not started before this (a delayed submit, or a retry's backoff); null: at once"))
+    priority: int = Field(default=0, description="claimed before jobs of lower priority")
+    queue: str = Field(default="default", description="claimed by workers serving it")
 
 
 class SubmitOut(BaseModel):

@@ -107,7 +107,8 @@ class Api:
                            headers={"Authorization": f"Bearer {token}"})
 
     async def submit(self, task: str, input: JSON, key: str | None, delay: float | None = None,
-                     run_at: datetime | str | None = None) -> tuple[dict[str, JSON], bool]:
+                     run_at: datetime | str | None = None, priority: int | None = None
+                     ) -> tuple[dict[str, JSON], bool]:
         body: dict[str, JSON] = {"task": task, "input": input}
         if key is not None:
             body["key"] = key
@@ -115,6 +116,8 @@ class Api:
             body["delay"] = delay
         if run_at is not None:
             body["run_at"] = run_at.isoformat() if isinstance(run_at, datetime) else run_at
+        if priority is not None:
+            body["priority"] = priority
         data = await self.json("POST", "/api/jobs", json=body)
         return data["job"], bool(data["created"])
 

@@ -78,6 +78,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--key", help="dedup key: an active job with it is reused")
     p.add_argument("--delay", type=float, metavar="S",
                    help="start it no sooner than S seconds from now")
+    p.add_argument("--priority", type=int, metavar="N",
+                   help="claim it before lower priorities (within the range the task allows)")
     p.add_argument("--watch", action="store_true", help="then follow it like `watch`")
     job_parser("watch", "follow a job live until it ends")
     p = client_parser("jobs", "list your jobs, newest first")
@@ -140,7 +142,8 @@ async def _submit(client: Client, args: argparse.Namespace) -> int:
         value = json.loads(args.input)
     except ValueError as exc:
         raise JobwireError(f"--input is not valid JSON: {exc}") from None
-    job, created = await client.submit(args.task, value, args.key, delay=args.delay)
+    job, created = await client.submit(args.task, value, args.key, delay=args.delay,
+                                       priority=args.priority)
     when = f", to run at {job['run_at']}" if job.get("run_at") else ""
     say(f"job {job['id']} " + (f"created{when}" if created else
                                f"reused (already {job['status']} with key {job['key']})"))
@@ -220,6 +223,7 @@ COMMANDS: dict[str, Command] = {"submit": _submit, "watch": _watch, "jobs": _job
 
 # Where each option's value travels in a request, for naming it in the server's errors.
 OPTIONS = {("body", "input"): "--input", ("body", "key"): "--key", ("body", "task"): "task",
+           ("body", "delay"): "--delay", ("body", "priority"): "--priority",
            ("query", "limit"): "--limit", ("query", "status"): "--status"}
 # pydantic's words for a wrong JSON type, in JSON's.
 TYPES = {"model_type": "must be a JSON object", "dict_type": "must be a JSON object",

@@ -129,13 +129,13 @@ class Client:
     # --- jobs -------------------------------------------------------------------------
 
     async def submit(self, task: str, input: JSON = None, key: str | None = None, *,
-                     delay: float | None = None, run_at: datetime | str | None = None
-                     ) -> tuple[dict[str, JSON], bool]:
+                     delay: float | None = None, run_at: datetime | str | None = None,
+                     priority: int | None = None) -> tuple[dict[str, JSON], bool]:
         """(job snapshot, created): created is False when an active job of this owner,
         task and key already existed and is returned instead. With `delay` (seconds) or
         `run_at` (an aware datetime, or ISO 8601 text with a zone) the job does not start
-        before then."""
-        return await self.api.submit(task, input, key, delay, run_at)
+        before then. `priority`: within the range the task allows (else 422)."""
+        return await self.api.submit(task, input, key, delay, run_at, priority)
 
     def jobs(self, status: str | None = None, limit: int = 50,
              id_prefix: str | None = None) -> JobList:

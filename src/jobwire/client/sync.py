@@ -38,9 +38,10 @@ class SyncClient:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def submit(self, task: str, input: JSON = None, key: str | None = None, *,
-               delay: float | None = None, run_at: datetime | str | None = None
-               ) -> tuple[dict[str, JSON], bool]:
-        return self._run(self.client.submit(task, input, key, delay=delay, run_at=run_at))
+               delay: float | None = None, run_at: datetime | str | None = None,
+               priority: int | None = None) -> tuple[dict[str, JSON], bool]:
+        return self._run(self.client.submit(task, input, key, delay=delay, run_at=run_at,
+                                            priority=priority))
 
     def login(self, user_token: str) -> int:
         return self._run(self.client.login(user_token))

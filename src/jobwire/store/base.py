@@ -89,6 +89,21 @@ class OwnerChanges:
     gone: list[str]  # ids deleted or moved to another owner since the cursor
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Placement:
+    """How a new job is claimed, fixed at submit: claims take higher `priority` first,
+    workers serving `queue` take it, and at most `limit_max` jobs of one `limit_key`
+    (None: no limit) run at once, across every worker."""
+
+    priority: int = 0
+    queue: str = "default"
+    limit_key: str | None = None
+    limit_max: int | None = None
+
+
+DEFAULT_PLACEMENT = Placement()
+
+
 # An update states the item's new state, which is exactly an Item.
 ItemUpdate = Item
 
@@ -141,6 +156,7 @@ class Store(Protocol):
     async def submit(
         self, owner: str, task: str, input: JSON, key: str | None, max_attempts: int,
         delay: float = 0.0, run_at: float | None = None,
+        place: Placement = DEFAULT_PLACEMENT,
     ) -> tuple[Job, bool]:
         """Create a job, or return the active job of (owner, task, key) with created=False.
         A job given `run_at` (epoch seconds), or a `delay` (seconds from the database's
@@ -150,7 +166,8 @@ class Store(Protocol):
         the owner's number of active jobs: claims take low ranks first."""
 
     async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
-                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+                          tick: float, catch_up: bool = False,
+                          place: Placement = DEFAULT_PLACEMENT) -> tuple[Job, bool] | None:
         """Fire one tick (epoch seconds) of the periodic job of `task`, in one transaction:
         record it as the task's last fired tick if it is later than the recorded one
         (with `catch_up`, only if one is recorded), then create a job keyed
@@ -187,11 +204,15 @@ class Store(Protocol):
 
     # -- the worker's side
     async def claim(
-        self, worker: str, tasks: Collection[str], limit: int, lease_seconds: float
+        self, worker: str, tasks: Collection[str], limit: int, lease_seconds: float,
+        queues: Collection[str] | None = None,
     ) -> list[Job]:
-        """Start up to `limit` queued jobs of `tasks` whose run_at has come, lowest fairness
-        rank first, then oldest first: an owner's first active job overtakes another
-        owner's backlog."""
+        """Start up to `limit` queued jobs of `tasks` (in `queues`; None: any) whose run_at
+        has come: highest priority first, then lowest fairness rank (an owner's first
+        active job overtakes another owner's backlog), then the longest due (run_at, else
+        created_at). A job whose limit key has `limit_max` jobs running is skipped (jobs
+        behind it are not), and one claim never starts more of a key than it has room
+        for, however many processes claim at once."""
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         """Extend the leases still held; returns {job id: cancel_requested} for those."""

@@ -9,6 +9,7 @@ import psycopg
 
 from jobwire.model import now
 from jobwire.store.base import StoreError
+from jobwire.store.rows import CLAIM_ORDER
 
 ACTIVE_SQL = "('queued', 'running')"
 TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -187,6 +188,54 @@ MIGRATIONS: list[str] = [
         FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_mark();
     CREATE CONSTRAINT TRIGGER jobs_feed_stamp AFTER INSERT OR UPDATE OF status, owner OR DELETE
         ON jobs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_stamp();
+    """,    # Priorities, queues and concurrency limits (see PostgresStore.claim). The claim order
+    # walks jobs_queue. A limit key's row in job_limits counts its running jobs: claims
+    # add to it in one upsert (which locks the row and reads its latest version, so
+    # concurrent claims of one key take turns and never overshoot `limit_max`), and a
+    # trigger takes off the jobs that stop running, whatever the statement. Both lock
+    # the rows of several keys in key order, and before no job row: no deadlock.
+    f"""
+    ALTER TABLE jobs ADD COLUMN priority integer NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN queue text NOT NULL DEFAULT 'default';
+    ALTER TABLE jobs ADD COLUMN limit_key text;
+    ALTER TABLE jobs ADD COLUMN limit_max integer CHECK (limit_max >= 1);
+    DROP INDEX jobs_queue;
+    CREATE INDEX jobs_queue ON jobs ({CLAIM_ORDER}) WHERE status = 'queued' AND NOT waiting;
+    CREATE TABLE job_limits (
+        key text PRIMARY KEY,
+        running integer NOT NULL CHECK (running >= 0),
+        limit_max integer NOT NULL,
+        granted integer NOT NULL  -- to the last claim that upserted the row
+    );
+    CREATE FUNCTION jobwire_limits_release() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF NOT EXISTS (SELECT FROM old_jobs WHERE status = 'running'
+                       AND limit_key IS NOT NULL) THEN
+            RETURN NULL;  -- no limited job was running: the common statement
+        END IF;
+        WITH released AS (SELECT o.limit_key AS key, count(*)::integer AS n
+            FROM old_jobs o JOIN new_jobs n ON n.id = o.id
+            WHERE o.status = 'running' AND n.status <> 'running' AND o.limit_key IS NOT NULL
+            GROUP BY o.limit_key),
+        locked AS MATERIALIZED (SELECT l.key, r.n FROM job_limits l JOIN released r ON r.key = l.key
+            ORDER BY l.key FOR NO KEY UPDATE OF l)
+        UPDATE job_limits l SET running = l.running - locked.n FROM locked
+            WHERE l.key = locked.key;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_limits_release AFTER UPDATE ON jobs
+        REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_limits_release();
+    CREATE FUNCTION jobwire_limits_delete() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        UPDATE job_limits SET running = running - 1 WHERE key = OLD.limit_key;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_limits_delete AFTER DELETE ON jobs FOR EACH ROW
+        WHEN (OLD.status = 'running' AND OLD.limit_key IS NOT NULL)
+        EXECUTE FUNCTION jobwire_limits_delete();
     """,
 ]
 

@@ -55,6 +55,7 @@ from jobwire.model import (
 )
 from jobwire.settings import Settings
 from jobwire.store.base import (
+    DEFAULT_PLACEMENT,
     UNKNOWN_SEQ,
     Hint,
     ItemUpdate,
@@ -64,6 +65,7 @@ from jobwire.store.base import (
     OwnerChanges,
     OwnerConflict,
     OwnerHint,
+    Placement,
     StoreError,
     TooManyActive,
     UnknownItem,
@@ -73,6 +75,7 @@ from jobwire.store.batch import Batcher
 from jobwire.store.pg_listen import HOST_ORIGIN, Listener, channel_of, note_sql
 from jobwire.store.pg_schema import ACTIVE_SQL, TERMINAL_SQL, migrate
 from jobwire.store.rows import (
+    CLAIM_ORDER,
     HANDED_BACK,
     JOB_COLUMNS,
     PROMOTE_BATCH,
@@ -195,8 +198,9 @@ def _submit_sqls(origin: str, schema: str | None) -> tuple[str, str]:
         "due AS (SELECT "
         + _DUE.format(f"coalesce(%s::float8, {_DB_NOW} + %s::float8)") + " AS due), "
         f"new AS (INSERT INTO {jobs} (id, task, key, owner, status, input, max_attempts, "
-        "seq, rank, created_at, updated_at, run_at, waiting) SELECT %s, %s, %s, %s, "
-        "'queued', %s, %s, 1, n, %s, %s, due, due IS NOT NULL FROM active, due "
+        "seq, rank, created_at, updated_at, run_at, waiting, priority, queue, limit_key, "
+        "limit_max) SELECT %s, %s, %s, %s, 'queued', %s, %s, 1, n, %s, %s, due, "
+        "due IS NOT NULL, %s, %s, %s, %s FROM active, due "
         "WHERE n < %s AND NOT EXISTS (SELECT FROM existing) "
         f"AND {_OWNER_LOCKED} "
         "ON CONFLICT (owner, task, key) WHERE key IS NOT NULL "
@@ -222,6 +226,7 @@ class _Submission:
     cap: int
     delay: float = 0.0  # seconds from the database's clock; or
     run_at: float | None = None  # epoch seconds
+    place: Placement = DEFAULT_PLACEMENT
 
     def statements(self, at: float) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         owner, task, key, cap = self.owner, self.task, self.key, self.cap
@@ -230,8 +235,8 @@ class _Submission:
                 (submit, (owner, task, key, owner, cap,
                           self.run_at, self.delay if self.delay > 0 else None,
                           uuid.uuid4().hex, task, key, owner,
-                          Json(self.input, dumps), self.max_attempts, at, at, cap,
-                          self.channel, cap)))
+                          Json(self.input, dumps), self.max_attempts, at, at,
+                          *dataclasses.astuple(self.place), cap, self.channel, cap)))
 
     def outcome(self, rows: list[TupleRow], at: float) -> tuple[Job, Event | None] | None:
         """(the job, its `created` event if this submit made it); TooManyActive if
@@ -573,11 +578,11 @@ class PostgresStore:
     # -- the API's side
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
-                     max_attempts: int, delay: float = 0.0,
-                     run_at: float | None = None) -> tuple[Job, bool]:
+                     max_attempts: int, delay: float = 0.0, run_at: float | None = None,
+                     place: Placement = DEFAULT_PLACEMENT) -> tuple[Job, bool]:
         sub = _Submission(_submit_sqls(self.listener.origin, None), self.listener.channel,
                           owner, task, input, key, max_attempts, self.max_active_jobs,
-                          delay, run_at)
+                          delay, run_at, place)
         while True:
             at = now()
             lock, submit = sub.statements(at)
@@ -598,7 +603,8 @@ class PostgresStore:
                 return job, created is not None
 
     async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
-                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+                          tick: float, catch_up: bool = False,
+                          place: Placement = DEFAULT_PLACEMENT) -> tuple[Job, bool] | None:
         # The compare-and-set locks the periodic's row to commit: processes firing the
         # same or a later tick wait, and then see this tick recorded and its job active.
         async def fire(conn: Conn) -> tuple[tuple[Job, bool] | None, list[Event]]:
@@ -611,9 +617,11 @@ class PostgresStore:
             at, key = now(), tick_key(tick)
             cur = await conn.execute(
                 "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-                "rank, created_at, updated_at) VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, "
-                f"0, %s, %s) RETURNING {JOB_COLUMNS}",  # rank 0: the periodic's only job
-                (uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at))
+                "rank, created_at, updated_at, priority, queue, limit_key, limit_max) "
+                "VALUES (%s, %s, %s, %s, 'queued', %s, %s, 1, 0, %s, %s, %s, %s, %s, %s) "
+                f"RETURNING {JOB_COLUMNS}",  # rank 0: the periodic's only job
+                (uuid.uuid4().hex, task, key, owner, Json(input, dumps), max_attempts, at, at,
+                 *dataclasses.astuple(place)))
             row = await cur.fetchone()
             assert row is not None  # INSERT … RETURNING: the row it inserted
             job = job_from_row(row, decode=False)
@@ -726,16 +734,18 @@ class PostgresStore:
     # -- the worker's side
 
     async def claim(self, worker: str, tasks: Collection[str], limit: int,
-                    lease_seconds: float) -> list[Job]:
-        if not tasks or limit <= 0:
+                    lease_seconds: float, queues: Collection[str] | None = None) -> list[Job]:
+        if not tasks or limit <= 0 or (queues is not None and not queues):
             return []
 
         at = now()
+        queue_list = None if queues is None else list(queues)
         async with self._connection() as conn, conn.pipeline():
             # Two statements, one round trip: the claim's snapshot sees what was promoted.
             await conn.execute(_PROMOTE, (PROMOTE_BATCH,))
             cur = await conn.execute(self._claim_sql, (
-                list(tasks), limit, worker, lease_seconds, at, self.listener.channel))
+                list(tasks), queue_list, queue_list, limit, worker, lease_seconds, at,
+                self.listener.channel))
             rows = await cur.fetchall()
         jobs = [job_from_row(row, decode=False) for row in rows]
         self._publish([Event(job=job.id, seq=job.seq, type=EventType.STARTED.value,
@@ -745,15 +755,41 @@ class PostgresStore:
     @functools.cached_property
     def _claim_sql(self) -> str:
         """Claims, writes each claimed job's `started` event and notifies it, all in one
-        statement: one round trip per claim, however many jobs it takes."""
+        statement: one round trip per claim, however many jobs it takes.
+
+        Candidates are taken in the claim order through jobs_queue, skipping rows other
+        claims hold and jobs whose limit key is full (as this snapshot sees it; the jobs
+        behind them are not held up). Each limit key among them then asks job_limits for
+        as many slots as it has candidates (the upsert waits for a concurrent claim of
+        the key and reads the row as that one left it): only the first `granted`
+        candidates of the key are claimed; the others stay queued."""
         data = event_data_sql("'running'", "total", "done", "failed", attempt="attempt")
         return (
-            "WITH picked AS (SELECT id AS picked_id FROM jobs WHERE status = 'queued' "
-            "AND NOT waiting AND task = ANY(%s) ORDER BY rank, created_at LIMIT %s "
-            "FOR UPDATE SKIP LOCKED), "
+            "WITH picked AS MATERIALIZED (SELECT id AS picked_id, limit_key AS picked_key, "
+            "limit_max AS picked_max, priority AS picked_priority, rank AS picked_rank, "
+            "coalesce(run_at, created_at) AS picked_due FROM jobs WHERE status = 'queued' "
+            "AND NOT waiting AND task = ANY(%s) AND (%s::text[] IS NULL OR queue = ANY(%s)) "
+            "AND (limit_key IS NULL OR NOT EXISTS (SELECT FROM job_limits AS l "
+            "WHERE l.key = jobs.limit_key AND l.running >= l.limit_max)) "
+            f"ORDER BY {CLAIM_ORDER} LIMIT %s FOR UPDATE SKIP LOCKED), "
+            "wanted AS (SELECT picked_key, least(count(*)::integer, max(picked_max)) AS n, "
+            "max(picked_max) AS m FROM picked WHERE picked_key IS NOT NULL "
+            "GROUP BY picked_key), "
+            # In key order, as the trigger releasing slots takes them: no deadlock.
+            "gate AS (INSERT INTO job_limits AS l (key, running, limit_max, granted) "
+            "SELECT picked_key, n, m, n FROM wanted ORDER BY picked_key "
+            "ON CONFLICT (key) DO UPDATE SET "
+            "granted = greatest(0, least(excluded.granted, excluded.limit_max - l.running)), "
+            "running = l.running "
+            "+ greatest(0, least(excluded.granted, excluded.limit_max - l.running)), "
+            "limit_max = excluded.limit_max RETURNING key, granted), "
+            "chosen AS (SELECT picked_id FROM (SELECT picked_id, picked_key, row_number() "
+            "OVER (PARTITION BY picked_key ORDER BY picked_priority DESC, picked_rank, "
+            "picked_due) AS nth FROM picked) AS p LEFT JOIN gate ON gate.key = p.picked_key "
+            "WHERE p.picked_key IS NULL OR p.nth <= gate.granted), "
             "claimed AS (UPDATE jobs SET status = 'running', attempt = attempt + 1, "
             f"worker = %s, lease_until = {_DB_NOW} + %s, seq = seq + 1, updated_at = %s "
-            f"FROM picked WHERE id = picked_id RETURNING {JOB_COLUMNS}), "
+            f"FROM chosen WHERE id = picked_id RETURNING {JOB_COLUMNS}), "
             + _with_events(self.listener.origin, "claimed", "started", data, JOB_COLUMNS))
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
@@ -1011,7 +1047,9 @@ class PostgresStore:
             cur = await conn.execute(
                 "SELECT id, attempt, max_attempts, cancel_requested FROM jobs "
                 f"WHERE status = 'running' AND lease_until < {_DB_NOW} "
-                "FOR NO KEY UPDATE SKIP LOCKED")
+                # Each job's update releases its limit key's slot (a trigger): in key
+                # order, as claims take them.
+                "ORDER BY limit_key, id FOR NO KEY UPDATE SKIP LOCKED")
             events = []
             for job_id, attempt, max_attempts, cancel in await cur.fetchall():
                 outcome = expiry_outcome(attempt, max_attempts, cancel)
@@ -1047,6 +1085,10 @@ class PostgresStore:
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN "
             f"{TERMINAL_SQL} AND finished_at < %s FOR UPDATE SKIP LOCKED)",
             (finished_before,))
+        # Limit keys with no job running. A claim holding a row is skipped; one that waits
+        # for the deletion inserts the row afresh.
+        await self._execute("DELETE FROM job_limits WHERE key IN (SELECT key FROM "
+                            "job_limits WHERE running = 0 FOR UPDATE SKIP LOCKED)")
         async with self._connection() as conn, conn.transaction():
             # The floor rises with the tombstones' deletion: a cursor below a pruned one
             # gets the whole list. Owner rows are locked in name order, as committers do.
@@ -1100,7 +1142,7 @@ def _joinable(conn: AnyConnection) -> None:
 
 
 def _hosted(row: TupleRow | None, owner: str, task: str, input: JSON, key: str | None,
-            max_attempts: int, cap: int) -> _Submission:
+            max_attempts: int, cap: int, place: Placement) -> _Submission:
     """The submission for a host's transaction, given what _HOST_SQL answered."""
     assert row is not None
     isolation, schema, found = row
@@ -1114,12 +1156,13 @@ def _hosted(row: TupleRow | None, owner: str, task: str, input: JSON, key: str |
                          "jobwire's URL uses, or run `jobwire migrate`")
     # Tagged as no listener's own: every process's listener delivers the events at commit.
     return _Submission(_submit_sqls(HOST_ORIGIN, schema), channel_of(schema), owner, task,
-                       input, key, max_attempts, cap)
+                       input, key, max_attempts, cap, place=place)
 
 
 async def submit_in(conn: psycopg.AsyncConnection[Any], owner: str, task: str, input: JSON,
                     key: str | None, max_attempts: int, *, cap: int,
-                    schema: str | None = None) -> tuple[Job, bool]:
+                    schema: str | None = None, place: Placement = DEFAULT_PLACEMENT
+                    ) -> tuple[Job, bool]:
     """`PostgresStore.submit` inside the transaction open on the host's `conn`: the job,
     its `created` event and its notification exist if and only if that transaction
     commits. Runs the same statements as the store's submit (plus one check first) and
@@ -1133,7 +1176,8 @@ async def submit_in(conn: psycopg.AsyncConnection[Any], owner: str, task: str, i
     async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
         set_json_loads(orjson.loads, cur)  # on this cursor only: the host keeps its loaders
         await cur.execute(_HOST_SQL, (schema,))
-        sub = _hosted(await cur.fetchone(), owner, task, input, key, max_attempts, cap)
+        sub = _hosted(await cur.fetchone(), owner, task, input, key, max_attempts, cap,
+                      place)
         while True:  # more than once only in the rare cases _Submission.outcome says
             at = now()
             for query, params in sub.statements(at):
@@ -1144,13 +1188,14 @@ async def submit_in(conn: psycopg.AsyncConnection[Any], owner: str, task: str, i
 
 def submit_in_sync(conn: psycopg.Connection[Any], owner: str, task: str, input: JSON,
                    key: str | None, max_attempts: int, *, cap: int,
-                   schema: str | None = None) -> tuple[Job, bool]:
+                   schema: str | None = None, place: Placement = DEFAULT_PLACEMENT
+                   ) -> tuple[Job, bool]:
     """`submit_in` on a blocking connection (Django, Flask)."""
     _joinable(conn)
     with psycopg.Cursor(conn, row_factory=tuple_row) as cur:
         set_json_loads(orjson.loads, cur)
         cur.execute(_HOST_SQL, (schema,))
-        sub = _hosted(cur.fetchone(), owner, task, input, key, max_attempts, cap)
+        sub = _hosted(cur.fetchone(), owner, task, input, key, max_attempts, cap, place)
         while True:
             at = now()
             for query, params in sub.statements(at):

@@ -12,7 +12,8 @@ from jobwire.store.base import Lease, LeaseLost
 
 JOB_COLUMNS = (
     "id, task, key, owner, status, input, total, done, failed, result, error, info, "
-    "attempt, max_attempts, seq, cancel_requested, created_at, updated_at, finished_at, run_at"
+    "attempt, max_attempts, seq, cancel_requested, created_at, updated_at, finished_at, run_at, "
+    "priority, queue"
 )
 
 
@@ -34,6 +35,7 @@ def job_from_row(row: Sequence[Any], decode: bool = True) -> Job:
         result=conv(row[9]), error=row[10], info=conv(row[11]), attempt=row[12],
         max_attempts=row[13], seq=row[14], cancel_requested=bool(row[15]),
         created_at=row[16], updated_at=row[17], finished_at=row[18], run_at=row[19],
+        priority=row[20], queue=row[21],
     )
 
 
@@ -108,6 +110,11 @@ def lease_expired_error(attempt: int, max_attempts: int, requeued: bool = False)
     lost = f"lease expired during attempt {attempt} of {max_attempts}"
     return f"worker lost; requeued ({lost})" if requeued else f"worker lost: {lost}"
 
+
+# The order claims take queued jobs in, and the columns of the index (jobs_queue) that
+# serves it: priority, then fairness rank, then due time (a delayed or retried job's
+# run_at, else its creation).
+CLAIM_ORDER = "priority DESC, rank, (coalesce(run_at, created_at))"
 
 # At most this many jobs whose run_at has come are made claimable by one claim: a claim
 # stays short however many come due at once; the rest follow with the next claims.

@@ -36,6 +36,7 @@ from jobwire.model import (
 )
 from jobwire.settings import Settings
 from jobwire.store.base import (
+    DEFAULT_PLACEMENT,
     STATUS_EVENTS,
     Hint,
     ItemUpdate,
@@ -44,12 +45,14 @@ from jobwire.store.base import (
     OwnerChanges,
     OwnerConflict,
     OwnerHint,
+    Placement,
     StoreError,
     TooManyActive,
     UnknownItem,
     Written,
 )
 from jobwire.store.rows import (
+    CLAIM_ORDER,
     HANDED_BACK,
     JOB_COLUMNS,
     PROMOTE_BATCH,
@@ -97,6 +100,10 @@ _TOMBSTONE = ("INSERT INTO job_tombstones (owner, owner_seq, job_id, at) VALUES 
 # Migration 3, and again in 4 for a database that has another 3 (see there).
 _PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
                    "(task TEXT PRIMARY KEY, tick REAL NOT NULL);")
+
+# The running jobs of the limit key `{}`, counted through an index.
+_RUNNING_OF_KEY = ("(SELECT count(*) FROM jobs AS r WHERE r.limit_key = {} "
+                   "AND r.status = 'running')")
 
 MIGRATIONS: list[str] = [
     f"""
@@ -232,8 +239,43 @@ MIGRATIONS: list[str] = [
         {_BUMP.format(owner="OLD.owner")}
         {_TOMBSTONE}
     END;
+    """,    # Priorities, queues and concurrency limits (see `claim`). The claim order walks
+    # jobs_queue; a limited job's key counts its running jobs through jobs_running_limits.
+    f"""
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE jobs ADD COLUMN limit_key TEXT;
+    ALTER TABLE jobs ADD COLUMN limit_max INTEGER CHECK (limit_max >= 1);
+    DROP INDEX jobs_queue;
+    CREATE INDEX jobs_queue ON jobs ({CLAIM_ORDER}) WHERE status = 'queued' AND waiting = 0;
+    CREATE INDEX jobs_running_limits ON jobs (limit_key)
+        WHERE status = 'running' AND limit_key IS NOT NULL;
     """,
 ]
+
+
+def claim_sql(tasks: int, queues: int | None) -> str:
+    """The claim of `SQLiteStore.claim`, for `tasks` task names and `queues` queue names
+    (None: any queue), with parameters (worker, lease_until, updated_at, *tasks, *queues,
+    limit).
+
+    Writers are serialised (BEGIN IMMEDIATE, across processes), so the running jobs
+    counted per limit key are exact until commit: candidates skip full keys (the jobs
+    behind them are not held up), then each key gets only the first of its candidates
+    that fit."""
+    in_queues = "" if queues is None else f"AND queue IN ({', '.join('?' * queues)}) "
+    return (
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
+        "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
+        "SELECT id FROM (SELECT id, limit_key, limit_max, row_number() OVER "
+        f"(PARTITION BY limit_key ORDER BY {CLAIM_ORDER}) AS nth FROM ("
+        "SELECT id, limit_key, limit_max, priority, rank, run_at, created_at "
+        "FROM jobs WHERE status = 'queued' AND waiting = 0 AND task IN "
+        f"({', '.join('?' * tasks)}) {in_queues}AND (limit_key IS NULL OR "
+        f"{_RUNNING_OF_KEY.format('jobs.limit_key')} < limit_max) "
+        f"ORDER BY {CLAIM_ORDER} LIMIT ?)) AS w WHERE w.limit_key IS NULL "
+        f"OR nth + {_RUNNING_OF_KEY.format('w.limit_key')} <= w.limit_max) "
+        f"RETURNING {JOB_COLUMNS}")
 
 
 class _Lane:
@@ -609,8 +651,8 @@ class SQLiteStore:
     # -- the API's side
 
     async def submit(self, owner: str, task: str, input: JSON, key: str | None,
-                     max_attempts: int, delay: float = 0.0,
-                     run_at: float | None = None) -> tuple[Job, bool]:
+                     max_attempts: int, delay: float = 0.0, run_at: float | None = None,
+                     place: Placement = DEFAULT_PLACEMENT) -> tuple[Job, bool]:
         cap = self.max_active_jobs
 
         # Writers are serialised (BEGIN IMMEDIATE, across processes), so the count below
@@ -627,13 +669,14 @@ class SQLiteStore:
                 f"AND status IN {_ACTIVE_SQL} LIMIT ?)", (owner, cap)).fetchone()[0]
             if rank >= cap:
                 raise TooManyActive(cap)
-            return self._insert_job(conn, owner, task, input, key, max_attempts, rank,
+            return self._insert_job(conn, owner, task, input, key, max_attempts, rank, place,
                                     delay, run_at)
 
         return await self._transact(submit)
 
     async def submit_tick(self, owner: str, task: str, input: JSON, max_attempts: int,
-                          tick: float, catch_up: bool = False) -> tuple[Job, bool] | None:
+                          tick: float, catch_up: bool = False,
+                          place: Placement = DEFAULT_PLACEMENT) -> tuple[Job, bool] | None:
         def fire(conn: sqlite3.Connection) -> tuple[tuple[Job, bool] | None, list[Event]]:
             if conn.execute(fire_tick_sql("?", catch_up), (task, tick)).fetchone() is None:
                 return None, []
@@ -641,22 +684,24 @@ class SQLiteStore:
             if row is not None:
                 return (job_from_row(row), False), []
             # Rank 0: a tick's job is its periodic's only active job.
-            return self._insert_job(conn, owner, task, input, tick_key(tick), max_attempts, 0)
+            return self._insert_job(conn, owner, task, input, tick_key(tick), max_attempts, 0,
+                                    place)
 
         return await self._transact(fire)
 
     def _insert_job(self, conn: sqlite3.Connection, owner: str, task: str, input: JSON,
-                    key: str | None, max_attempts: int, rank: int, delay: float = 0.0,
-                    run_at: float | None = None) -> tuple[tuple[Job, bool], list[Event]]:
+                    key: str | None, max_attempts: int, rank: int, place: Placement,
+                    delay: float = 0.0, run_at: float | None = None
+                    ) -> tuple[tuple[Job, bool], list[Event]]:
         job_id, at = uuid.uuid4().hex, now()
         # This process's clock: SQLite has no other (docs/guarantees.md).
         due = run_at if run_at is not None else at + delay if delay > 0 else None
         conn.execute(
             "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
-            "rank, created_at, updated_at, run_at, waiting) "
-            "VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?)",
+            "rank, created_at, updated_at, run_at, waiting, priority, queue, limit_key, "
+            "limit_max) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at, due,
-             due is not None))
+             due is not None, place.priority, place.queue, place.limit_key, place.limit_max))
         ev = self._add_event(conn, job_id, 1, EventType.CREATED,
                              event_data(Status.QUEUED, 0, 0, 0, task=task, key=key,
                                         run_at=iso(due)), at)
@@ -781,25 +826,21 @@ class SQLiteStore:
     # -- the worker's side
 
     async def claim(self, worker: str, tasks: Collection[str], limit: int,
-                    lease_seconds: float) -> list[Job]:
-        if not tasks or limit <= 0:
+                    lease_seconds: float, queues: Collection[str] | None = None) -> list[Job]:
+        if not tasks or limit <= 0 or (queues is not None and not queues):
             return []
 
         def claim(conn: sqlite3.Connection) -> tuple[list[Job], list[Event]]:
             at = now()
             # Waiting jobs whose run_at has come join the claimable ones (the index of the
-            # fairness order); found through their own index, only those that are due.
+            # claim order); found through their own index, only those that are due.
             conn.execute(
                 "UPDATE jobs SET waiting = 0 WHERE id IN (SELECT id FROM jobs "
                 "WHERE status = 'queued' AND waiting = 1 AND run_at <= ? "
                 "ORDER BY run_at LIMIT ?)", (at, PROMOTE_BATCH))
-            rows = conn.execute(
-                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, "
-                "lease_until = ?, seq = seq + 1, updated_at = ? WHERE id IN ("
-                "SELECT id FROM jobs WHERE status = 'queued' AND waiting = 0 AND task IN "
-                f"({', '.join('?' * len(tasks))}) ORDER BY rank, created_at LIMIT ?) "
-                f"RETURNING {JOB_COLUMNS}",
-                (worker, at + lease_seconds, at, *tasks, limit)).fetchall()
+            rows = conn.execute(claim_sql(len(tasks), None if queues is None else len(queues)),
+                                (worker, at + lease_seconds, at, *tasks, *(queues or ()),
+                                 limit)).fetchall()
             jobs = [job_from_row(r) for r in rows]
             events = [self._add_event(
                 conn, job.id, job.seq, EventType.STARTED,

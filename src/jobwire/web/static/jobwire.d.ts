@@ -30,6 +30,10 @@ export interface Job {
   readonly finished_at: string | null;
   /** Not started before this (a delayed submit, or a retry's backoff); null: at once. */
   readonly run_at: string | null;
+  /** Claimed before jobs of lower priority (the task's, or the submit's within its range). */
+  readonly priority: number;
+  /** The queue whose workers claim it. */
+  readonly queue: string;
 }
 
 export interface Item {
@@ -153,7 +157,8 @@ export declare class Client {
   readonly state: ConnectionState;
   /** Submit a job; an active job of the same task and key comes back with created: false. */
   submit(task: string, input?: Json, key?: string | null,
-         options?: { delay?: number; runAt?: Date | string }): Promise<SubmitResult>;
+         options?: { delay?: number; runAt?: Date | string; priority?: number }
+         ): Promise<SubmitResult>;
   /**
    * Follow a job: `onSnapshot` gets its state now and after every change, in seq order,
    * until it ends or the returned function is called. Watchers of one job share one

@@ -381,12 +381,14 @@ export class Client {
   /**
    * Submit a job; an active job with the same key comes back with created: false.
    * `delay` (seconds) or `runAt` (a Date, or ISO 8601 text with a zone): not before then.
+   * `priority`: within the range the task allows.
    */
-  async submit(task, input, key, { delay, runAt } = {}) {
+  async submit(task, input, key, { delay, runAt, priority } = {}) {
     const body = { task, input: input ?? null };
     if (key != null) body.key = key;
     if (delay != null) body.delay = delay;
     if (runAt != null) body.run_at = runAt instanceof Date ? runAt.toISOString() : runAt;
+    if (priority != null) body.priority = priority;
     const out = await this.request("POST", "/api/jobs", body);
     this._seed(out.job);
     return deepFreeze(out);
