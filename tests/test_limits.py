@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from jobwire.app import InputError
 from jobwire.model import Status
 from jobwire.runtime import Runtime
 from jobwire.settings import Settings
@@ -169,3 +170,14 @@ async def test_a_keys_next_job_starts_when_the_last_ends_without_a_poll(
     finally:
         await worker.stop()
     assert await store.count_by_status() == {"completed": len(ids)}
+
+
+def test_an_input_the_key_function_cannot_read_is_a_422_not_a_500() -> None:
+    """A guest sends an untyped task's input without the field its concurrency_key reads:
+    the submit is refused naming the input, as an invalid input is, instead of a 500 with
+    a traceback in the server's log for every such request."""
+    with pytest.raises(InputError) as refused:
+        limit_tasks.jobwire.prepare("three_per_api", {"s": 0.1}, None, "guest:g")
+    assert refused.value.loc == ("input",) and "KeyError" in str(refused.value)
+    *_, place = limit_tasks.jobwire.prepare("three_per_api", {"api": "x"}, None, "guest:g")
+    assert place.limit_key == "three_per_api\x1fguest:g x"

@@ -195,7 +195,8 @@ class TaskSpec:
                              f"cannot be chosen for task {self.name!r}: it is {lo}")
         limit_key = None
         if self.concurrency is not None:
-            key = owner if self.concurrency_key is None else self.concurrency_key(value, owner)
+            key = owner if self.concurrency_key is None else derived(
+                self.concurrency_key, value, owner)
             if not isinstance(key, str):
                 raise TypeError(f"concurrency_key of task {self.name!r} returned "
                                 f"{type(key).__name__}, not str")
@@ -375,8 +376,19 @@ class Jobwire:
                 first = exc.errors()[0]
                 raise InputError(("input", *first["loc"]), first["msg"], first["type"]) from None
         if key is None and spec.key is not None:
-            key = spec.key(value)
+            key = derived(spec.key, value)
         return spec, value, key
+
+
+def derived(fn: Callable[..., str], *args: Any) -> str:
+    """What a task's `key` or `concurrency_key` function makes of a submit's input. When it
+    cannot (an untyped input without the field it reads), that input is the caller's
+    mistake: InputError, a 422, not a 500 and a traceback in the log per request."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise InputError(("input",), f"does not fit the task: {type(exc).__name__}: "
+                                     f"{str(exc)[:200]}") from None
 
 
 def _stored(value: Any) -> JSON:
