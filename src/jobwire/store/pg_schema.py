@@ -188,7 +188,8 @@ MIGRATIONS: list[str] = [
         FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_mark();
     CREATE CONSTRAINT TRIGGER jobs_feed_stamp AFTER INSERT OR UPDATE OF status, owner OR DELETE
         ON jobs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION jobwire_jobs_stamp();
-    """,    # Priorities, queues and concurrency limits (see PostgresStore.claim). The claim order
+    """,
+    # Priorities, queues and concurrency limits (see PostgresStore.claim). The claim order
     # walks jobs_queue. A limit key's row in job_limits counts its running jobs: claims
     # add to it in one upsert (which locks the row and reads its latest version, so
     # concurrent claims of one key take turns and never overshoot `limit_max`), and a

@@ -239,7 +239,8 @@ MIGRATIONS: list[str] = [
         {_BUMP.format(owner="OLD.owner")}
         {_TOMBSTONE}
     END;
-    """,    # Priorities, queues and concurrency limits (see `claim`). The claim order walks
+    """,
+    # Priorities, queues and concurrency limits (see `claim`). The claim order walks
     # jobs_queue; a limited job's key counts its running jobs through jobs_running_limits.
     f"""
     ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
