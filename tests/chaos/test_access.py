@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(300)  # every route, seven callers each
 
 PUBLIC = {("post", "/api/sessions"), ("get", "/healthz"), ("get", "/metrics")}
 BODIES: dict[str, Any] = {"/api/jobs": {"task": "echo", "input": 1},
-                          "/api/sessions/claim": {"token": "not-a-guest-token"}}
+                          "/api/sessions/claim": {"token": "not-a-guest-token"},
+                          "/api/sessions/signin": {"token": "not-a-user-token"}}
 
 
 def add_user(db: str, name: str) -> str:
@@ -120,6 +121,9 @@ async def test_every_route_and_op_refuses_strangers(serve: Serve, db_url: str) -
             elif template == "/api/sessions/claim":
                 # Guests cannot claim; a user names a guest token that does not exist.
                 assert r.status_code == (404 if who == "other user" else 403), (who, r.text)
+            elif template == "/api/sessions/signin":
+                # The token in the body is the credential: an unknown one, whoever sends it.
+                assert r.status_code == 401, (who, r.text)
             else:  # their own list, their own new job
                 assert r.status_code == {"get": 200, "post": 201}[method], (who, path, r.text)
     # SSE and WebSocket also take ?token=.

@@ -122,7 +122,8 @@ async def test_postgres_restarts_under_load(private_pg: PrivatePostgres, serve: 
     srv = serve("--concurrency", "3", db=url)  # API with a few in-process workers
     worker = procs("worker", "--db", url, "--app", APP, "--lease", "2", "--concurrency", "15")
     c = await guest(srv.url)
-    jobs = [(await c.submit("crunch", {"n": 20, "delay": 0.05}))[0]["id"] for _ in range(40)]
+    # Items written every 30 ms by 18 tasks: a write is in flight whenever the server goes.
+    jobs = [(await c.submit("crunch", {"n": 30, "delay": 0.03}))[0]["id"] for _ in range(60)]
     watchers = [asyncio.create_task(ws_watch(srv.url, c.token, jobs[k::5])) for k in range(5)]
     server_pid = srv.proc.pid if srv.proc else None
     for mode in ("fast", "immediate"):  # a clean restart, then a crash and its recovery
