@@ -165,6 +165,15 @@ async def test_retry_submits_the_job_again_as_its_owner(ops: Proc) -> None:
         assert r.status_code == 409 and "completed" in r.json()["detail"]
         r = await svc.post(f"/api/admin/jobs/{uuid.uuid4().hex}/retry")
         assert r.status_code == 404
+        # A job its submitter gave a priority (queued for later, then cancelled) is
+        # retried with that priority, not the task's default.
+        r = await someone.http.post("/api/jobs", json={"task": "ranked", "input": 1,
+                                                       "priority": 7, "delay": 600})
+        urgent = r.json()["job"]
+        assert (await someone.http.post(f"/api/jobs/{urgent['id']}/cancel")).status_code == 200
+        await someone.wait_terminal(urgent["id"])
+        r = await svc.post(f"/api/admin/jobs/{urgent['id']}/retry")
+        assert r.status_code == 201 and r.json()["job"]["priority"] == 7, r.text
 
 
 async def test_an_owners_list_stays_a_list_and_pages_too(ops: Proc) -> None:

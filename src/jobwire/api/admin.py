@@ -41,11 +41,13 @@ async def counts(rt: RuntimeDep, owner: str | None = Query(None, max_length=210)
 async def retry(job_id: JobId, rt: RuntimeDep) -> dict[str, object]:
     """Submit a failed or cancelled job again, as a new job of its owner with its task,
     input and key: the job itself stays as it ended, for the record. If an active job
-    of that key exists meanwhile, that job is the answer (`created` false)."""
+    of that key exists meanwhile, that job is the answer (`created` false). It keeps the
+    job's priority (a 422 naming it if the task no longer allows it)."""
     job = await owned_job(rt, job_id, None)
     if job.status not in (Status.FAILED, Status.CANCELLED):
         raise HTTPException(409, f"the job is {job.status.value}: only a failed or "
                                  "cancelled job can be retried")
     new, created = await rt.submit_checked(
-        job.owner, Submission(task=job.task, input=job.input, key=job.key))
+        job.owner, Submission(task=job.task, input=job.input, key=job.key,
+                              priority=job.priority))
     return {"retried": job.id, "created": created, "job": new.snapshot()}
