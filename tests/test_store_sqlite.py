@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,20 @@ def test_processes_opening_a_new_file_together_all_start(tmp_path: Path) -> None
         for p in procs:
             p.join(30)
         assert answers == ["ok"] * 8
+
+
+def test_session_lookups_by_owner_and_expiry_use_indexes(tmp_path: Path) -> None:
+    """A guest-session flood leaves many rows: the prune (by expiry) and a claim, revoke
+    or token listing (by owner) must find theirs through an index, not scan them all."""
+    async def migrate() -> None:
+        store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+        await store.open()
+        await store.close()
+
+    asyncio.run(migrate())
+    conn = sqlite3.connect(tmp_path / "s.db")
+    for sql, args in (("DELETE FROM sessions WHERE expires_at <= ?", (1.0,)),
+                      ("DELETE FROM sessions WHERE owner = ?", ("guest:g",)),
+                      ("SELECT token_hash FROM sessions WHERE owner = ?", ("user:u",))):
+        plan = " | ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+        assert "USING INDEX sessions_" in plan, (sql, plan)

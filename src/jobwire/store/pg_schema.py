@@ -238,6 +238,12 @@ MIGRATIONS: list[str] = [
         WHEN (OLD.status = 'running' AND OLD.limit_key IS NOT NULL)
         EXECUTE FUNCTION jobwire_limits_delete();
     """,
+    # Sessions by owner (a claim or revoke removes an owner's sessions; `users tokens` lists
+    # them) and by expiry (the prune): neither may scan every session a flood left behind.
+    """
+    CREATE INDEX sessions_owner ON sessions (owner);
+    CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

@@ -252,6 +252,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_running_limits ON jobs (limit_key)
         WHERE status = 'running' AND limit_key IS NOT NULL;
     """,
+    # Sessions by owner (a claim or revoke removes an owner's sessions; `users tokens` lists
+    # them) and by expiry (the prune): neither may scan every session a flood left behind.
+    """
+    CREATE INDEX sessions_owner ON sessions (owner);
+    CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 
