@@ -9,11 +9,9 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from jobwire.store import open_store
 from tests.conftest import Proc, cli, free_port, guest
+from tests.pageserver import PageServer
 
 SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"  # Supabase's local dev shape
 SERVICE_KEY = "svc-" + "k" * 40
@@ -103,28 +102,15 @@ class Jwks:
     def __init__(self, keys: list[dict[str, Any]]) -> None:
         self.keys = keys
         self.hits = 0
-        jwks = self
+        self.server = PageServer(self._answer)
+        self.url = f"{self.server.base}/.well-known/jwks.json"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                jwks.hits += 1
-                body = json.dumps({"keys": jwks.keys}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self) -> tuple[bytes, str]:
+        self.hits += 1
+        return json.dumps({"keys": self.keys}).encode(), "application/json"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture(scope="module")

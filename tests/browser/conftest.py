@@ -3,7 +3,6 @@ and a page helper that records every value the dashboard renders."""
 
 from __future__ import annotations
 
-import http.server
 import re
 import threading
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from tests.conftest import ROOT, Proc
+from tests.pageserver import PageServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -149,31 +149,17 @@ class HeldPage:
 
     def __init__(self) -> None:
         self.release = threading.Event()
-        held = self.release
+        self.server = PageServer(self._answer)
+        self.url = f"{self.server.base}/post"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                held.wait(WAIT_MS / 1000)
-                body = b"<html><head><title>Held</title></head><body><p>Released.</p></body></html>"
-                self.send_response(200)
-                self.send_header("content-type", "text/html")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/post"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def _answer(self) -> tuple[bytes, str]:
+        self.release.wait(WAIT_MS / 1000)
+        return (b"<html><head><title>Held</title></head><body><p>Released.</p></body></html>",
+                "text/html")
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture

@@ -3,16 +3,14 @@ violation reported, and a page of another origin cannot frame it."""
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from playwright.sync_api import BrowserContext, ConsoleMessage
 
 from tests.browser.conftest import Dashboard
 from tests.conftest import Proc
+from tests.pageserver import PageServer
 
 pytestmark = pytest.mark.browser
 
@@ -54,23 +52,9 @@ def test_the_dashboard_works_under_its_csp_with_no_violation(app: Proc,
 def framing_page(app: Proc) -> Iterator[str]:
     """A page on another loopback port (another origin) that frames the dashboard."""
     body = f'<!doctype html><iframe id="f" src="{app.url}/"></iframe>'.encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    server = PageServer(lambda: (body, "text/html"))
+    yield f"{server.base}/"
+    server.close()
 
 
 def test_another_origin_cannot_frame_the_dashboard(app: Proc, context: BrowserContext,
