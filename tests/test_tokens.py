@@ -109,6 +109,25 @@ async def test_no_token_reaches_the_log(procs: Any, tmp_path: Any) -> None:
     assert '"WebSocket /api/ws?token=[redacted]" [accepted]' in log
 
 
+@pytest.mark.parametrize("off", [["--no-access-log"], ["JOBWIRE_ACCESS_LOG=0"]])
+async def test_access_log_can_be_turned_off(procs: Any, tmp_path: Any,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            off: list[str]) -> None:
+    """A busy server may drop its line per request (~10% of a small request's CPU); errors
+    and the start-up lines are still logged."""
+    if off[0].startswith("JOBWIRE_"):
+        monkeypatch.setenv(*off[0].split("="))
+        off = []
+    server: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}", *off)
+    c = await guest(server.url)
+    job, _ = await c.submit("echo", 1)
+    await c.wait_terminal(job["id"])
+    server.stop()
+    log = server.log.read_text()
+    assert "Uvicorn running on" in log
+    assert "/api/jobs" not in log and "HTTP/1.1" not in log
+
+
 # -- WebSocket authentication by first message
 
 

@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=Settings.host)
     p.add_argument("--port", type=int, default=Settings.port)
     p.add_argument("--no-workers", action="store_true", help="serve the API only")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no log line per request (env JOBWIRE_ACCESS_LOG=0)")
 
     p = sub.add_parser("worker", help="run workers only")
     _add_runtime(p)
@@ -157,6 +159,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings.host, settings.port = args.host, args.port
         if args.no_workers:
             settings.concurrency = 0
+        if args.no_access_log:
+            settings.access_log = False
         from jobwire.server import serve  # uvicorn and FastAPI load only for serving
 
         serve(settings, jobwire)

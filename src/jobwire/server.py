@@ -37,6 +37,7 @@ def serve(settings: Settings, jobwire: Jobwire) -> None:
     # compression of every event for every subscriber (bench/README.md: 2.5x the memory of
     # 10,000 idle sockets, half the fan-out rate), for events of a few hundred bytes.
     uvicorn.run(create_server(settings, jobwire), host=settings.host, port=settings.port,
-                log_level="info", ws_max_size=settings.ws_max_frame_bytes,
+                log_level="info", access_log=settings.access_log,
+                ws_max_size=settings.ws_max_frame_bytes,
                 ws_per_message_deflate=False,
                 proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)

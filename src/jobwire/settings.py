@@ -23,10 +23,13 @@ def _env_seconds(name: str, default: float) -> float:
         default_factory=lambda: float(os.environ.get(f"JOBWIRE_{name.upper()}", default)))
 
 
-def _env_flag(name: str) -> bool:
-    """Off unless the environment variable JOBWIRE_<NAME> is 1 (or true, yes, on)."""
-    return dataclasses.field(default_factory=lambda: os.environ.get(
-        f"JOBWIRE_{name.upper()}", "").strip().lower() in ("1", "true", "yes", "on"))
+def _env_flag(name: str, default: bool = False) -> bool:
+    """On if the environment variable JOBWIRE_<NAME> is 1 (or true, yes, on), off if it is
+    set to anything else, `default` if it is unset or empty."""
+    def read() -> bool:
+        value = os.environ.get(f"JOBWIRE_{name.upper()}", "").strip().lower()
+        return value in ("1", "true", "yes", "on") if value else default
+    return dataclasses.field(default_factory=read)
 
 
 def _env_secret(name: str) -> str | None:
@@ -105,6 +108,9 @@ class Settings:
     # close theirs: docs/guarantees.md "A public server").
     session_check_seconds: float = _env_seconds("session_check_seconds", 2.0)
     ticket_seconds: int = _env_limit("ticket_seconds", 30)  # how long a ticket is usable
+    # `jobwire serve`'s line per request (uvicorn's access log): ~10% of a small request's
+    # CPU; JOBWIRE_ACCESS_LOG=0 or --no-access-log turns it off.
+    access_log: bool = _env_flag("access_log", True)
 
     def describe(self) -> str:
         """The database (its password masked), app and worker slots, for the line a
