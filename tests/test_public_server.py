@@ -26,6 +26,9 @@ async def test_pages_static_files_and_api_carry_the_security_headers(
                  "/static/missing.js", "/api/jobs", "/healthz", "/metrics"):
         r = await client.http.get(path)
         assert {k: r.headers.get(k) for k in HEADERS} == HEADERS, (path, r.status_code)
+        # An answer without CORS headers (no Origin) must not be served from a shared
+        # cache to a partner origin's page, which needs them.
+        assert r.headers.get("vary") == "Origin", (path, r.headers.get("vary"))
     # BodyLimit's own 413, refused by the announced length before any body is sent.
     reader, writer = await asyncio.open_connection("127.0.0.1", shared_server.port)
     writer.write(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n")

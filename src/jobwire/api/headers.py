@@ -3,7 +3,8 @@ another type, or run anything but the server's own scripts."""
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
+from collections.abc import Iterable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # The dashboard is one HTML file, its own stylesheet and ES modules, and fetch/WebSocket
@@ -17,6 +18,20 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
 }
+# Encoded once: this runs on every response.
+_RAW = tuple((name.lower().encode(), value.encode()) for name, value in HEADERS.items())
+_WITH_CSP = (*_RAW, (b"content-security-policy", CSP.encode()))
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def with_defaults(headers: Iterable[tuple[bytes, bytes]],
+                  defaults: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    """`headers` plus each of `defaults` whose name they lack (a response's own wins)."""
+    headers = list(headers)
+    have = {name.lower() for name, _ in headers}
+    headers.extend(h for h in defaults if h[0] not in have)
+    return headers
 
 
 class SecurityHeaders:
@@ -34,15 +49,11 @@ class SecurityHeaders:
         # The path within this app: a mounted app's scope keeps the host's prefix in
         # both "path" and "root_path".
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        csp = path not in self.exempt
+        defaults = _RAW if path in self.exempt else _WITH_CSP
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in HEADERS.items():
-                    headers.setdefault(name, value)
-                if csp:
-                    headers.setdefault("Content-Security-Policy", CSP)
+                message["headers"] = with_defaults(message.get("headers", ()), defaults)
             await send(message)
 
         await self.app(scope, receive, with_headers)

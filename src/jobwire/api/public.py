@@ -10,14 +10,14 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from fastapi import HTTPException
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobwire.api.auth import COOKIE, bearer_token, by_message, token_of
 from jobwire.settings import SettingError
@@ -184,6 +184,16 @@ class SameOrigin:
         await self.app(scope, receive, send)
 
 
+def vary_origin(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` with Origin added to Vary, as one header (as starlette's CORS does)."""
+    rest: list[tuple[bytes, bytes]] = []
+    vary: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        (vary if name.lower() == b"vary" else rest).append((name, value))
+    rest.append((b"vary", b", ".join([*(v for _, v in vary), b"Origin"])))
+    return rest
+
+
 class Cors(CORSMiddleware):
     """CORS for the pages of JOBWIRE_ALLOWED_ORIGINS (exact origins), so a browser app on
     another origin can call the API, read streams, and import /static/jobwire.js (a
@@ -199,6 +209,20 @@ class Cors(CORSMiddleware):
         super().__init__(app, allow_origins=sorted(origins.allowed),
                          allow_methods=["GET", "POST", "DELETE"], allow_headers=self.HEADERS,
                          allow_credentials=False, max_age=600)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or any(name == b"origin" for name, _ in scope["headers"]):
+            await super().__call__(scope, receive, send)
+            return
+
+        # Without Origin there is nothing for CORS to allow: all starlette's would add is
+        # Vary: Origin, added here without its header objects (this runs on every request).
+        async def vary(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = vary_origin(message.get("headers", ()))
+            await send(message)
+
+        await self.app(scope, receive, vary)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         if not self.is_allowed_origin(request_headers["origin"]):
