@@ -173,6 +173,7 @@ class FakeSocket:
     def __init__(self, settings: Settings, hub: Hub, store: EndingStore) -> None:
         runtime = SimpleNamespace(settings=settings, hub=hub, store=store)
         self.app = SimpleNamespace(state=SimpleNamespace(runtime=runtime))
+        self.scope: dict[str, Any] = {}  # no raw socket: messages go through ASGI
         self.frames: list[Any] = []
 
     async def send_text(self, text: str) -> None:
@@ -189,7 +190,7 @@ async def test_terminal_event_during_subscribe_frees_the_subscription() -> None:
     await session.subscribe("a", 1)
     assert session.subs == {} and hub.subscriptions == 0
     await session.subscribe("b", 1)  # the limit of one is free again
-    while session.pump is not None:
+    while session.flusher.task is not None or session.pump is not None:
         await asyncio.sleep(0)
     replies = [m.get("op") for m in ws.frames if isinstance(m, dict) and "op" in m]
     assert replies == ["subscribed", "subscribed"], ws.frames
@@ -210,11 +211,11 @@ async def test_pending_events_share_a_frame_and_replies_come_alone() -> None:
     session = SocketSession(ws, "owner")  # type: ignore[arg-type]
     session.reply(op="subscribed", job="a", after=0)
     for ev in events[:3]:
-        session.send(ev.wire)
+        session.send(ev)
     session.reply(op="unsubscribed", job="a")
     for ev in events[3:]:
-        session.send(ev.wire)
-    while session.pump is not None:
+        session.send(ev)
+    while session.flusher.task is not None or session.pump is not None:
         await asyncio.sleep(0)
 
     def shape(frame: Any) -> Any:  # an array's seqs, a lone event's seq, a reply's op

@@ -160,6 +160,8 @@ class Event:
     data: dict[str, JSON]
     at: float
     _wire: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
+    # `wire` as a WebSocket frame (jobwire.api.frames): built once for every socket.
+    frame: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def wire(self) -> bytes:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from jobwire import redact
 from jobwire.api import create_api
+from jobwire.api.frames import FrameProtocol
 from jobwire.app import Jobwire
 from jobwire.runtime import Runtime
 from jobwire.settings import Settings
@@ -39,5 +40,5 @@ def serve(settings: Settings, jobwire: Jobwire) -> None:
     uvicorn.run(create_server(settings, jobwire), host=settings.host, port=settings.port,
                 log_level="info", access_log=settings.access_log,
                 ws_max_size=settings.ws_max_frame_bytes,
-                ws_per_message_deflate=False,
+                ws_per_message_deflate=False, ws=FrameProtocol,
                 proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)

@@ -184,7 +184,10 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def test_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
+# Events in bursts of 100 pile up before they are written; one at a time each is written
+# at once, and what the client leaves unread piles up in the connection instead.
+@pytest.mark.parametrize("batch", [100, 1])
+async def test_client_that_never_reads(serve: Serve, tmp_path: Path, batch: int) -> None:
     """A subscriber that stops reading while its job writes 64 MB of events: the server
     keeps at most its buffer for it, then closes with 1013; it resumes by seq later."""
     srv = serve(buffer_bytes=256 * 1024)
@@ -202,7 +205,8 @@ async def test_client_that_never_reads(serve: Serve, tmp_path: Path) -> None:
     ws = await connect(ws_url(srv.url, c.token), sock=sock, max_size=None, max_queue=1,
                        compression=None)
     gate = tmp_path / "go"
-    job, _ = await c.submit("chatter", {"n": 4000, "size": 16_000, "gate": str(gate)})
+    job, _ = await c.submit("chatter", {"n": 4000, "size": 16_000, "gate": str(gate),
+                                        "batch": batch})
     await ws.send(orjson.dumps({"op": "subscribe", "job": job["id"], "after": 0}).decode())
     while await subscriptions(c) == 0:  # live before the job writes its events
         await asyncio.sleep(0.05)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,10 +19,11 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
-from jobwire.api import ownerfeed
+from jobwire.api import frames, ownerfeed
 from jobwire.api.auth import socket_caller
 from jobwire.api.bodies import TooDeep, loads
 from jobwire.api.deps import JobId, Reader, RuntimeDep, StreamCaller, owned_job, runtime
+from jobwire.api.frames import RawSocket
 from jobwire.api.identity import SERVICE
 from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
@@ -35,12 +37,11 @@ from jobwire.store import StoreError
 router = APIRouter(prefix="/api", responses=errors(503))
 
 SSE_KEEPALIVE = 15.0
-# After a frame, a socket's pump waits this long per socket with output pending (up to
-# PACE_MAX) before the next: while many sockets are busy, the events made meanwhile go
-# in one frame per socket instead of a frame each, and the writes (~25 us each in
-# bench/README.md's profile) leave the loop time to make and commit the events; a socket
-# busy alone barely waits.
-PACE_PER_SOCKET = 25e-6
+# Between two rounds of writes (Flusher) at least this long per socket written, up to
+# PACE_MAX: with many sockets busy, the events made meanwhile share one frame per socket.
+# Frames are what subscribers pay for (a Python client ~20 us to read one, ~2 us per event
+# in it), and the paced rounds leave the loop time to make and commit the events.
+PACE_PER_SOCKET = 20e-6
 PACE_MAX = 0.025
 
 
@@ -120,61 +121,129 @@ class Reply(bytes):
     """A control reply: always sent as a frame of its own, never inside an event array."""
 
 
+class Flusher:
+    """Sends the pending output of every WebSocket of this event loop, in rounds: one
+    task for all sockets, none per socket. After a round it pauses at least as long as
+    the round took, so however many sockets there are, half the loop's time is left to
+    make and commit the events; those made meanwhile go to each socket together, as one
+    frame, in the next round."""
+
+    __slots__ = ("dirty", "task")
+
+    def __init__(self) -> None:
+        self.dirty: dict[SocketSession, None] = {}  # in the order they had output
+        self.task: asyncio.Task[None] | None = None
+
+    def mark(self, session: SocketSession) -> None:
+        self.dirty[session] = None
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.dirty:
+                sessions, self.dirty = self.dirty, {}
+                began = loop.time()
+                for session in sessions:
+                    session.flush()
+                await asyncio.sleep(max(loop.time() - began,
+                                        min(PACE_MAX, len(sessions) * PACE_PER_SOCKET)))
+        finally:
+            self.task = None
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Flusher] = (
+    weakref.WeakKeyDictionary())
+
+
+def flusher() -> Flusher:
+    loop = asyncio.get_running_loop()
+    if (found := _flushers.get(loop)) is None:
+        found = _flushers[loop] = Flusher()
+    return found
+
+
 class SocketSession:
     """One WebSocket: its subscriptions and its outgoing messages, bounded in bytes.
 
-    Whatever is pending when the socket can write goes out in one frame: a reply alone,
-    or the events queued up to the next reply as one JSON array (one event alone stays
-    a plain object). One write per socket per burst instead of one per event is what
-    lets one process feed a thousand sockets. Idle, a session holds no task or future.
+    Whatever is pending when the socket's turn comes goes out in one frame: a reply
+    alone, or the events queued up to the next reply as one JSON array (one event alone
+    stays a plain object, its frame built once for every socket). Under `jobwire serve`
+    frames go straight to the transport (api/frames.py); otherwise a pump task sends them
+    through ASGI while there is output. Idle, a session holds no task or future.
     """
 
-    __slots__ = ("closing", "drained", "feed", "limit", "out", "pump", "queued", "rt",
-                 "subs", "who", "ws")
-    pumping = 0  # sessions of this process with a pump running
+    __slots__ = ("backlog", "closing", "drained", "feed", "flusher", "gone", "limit", "lone",
+                 "out", "pump", "queued", "raw", "rt", "subs", "who", "ws")
 
     def __init__(self, ws: WebSocket, who: str | None) -> None:
         self.ws = ws
         self.who = who
         self.rt: Runtime = ws.app.state.runtime  # started: `websocket` checked
         self.limit = self.rt.settings.buffer_bytes
+        self.raw: RawSocket | None = (ws.scope.get("extensions") or {}).get(
+            frames.EXTENSION)
+        if self.raw is not None:  # its writable() then means "at most half the buffer"
+            self.raw.pause_above(self.limit // 2)
+        self.flusher = flusher()
         self.subs: dict[str, Subscription] = {}
         self.feed: Watch | None = None  # the owner feed (api/ownerfeed.py): one at most
-        self.out: list[bytes] = []  # messages not yet sent, in order
-        self.queued = 0  # bytes in `out`, bounded by `limit`
+        self.out: list[bytes] = []  # not yet sent, in order (replies are `Reply`s)
+        self.lone: Event | None = None  # the event, when `out` holds it alone
+        self.queued = 0  # bytes in `out`
+        self.backlog = 0  # the raw socket's backlog after its last write (not per event)
         self.closing: tuple[int, str] | None = None  # (code, reason) the pump closes with
-        self.pump: asyncio.Task[None] | None = None  # runs only while `out` has messages
+        self.gone = False  # the endpoint has ended: nothing more to send
+        self.pump: asyncio.Task[None] | None = None  # ASGI sends and the close
         self.drained: asyncio.Event | None = None  # replays waiting for `out` to half empty
 
-    def send(self, message: bytes) -> None:
+    def held(self) -> int:
+        """Bytes sent to this socket and not yet read by it, as far as this process
+        knows: pending here plus, on a raw socket, the transport's backlog."""
+        return self.queued + self.backlog
+
+    def send(self, message: Event | Reply) -> None:
         if self.closing:
             return
+        if isinstance(message, Event):
+            payload, lone = message.wire, None if self.out else message
+        else:
+            payload, lone = message, None
+        size = len(payload)
         # (A message bigger than the whole buffer still goes through, alone.)
-        if self.queued and self.queued + len(message) > self.limit:
+        if (held := self.held()) and held + size > self.limit:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
             self.closing = (1013, "too slow: reconnect and resume from your seq")
             self.close()
         else:
-            self.out.append(message)
-            self.queued += len(message)
-        if self.pump is None:
-            self.pump = asyncio.create_task(self._pump())
+            self.out.append(payload)
+            self.lone = lone
+            self.queued += size
+        self.flusher.mark(self)
 
     async def ready(self) -> None:
         """Paces replays from the store to what the client reads, so catching up on a
         long log never counts as too slow."""
-        if self.queued > self.limit // 2 and not self.closing:
-            if self.drained is None:
-                self.drained = asyncio.Event()
-            await self.drained.wait()
+        if self.raw is not None:
+            self.backlog = self.raw.backlog
+        if self.closing or self.held() <= self.limit // 2:
+            return
+        if self.raw is not None:
+            self.flush()  # into the transport, which says when the client has read it
+            await self.raw.writable()
+            return
+        if self.drained is None:
+            self.drained = asyncio.Event()
+        await self.drained.wait()
 
     def reply(self, **fields: Any) -> None:
         self.send(Reply(orjson.dumps(fields)))
 
     def deliver_to(self, job: str) -> Any:
         def deliver(ev: Event) -> None:
-            self.send(ev.wire)
+            self.send(ev)
             if ev.terminal:  # the hub closes the subscription itself
                 self.subs.pop(job, None)
         return deliver
@@ -240,42 +309,64 @@ class SocketSession:
         else:
             sub.close()
 
-    def _frame(self) -> bytes:
-        """Takes the next frame from `out`: a reply alone, else the events up to the next
-        reply, at most a frame's size of them (one bigger event goes alone)."""
+    def _take(self) -> list[bytes]:
+        """Takes the next frame's messages from `out`: a reply alone, else the events up
+        to the next reply, at most a frame's size of them (one bigger event goes alone)."""
         out, cap = self.out, self.rt.settings.ws_max_frame_bytes
         size = n = 0
         while n < len(out) and not isinstance(out[n], Reply) and (
                 n == 0 or size + len(out[n]) < cap):
             size += len(out[n])
             n += 1
-        if n <= 1:
-            message = out.pop(0)
-            self.queued -= len(message)
-            return message
-        self.queued -= size
-        frame = b"[" + b",".join(out[:n]) + b"]"
+        n = max(n, 1)
+        taken = out[:n]
         del out[:n]
-        return frame
+        self.queued -= size or len(taken[0])  # (a reply: not counted above)
+        return taken
+
+    @staticmethod
+    def _join(messages: list[bytes]) -> bytes:
+        return messages[0] if len(messages) == 1 else b"[" + b",".join(messages) + b"]"
+
+    def flush(self) -> None:
+        """Sends what is pending: on a raw socket written now, else by the pump. The
+        pump also sends the close a `closing` session owes."""
+        if self.gone:
+            return
+        raw = self.raw
+        if raw is not None:
+            while self.out:
+                if (ev := self.lone) is not None:  # one event: its frame, built once
+                    if ev.frame is None:
+                        ev.frame = frames.text_frame(ev.wire)
+                    frame = ev.frame
+                    self.out.clear()
+                    self.queued = 0
+                else:
+                    frame = frames.text_frame(self._join(self._take()))
+                self.lone = None
+                if not raw.write(frame):
+                    self.out.clear()  # closing or gone: the receive loop ends the session
+                    self.queued = 0
+            self.backlog = raw.backlog
+        if (self.out or self.closing) and self.pump is None:
+            self.pump = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
-        SocketSession.pumping += 1
         try:
-            while self.out:
-                while self.out:  # all that is pending, so the pause never caps the rate
-                    frame = self._frame()
-                    if self.drained is not None and self.queued <= self.limit // 2:
-                        self.drained.set()
-                        self.drained = None
-                    await self.ws.send_text(frame.decode())
-                    del frame  # not held through the pause (up to a frame per socket)
-                await asyncio.sleep(min(PACE_MAX, SocketSession.pumping * PACE_PER_SOCKET))
+            while self.out:  # only without a raw socket
+                frame = self._join(self._take())
+                if self.drained is not None and self.queued <= self.limit // 2:
+                    self.drained.set()
+                    self.drained = None
+                await self.ws.send_text(frame.decode())
+                del frame
             if self.closing:
+                self.gone = True  # nothing may follow the close
                 await self.ws.close(*self.closing)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the peer went away: the receive loop sees it and ends the session
         finally:
-            SocketSession.pumping -= 1
             self.pump = None
 
     def close(self) -> None:
@@ -290,12 +381,12 @@ class SocketSession:
         self.closing = (4401, reason)
         self.close()
         self.out.clear()
+        self.lone = None
         self.queued = 0
         if self.drained is not None:  # a replay waiting for room: let it see the end
             self.drained.set()
             self.drained = None
-        if self.pump is None:
-            self.pump = asyncio.create_task(self._pump())
+        self.flusher.mark(self)
 
 
 async def websocket(ws: WebSocket) -> None:
@@ -323,11 +414,11 @@ async def websocket(ws: WebSocket) -> None:
     except StoreError:
         await ws.close(code=1011, reason="the database is unavailable; retry later")
         return
+    session = SocketSession(ws, caller.owner)  # before the slot: nothing between it and `try`
     slot = connections(ws).acquire(caller.owner or SERVICE)
     if isinstance(slot, Refusal):
         await ws.close(code=slot.ws_code, reason=slot.reason)
         return
-    session = SocketSession(ws, caller.owner)
     unwatch = rt.live.watch(caller, session.end)
     try:
         # No task per connection while idle: this coroutine waits on the socket, and
@@ -343,6 +434,7 @@ async def websocket(ws: WebSocket) -> None:
         unwatch()
         slot.release()
         session.close()
+        session.gone = True
         if session.pump is not None:
             session.pump.cancel()
             with contextlib.suppress(BaseException):
