@@ -49,6 +49,7 @@ bench: $(VENV)/.installed-bench services
 	$(BIN)/python -m bench.throughput --jobs $(BENCH_JOBS) $(BENCH_ARGS)
 	$(BIN)/python -m bench.progress $(BENCH_ARGS)
 	$(BIN)/python -m bench.dedup $(BENCH_ARGS)
+	$(BIN)/python -m bench.submits $(BENCH_ARGS)
 	$(BIN)/python -m bench.idle $(BENCH_ARGS)
 	$(BIN)/python -m bench.growth $(BENCH_ARGS)
 	$(BIN)/python -m bench.charts
