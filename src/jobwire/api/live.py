@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,7 @@ from jobwire.runtime import NotStarted, Runtime
 from jobwire.store import StoreError
 
 router = APIRouter(prefix="/api", responses=errors(503))
+log = logging.getLogger("jobwire")
 
 SSE_KEEPALIVE = 15.0
 # Between two rounds of writes (Flusher) at least this long per socket written, up to
@@ -146,7 +148,10 @@ class Flusher:
                 sessions, self.dirty = self.dirty, {}
                 began = loop.time()
                 for session in sessions:
-                    session.flush()
+                    try:
+                        session.flush()
+                    except Exception:  # one socket's failure must not hold up the others
+                        log.exception("writing to a WebSocket failed")
                 await asyncio.sleep(max(loop.time() - began,
                                         min(PACE_MAX, len(sessions) * PACE_PER_SOCKET)))
         finally:
