@@ -63,7 +63,9 @@ class Runner:
     def start(self, spec: TaskSpec, ctx: Context) -> asyncio.Task[JSON]:
         timeout = spec.timeout if spec.timeout is not None else self.default_timeout
         if not spec.sync:
-            return asyncio.create_task(self._timed(timeout, self._async(spec, ctx)))
+            run = self._async(spec, ctx)
+            # Without a timeout, no timer and no coroutine around the task's own.
+            return asyncio.create_task(run if timeout is None else self._timed(timeout, run))
         # The thread is counted from now, not from when the task first runs, so that the
         # claim loop's next count (made before this task runs) sees it taken.
         self.busy += 1

@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Coroutine
+from typing import Any
 
 from jobwire import periodic
 from jobwire.app import Jobwire
 from jobwire.context import Cancelled, Context
 from jobwire.model import JSON, Event, EventType, Job, Status, now
 from jobwire.runner import Runner, error_text
-from jobwire.store import Lease, LeaseLost, Store, StoreError
+from jobwire.store import End, Lease, LeaseLost, Store, StoreError
 from jobwire.text import clip
 
 log = logging.getLogger("jobwire.worker")
@@ -64,6 +66,10 @@ class Worker:
         self.max_items = max_items
         self.queues = None if queues is None else sorted(set(queues))
         self._running: dict[str, tuple[Context, asyncio.Task[JSON]]] = {}
+        self._claiming = 0  # slots of claims under way, not in _running yet
+        self._ends: list[tuple[End, bool]] = []  # (end, of a limited task): to record
+        self._recorder: asyncio.Task[None] | None = None
+        self._stopping = False
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._jobs: set[asyncio.Task[None]] = set()
@@ -97,12 +103,21 @@ class Worker:
         """Stop the running tasks and hand their jobs back at once: queued again, the
         attempt not counted (nothing failed), without waiting for their leases to run
         out."""
+        self._stopping = True
         for task in self._loops:
             task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._recorder is not None:  # a claim under way may start jobs: let it land
+            await asyncio.gather(self._recorder, return_exceptions=True)
         leases = [ctx.lease for ctx, _ in self._running.values()]
-        for _, inner in self._running.values():
+        running = [inner for _, inner in self._running.values()]
+        for inner in running:
             inner.cancel()
-        await asyncio.gather(*self._loops, *self._jobs, return_exceptions=True)
+        # Their done callbacks (_stopped) run before this gather's own, added later.
+        await asyncio.gather(*running, return_exceptions=True)
+        while self._recorder is not None or self._jobs:  # the ends recorded meanwhile
+            await asyncio.gather(*self._jobs, *filter(None, [self._recorder]),
+                                 return_exceptions=True)
         if leases:
             try:
                 # Jobs whose end was recorded meanwhile are no longer held and untouched.
@@ -114,85 +129,139 @@ class Worker:
                 log.warning("could not hand back %d jobs; their leases will expire: %s",
                             len(leases), exc)
 
+    def _free(self) -> tuple[list[str], int]:
+        """The tasks to claim and how many jobs: as many as slots are free, counting
+        those that claims under way will fill."""
+        free = self.concurrency - len(self._running) - self._claiming
+        return self._runner.claimable(self.jobwire.tasks, free)
+
     async def _claim_loop(self) -> None:
         while True:
-            free = self.concurrency - len(self._running)
+            names, free = self._free()
             jobs: list[Job] = []
-            names, free = self._runner.claimable(self.jobwire.tasks, free)
             if free > 0 and names:
+                self._claiming += free
                 try:
                     jobs = await self.store.claim(self.id, names, free, self.lease_seconds,
                                                   self.queues)
                 except StoreError as exc:
                     log.warning("claim failed: %s", exc)
-            for job in jobs:
-                if (earlier := self._running.get(job.id)) is not None:
-                    # Its lease ran out unnoticed (a stalled loop, failing heartbeats) and
-                    # we claimed the job again: that attempt lost it. Its entry is
-                    # replaced below, so stop it now, or nothing ever would.
-                    self._lose(earlier[0].lease)
-                lease = Lease(job.id, self.id, job.attempt)
-                ctx = Context(job, lease, self.store, self.max_items)
-                inner = self._runner.start(self.jobwire.tasks[job.task], ctx)
-                self._running[job.id] = (ctx, inner)
-                outer = asyncio.create_task(self._supervise(job, ctx, inner))
-                self._jobs.add(outer)
-                outer.add_done_callback(self._jobs.discard)
+                finally:
+                    self._claiming -= free
+                self._start(jobs)
             if jobs and len(self._running) < self.concurrency:
                 continue  # maybe more waiting
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
-    async def _supervise(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> None:
-        end = await self._outcome(job, ctx, inner)
+    def _start(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if (earlier := self._running.get(job.id)) is not None:
+                # Its lease ran out unnoticed (a stalled loop, failing heartbeats) and
+                # we claimed the job again: that attempt lost it. Its entry is
+                # replaced below, so stop it now, or nothing ever would.
+                self._lose(earlier[0].lease)
+            lease = Lease(job.id, self.id, job.attempt)
+            ctx = Context(job, lease, self.store, self.max_items)
+            inner = self._runner.start(self.jobwire.tasks[job.task], ctx)
+            self._running[job.id] = (ctx, inner)
+            # No task of its own per job: the attempt's end is read when it stops.
+            inner.add_done_callback(functools.partial(self._stopped, job, ctx))
+
+    def _stopped(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> None:
+        end = self._outcome(job, ctx, inner)
         # The slot is free once the task has stopped: the next claim does not wait for
         # this job's end to be written. A later attempt of the job may hold it by now.
         running = self._running.get(job.id)
         if running is not None and running[0] is ctx:
             del self._running[job.id]
-        self._wake.set()
-        if end is not None:
-            await self._finish(ctx.lease, end)
-            if self.jobwire.tasks[job.task].concurrency is not None:
-                # Its limit key's slot is free only now that its end is written: claim
-                # again, or the key's next job would wait for the next poll.
-                self._wake.set()
+        if end is None or end.status == Status.QUEUED:
+            self._wake.set()
+            if end is not None:
+                self._track(self._finish(ctx.lease, end))
+            return
+        # Terminal ends are written together with a claim for the slots they freed.
+        limited = self.jobwire.tasks[job.task].concurrency is not None
+        self._ends.append((End(ctx.lease, end.status, end.result, end.error), limited))
+        if self._recorder is None:
+            self._recorder = asyncio.create_task(self._record())
 
-    async def _outcome(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> _End | None:
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _record(self) -> None:
+        """Write the ends that stopped meanwhile, in one trip with a claim of as many jobs
+        as slots are free (while the worker runs), until none is left."""
+        try:
+            while self._ends:
+                batch, self._ends = self._ends, []
+                ends = [end for end, _ in batch]
+                names, free = ([], 0) if self._stopping else self._free()
+                free = max(free, 0)
+                self._claiming += free
+                try:
+                    outcomes, jobs = await self.store.finish_and_claim(
+                        ends, self.id, names, free, self.lease_seconds, self.queues)
+                except StoreError as exc:
+                    log.warning("could not record %d ends at once: %s", len(ends), exc)
+                    for end in ends:  # each on its own, with its own retries
+                        self._track(self._finish(end.lease, _End(end.status, end.result,
+                                                                 end.error)))
+                    self._wake.set()
+                    continue
+                finally:
+                    self._claiming -= free
+                for end, outcome in zip(ends, outcomes, strict=True):
+                    if isinstance(outcome, Exception) and not isinstance(outcome, LeaseLost):
+                        log.error("could not record the end of job %s: %s",
+                                  end.lease.job, outcome)
+                self._start(jobs)
+                if len(jobs) < free or any(limited for _, limited in batch):
+                    # Fewer than asked: the claim loop takes over (it waits for a hint).
+                    # A limited end freed its key's slot only now: claim again for it.
+                    self._wake.set()
+        finally:
+            self._recorder = None
+
+    def _outcome(self, job: Job, ctx: Context, inner: asyncio.Task[JSON]) -> _End | None:
         """How the attempt ended, as what to record; None when nothing is to be recorded
         here."""
-        try:
-            return _End(Status.COMPLETED, await inner)
-        except (asyncio.CancelledError, Cancelled):
+        exc = None if inner.cancelled() else inner.exception()
+        if inner.cancelled() or isinstance(exc, Cancelled):
             if ctx.lost or not ctx.cancelled:
                 # Lease lost, or the worker is stopping (stop() hands the job back):
                 # it is retried elsewhere, so nothing is recorded here.
                 return None
             return _End(Status.CANCELLED)
-        except LeaseLost:
+        if exc is None:
+            return _End(Status.COMPLETED, inner.result())
+        if isinstance(exc, LeaseLost):
             return None
-        except Exception as exc:
-            if type(exc) is StoreError:
-                # The database failed under the task (connection dropped, disk full), not
-                # the task (its subclasses are the task's mistakes): record nothing; the
-                # lease runs out and the job is retried, keeping its finished items.
-                log.warning("job %s: database failed under the task: %s", job.id, exc)
-                return None
-            error = error_text(exc)
-            delay = None
-            if ctx.attempt < job.max_attempts and not ctx.cancelled:  # never a cancel's
-                delay = self.jobwire.tasks[job.task].retry_after(exc, ctx.attempt)
-            # One line per failure: any guest can make jobs fail, and a traceback each
-            # would flood the log. Operators get the traceback with debug logging.
-            retrying = "" if delay is None else (
-                f" (attempt {ctx.attempt} of {job.max_attempts}; retrying in {delay:.3g} s)")
-            log.warning("job %s (%s) failed%s: %s: %s", job.id, job.task, retrying,
-                        type(exc).__name__, clip(str(exc)))
-            log.debug("job %s (%s) failed", job.id, job.task, exc_info=True)
-            if delay is not None:
-                return _End(Status.QUEUED, error=error, delay=delay)
-            return _End(Status.FAILED, error=error)
+        if not isinstance(exc, Exception):
+            return None  # (KeyboardInterrupt, SystemExit: the process is going down)
+        if type(exc) is StoreError:
+            # The database failed under the task (connection dropped, disk full), not
+            # the task (its subclasses are the task's mistakes): record nothing; the
+            # lease runs out and the job is retried, keeping its finished items.
+            log.warning("job %s: database failed under the task: %s", job.id, exc)
+            return None
+        error = error_text(exc)
+        delay = None
+        if ctx.attempt < job.max_attempts and not ctx.cancelled:  # never a cancel's
+            delay = self.jobwire.tasks[job.task].retry_after(exc, ctx.attempt)
+        # One line per failure: any guest can make jobs fail, and a traceback each
+        # would flood the log. Operators get the traceback with debug logging.
+        retrying = "" if delay is None else (
+            f" (attempt {ctx.attempt} of {job.max_attempts}; retrying in {delay:.3g} s)")
+        log.warning("job %s (%s) failed%s: %s: %s", job.id, job.task, retrying,
+                    type(exc).__name__, clip(str(exc)))
+        log.debug("job %s (%s) failed", job.id, job.task, exc_info=exc)
+        if delay is not None:
+            return _End(Status.QUEUED, error=error, delay=delay)
+        return _End(Status.FAILED, error=error)
 
     async def _finish(self, lease: Lease, end: _End) -> None:
         for pause in (0.05, 0.2, 1.0, 3.0, None):

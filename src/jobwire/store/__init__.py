@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jobwire.store.base import (
+    End,
     Hint,
     ItemUpdate,
     JobActive,
@@ -33,6 +34,7 @@ def open_store(url: str, max_active_jobs: int | None = None) -> Store:
 
 
 __all__ = [
+    "End",
     "Hint",
     "ItemUpdate",
     "JobActive",

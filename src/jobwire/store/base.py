@@ -69,6 +69,16 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class End:
+    """The terminal end of an attempt, to record as `Store.finish` would."""
+
+    lease: Lease
+    status: Status
+    result: JSON = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Written:
     events: list[Event]
     cancel_requested: bool
@@ -229,6 +239,15 @@ class Store(Protocol):
     async def finish(
         self, lease: Lease, status: Status, result: JSON = None, error: str | None = None
     ) -> Written: ...
+
+    async def finish_and_claim(
+        self, ends: Sequence[End], worker: str, tasks: Collection[str], limit: int,
+        lease_seconds: float, queues: Collection[str] | None = None,
+    ) -> tuple[list[Written | Exception], list[Job]]:
+        """Record `ends` as `finish` would (each failing alone: its exception in its
+        place, e.g. LeaseLost), then claim as `claim` would (limit 0: not at all), in one
+        hand-over to the database: a worker's finished jobs and the next ones for their
+        slots in one trip. The claim sees the ends (their limit keys' slots are free)."""
 
     async def hand_back(self, leases: Sequence[Lease]) -> int:
         """Requeue at once the jobs a stopping worker still holds by these leases (and

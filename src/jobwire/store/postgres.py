@@ -41,7 +41,6 @@ from jobwire.model import (
     JSON,
     Event,
     EventType,
-    IllegalTransition,
     Item,
     ItemStatus,
     Job,
@@ -57,6 +56,7 @@ from jobwire.settings import Settings
 from jobwire.store.base import (
     DEFAULT_PLACEMENT,
     UNKNOWN_SEQ,
+    End,
     Hint,
     ItemUpdate,
     JobActive,
@@ -80,8 +80,11 @@ from jobwire.store.rows import (
     JOB_COLUMNS,
     PROMOTE_BATCH,
     active_job_sql,
+    check_end,
+    claims,
     clash_error,
     dumps,
+    encoded_end,
     event_data,
     event_data_sql,
     expiry_outcome,
@@ -735,21 +738,7 @@ class PostgresStore:
 
     async def claim(self, worker: str, tasks: Collection[str], limit: int,
                     lease_seconds: float, queues: Collection[str] | None = None) -> list[Job]:
-        if not tasks or limit <= 0 or (queues is not None and not queues):
-            return []
-
-        at = now()
-        queue_list = None if queues is None else list(queues)
-        async with self._connection() as conn, conn.pipeline():
-            # Two statements, one round trip: the claim's snapshot sees what was promoted.
-            await conn.execute(_PROMOTE, (PROMOTE_BATCH,))
-            cur = await conn.execute(self._claim_sql, (
-                list(tasks), queue_list, queue_list, limit, worker, lease_seconds, at,
-                self.listener.channel))
-            rows = await cur.fetchall()
-        jobs = [job_from_row(row, decode=False) for row in rows]
-        self._publish([Event(job=job.id, seq=job.seq, type=EventType.STARTED.value,
-                             data=row[-1], at=at) for job, row in zip(jobs, rows, strict=True)])
+        _, jobs = await self.finish_and_claim([], worker, tasks, limit, lease_seconds, queues)
         return jobs
 
     @functools.cached_property
@@ -932,9 +921,7 @@ class PostgresStore:
 
     async def finish(self, lease: Lease, status: Status, result: JSON = None,
                      error: str | None = None) -> Written:
-        check_job_transition(Status.RUNNING, status)
-        if status.active:
-            raise IllegalTransition("finish() takes a terminal status")
+        check_end(status)
         # Encoded here so a result that is not JSON fails its own call, not the batch.
         return await self._finishes(_Finish(lease, status, result, dumps(result), _text(error)))
 
@@ -942,16 +929,26 @@ class PostgresStore:
         """The ends of jobs that finished together: one statement, one round trip."""
         at = now()
         try:
-            rows = await self._query(self._finish_sql, (
-                [f.lease.job for f in finishes], [f.lease.worker for f in finishes],
+            rows = await self._query(self._finish_sql, self._finish_params(finishes, at))
+        except BaseException:
+            self._unknown(finishes)
+            raise
+        return self._finished(finishes, rows, at)
+
+    def _finish_params(self, finishes: Sequence[_Finish], at: float) -> tuple[Any, ...]:
+        return ([f.lease.job for f in finishes], [f.lease.worker for f in finishes],
                 [f.lease.attempt for f in finishes], [f.status.value for f in finishes],
                 [f.encoded for f in finishes], [f.error for f in finishes], at, at,
-                self.listener.channel))
-        except BaseException:
-            # It may have committed, and our own listener skips our notifications.
-            for f in finishes:
-                self._call_hints(f.lease.job, UNKNOWN_SEQ, None)
-            raise
+                self.listener.channel)
+
+    def _unknown(self, finishes: Sequence[_Finish]) -> None:
+        # A finish may have committed, and our own listener skips our notifications:
+        # hint without the event, so listeners read the store.
+        for f in finishes:
+            self._call_hints(f.lease.job, UNKNOWN_SEQ, None)
+
+    def _finished(self, finishes: Sequence[_Finish], rows: list[TupleRow], at: float
+                  ) -> list[Written | LeaseLost]:
         ended = {row[0]: row for row in rows}
         outcomes: list[Written | LeaseLost] = []
         events: list[Event] = []
@@ -966,6 +963,45 @@ class PostgresStore:
             outcomes.append(Written([ev], cancel))
         self._publish(events)
         return outcomes
+
+    async def finish_and_claim(
+        self, ends: Sequence[End], worker: str, tasks: Collection[str], limit: int,
+        lease_seconds: float, queues: Collection[str] | None = None,
+    ) -> tuple[list[Written | Exception], list[Job]]:
+        # A result that is not JSON fails its own end alone.
+        encoded = [encoded_end(end) for end in ends]
+        finishes = [_Finish(end.lease, end.status, end.result, e, _text(end.error))
+                    for end, e in zip(ends, encoded, strict=True) if isinstance(e, str)]
+        wanted = claims(tasks, limit, queues)
+        if not finishes and not wanted:
+            return [e for e in encoded if isinstance(e, Exception)], []
+        at = now()
+        queue_list = None if queues is None else list(queues)
+        # Pipeline mode, autocommit: each statement is its own transaction (the finish's
+        # row and limit locks are not held across the claim's), all in one round trip.
+        # The finish commits first, so the claim sees its jobs' limit slots free, and the
+        # claim sees what the promotion made due.
+        try:
+            async with self._connection() as conn, conn.pipeline():
+                ended = (await conn.execute(self._finish_sql, self._finish_params(finishes, at))
+                         if finishes else None)
+                claimed = None
+                if wanted:
+                    await conn.execute(_PROMOTE, (PROMOTE_BATCH,))
+                    claimed = await conn.execute(self._claim_sql, (
+                        list(tasks), queue_list, queue_list, limit, worker, lease_seconds, at,
+                        self.listener.channel))
+                ended_rows = await ended.fetchall() if ended else []
+                claimed_rows = await claimed.fetchall() if claimed else []
+        except BaseException:
+            self._unknown(finishes)
+            raise
+        written = iter(self._finished(finishes, ended_rows, at))
+        jobs = [job_from_row(row, decode=False) for row in claimed_rows]
+        self._publish([Event(job=job.id, seq=job.seq, type=EventType.STARTED.value,
+                             data=row[-1], at=at)
+                       for job, row in zip(jobs, claimed_rows, strict=True)])
+        return [e if isinstance(e, Exception) else next(written) for e in encoded], jobs
 
     @functools.cached_property
     def _finish_sql(self) -> str:

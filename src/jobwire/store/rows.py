@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from jobwire.model import JSON, Event, EventType, Item, ItemStatus, Job, Progress, Status
-from jobwire.store.base import Lease, LeaseLost
+from jobwire.model import (
+    JSON,
+    Event,
+    EventType,
+    IllegalTransition,
+    Item,
+    ItemStatus,
+    Job,
+    Progress,
+    Status,
+    check_job_transition,
+)
+from jobwire.store.base import End, Lease, LeaseLost
 
 JOB_COLUMNS = (
     "id, task, key, owner, status, input, total, done, failed, result, error, info, "
@@ -149,3 +160,23 @@ def active_job_sql(param: str) -> str:
     """An active job of (owner, task), if there is one: a periodic's previous tick's job."""
     return (f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = {param} AND task = {param} "
             "AND status IN ('queued', 'running') LIMIT 1")
+
+
+def claims(tasks: Collection[str], limit: int, queues: Collection[str] | None) -> bool:
+    """Whether a claim of `limit` jobs of `tasks` in `queues` could take any."""
+    return bool(tasks) and limit > 0 and (queues is None or bool(queues))
+
+
+def check_end(status: Status) -> None:
+    check_job_transition(Status.RUNNING, status)
+    if status.active:
+        raise IllegalTransition("finish() takes a terminal status")
+
+
+def encoded_end(end: End) -> str | Exception:
+    """The end's result as JSON text, or why that end cannot be recorded (it alone)."""
+    try:
+        check_end(end.status)
+        return dumps(end.result)
+    except (IllegalTransition, TypeError, ValueError) as exc:
+        return exc

@@ -23,7 +23,6 @@ from jobwire.model import (
     JSON,
     Event,
     EventType,
-    IllegalTransition,
     Item,
     ItemStatus,
     Job,
@@ -38,10 +37,12 @@ from jobwire.settings import Settings
 from jobwire.store.base import (
     DEFAULT_PLACEMENT,
     STATUS_EVENTS,
+    End,
     Hint,
     ItemUpdate,
     JobActive,
     Lease,
+    LeaseLost,
     OwnerChanges,
     OwnerConflict,
     OwnerHint,
@@ -57,8 +58,11 @@ from jobwire.store.rows import (
     JOB_COLUMNS,
     PROMOTE_BATCH,
     active_job_sql,
+    check_end,
+    claims,
     clash_error,
     dumps,
+    encoded_end,
     event_data,
     expiry_outcome,
     fire_tick_sql,
@@ -834,28 +838,65 @@ class SQLiteStore:
 
     async def claim(self, worker: str, tasks: Collection[str], limit: int,
                     lease_seconds: float, queues: Collection[str] | None = None) -> list[Job]:
-        if not tasks or limit <= 0 or (queues is not None and not queues):
+        if not claims(tasks, limit, queues):
             return []
+        jobs: list[Job] = await self._transact(
+            self._claim, worker, tasks, limit, lease_seconds, queues)
+        return jobs
 
-        def claim(conn: sqlite3.Connection) -> tuple[list[Job], list[Event]]:
-            at = now()
-            # Waiting jobs whose run_at has come join the claimable ones (the index of the
-            # claim order); found through their own index, only those that are due.
-            conn.execute(
-                "UPDATE jobs SET waiting = 0 WHERE id IN (SELECT id FROM jobs "
-                "WHERE status = 'queued' AND waiting = 1 AND run_at <= ? "
-                "ORDER BY run_at LIMIT ?)", (at, PROMOTE_BATCH))
-            rows = conn.execute(claim_sql(len(tasks), None if queues is None else len(queues)),
-                                (worker, at + lease_seconds, at, *tasks, *(queues or ()),
-                                 limit)).fetchall()
-            jobs = [job_from_row(r) for r in rows]
-            events = [self._add_event(
-                conn, job.id, job.seq, EventType.STARTED,
-                event_data(Status.RUNNING, *job.progress.as_dict().values(), attempt=job.attempt),
-                at) for job in jobs]
-            return jobs, events
+    def _claim(self, conn: sqlite3.Connection, worker: str, tasks: Collection[str],
+               limit: int, lease_seconds: float, queues: Collection[str] | None
+               ) -> tuple[list[Job], list[Event]]:
+        at = now()
+        # Waiting jobs whose run_at has come join the claimable ones (the index of the
+        # claim order); found through their own index, only those that are due.
+        conn.execute(
+            "UPDATE jobs SET waiting = 0 WHERE id IN (SELECT id FROM jobs "
+            "WHERE status = 'queued' AND waiting = 1 AND run_at <= ? "
+            "ORDER BY run_at LIMIT ?)", (at, PROMOTE_BATCH))
+        rows = conn.execute(claim_sql(len(tasks), None if queues is None else len(queues)),
+                            (worker, at + lease_seconds, at, *tasks, *(queues or ()),
+                             limit)).fetchall()
+        jobs = [job_from_row(r) for r in rows]
+        events = [self._add_event(
+            conn, job.id, job.seq, EventType.STARTED,
+            event_data(Status.RUNNING, *job.progress.as_dict().values(), attempt=job.attempt),
+            at) for job in jobs]
+        return jobs, events
 
-        return await self._transact(claim)
+    async def finish_and_claim(
+        self, ends: Sequence[End], worker: str, tasks: Collection[str], limit: int,
+        lease_seconds: float, queues: Collection[str] | None = None,
+    ) -> tuple[list[Written | Exception], list[Job]]:
+        # Encoded first, so that a result that is not JSON fails its own end alone.
+        checked = [encoded_end(end) for end in ends]
+        wanted = claims(tasks, limit, queues)
+
+        def write(conn: sqlite3.Connection
+                  ) -> tuple[tuple[list[Written | Exception], list[Job]], list[Event]]:
+            outcomes: list[Written | Exception] = []
+            events: list[Event] = []
+            for end, encoded in zip(ends, checked, strict=True):
+                if isinstance(encoded, Exception):
+                    outcomes.append(encoded)
+                    continue
+                try:
+                    written = self._finish(conn, end, encoded)
+                except LeaseLost as exc:  # raised before this end wrote anything
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(written)
+                events += written.events
+            jobs: list[Job] = []
+            if wanted:
+                jobs, claimed = self._claim(conn, worker, tasks, limit, lease_seconds, queues)
+                events += claimed
+            return (outcomes, jobs), events
+
+        if not wanted and all(isinstance(e, Exception) for e in checked):
+            return [e for e in checked if isinstance(e, Exception)], []
+        done: tuple[list[Written | Exception], list[Job]] = await self._transact(write)
+        return done
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> dict[str, bool]:
         if not leases:
@@ -938,21 +979,26 @@ class SQLiteStore:
 
     async def finish(self, lease: Lease, status: Status, result: JSON = None,
                      error: str | None = None) -> Written:
-        check_job_transition(Status.RUNNING, status)
-        if status.active:
-            raise IllegalTransition("finish() takes a terminal status")
+        check_end(status)
+        end, encoded = End(lease, status, result, error), dumps(result)
 
         def finish(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
-            at = now()
-            seq, _, total, done, failed, cancel = self._fenced(
-                conn, lease, ", status = ?, result = ?, error = ?, finished_at = ?, "
-                "worker = NULL, lease_until = NULL", (status.value, dumps(result), error, at))
-            reset = self._reset_running(conn, lease.job)
-            ev = self._add_event(conn, lease.job, seq, EventType(status.value),
-                                 event_data(status, total, done, failed, result=result,
-                                            error=error, reset=reset), at)
-            return Written([ev], cancel), [ev]
+            written = self._finish(conn, end, encoded)
+            return written, written.events
         return await self._transact(finish)
+
+    def _finish(self, conn: sqlite3.Connection, end: End, encoded: str) -> Written:
+        """Record an end; LeaseLost, before writing anything, if the lease is not held."""
+        at = now()
+        seq, _, total, done, failed, cancel = self._fenced(
+            conn, end.lease, ", status = ?, result = ?, error = ?, finished_at = ?, "
+            "worker = NULL, lease_until = NULL", (end.status.value, encoded, end.error, at))
+        # Items are counted in total: a job without any has none left running.
+        reset = self._reset_running(conn, end.lease.job) if total else []
+        ev = self._add_event(conn, end.lease.job, seq, EventType(end.status.value),
+                             event_data(end.status, total, done, failed, result=end.result,
+                                        error=end.error, reset=reset), at)
+        return Written([ev], cancel)
 
     async def hand_back(self, leases: Sequence[Lease]) -> int:
         def hand_back(conn: sqlite3.Connection) -> tuple[int, list[Event]]:
