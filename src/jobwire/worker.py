@@ -152,8 +152,11 @@ class Worker:
             if jobs and len(self._running) < self.concurrency:
                 continue  # maybe more waiting
             self._wake.clear()
+            # Not wait_for: on 3.11 it swallows a cancel that meets a wake-up, and stop()
+            # would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
 
     def _start(self, jobs: list[Job]) -> None:
         for job in jobs:
