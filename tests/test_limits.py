@@ -15,7 +15,7 @@ from jobwire.app import InputError
 from jobwire.model import Status
 from jobwire.runtime import Runtime
 from jobwire.settings import Settings
-from jobwire.store import Lease, Placement, Store, open_store
+from jobwire.store import End, Lease, Placement, Store, open_store
 from jobwire.worker import Worker
 from tests import limit_tasks
 
@@ -103,6 +103,21 @@ async def test_every_end_of_a_run_frees_its_slot(store: Store) -> None:
     await store.finish(fourth, Status.COMPLETED)
     fifth = await _one(store)
     assert fifth is not None and await _one(store) is None
+
+
+async def test_an_end_frees_its_slot_for_the_claim_in_the_same_call(store: Store) -> None:
+    """A worker writes its ends together with its next claim: that claim already sees
+    the slots the ends freed."""
+    key = Placement(limit_key="t\x1fuser:a", limit_max=1)
+    for _ in range(2):
+        await store.submit("user:a", "t", None, None, 1, place=key)
+    first = await _one(store)
+    assert first is not None and await _one(store) is None  # full
+    [written], jobs = await store.finish_and_claim([End(first, Status.COMPLETED)], "w", ["t"],
+                                                   10, 30)
+    assert not isinstance(written, Exception)
+    assert len(jobs) == 1 and jobs[0].id != first.job
+    assert await _one(store) is None  # full again: the next one holds the slot
 
 
 async def test_a_full_key_holds_up_no_job_behind_it(store: Store) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from jobwire.model import IllegalTransition, ItemStatus, Status, apply_event, counts_of
-from jobwire.store import ItemUpdate, Lease, LeaseLost, Store, open_store
+from jobwire.store import End, ItemUpdate, Lease, LeaseLost, Store, open_store
 
 
 async def replay(store: Store, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -205,6 +205,31 @@ async def test_jobs_finishing_together_each_end_once_in_their_own_way(store: Sto
         job = await store.get_job(jobs[k].id)
         assert job is not None and job.status == Status.RUNNING
         await store.finish(leases[k], Status.COMPLETED)
+
+
+async def test_a_workers_ends_and_its_next_claim_in_one_call(store: Store) -> None:
+    """finish_and_claim records each end as finish() would (a stale lease or a result
+    that is not JSON fails that end alone) and claims the next jobs in the same call."""
+    jobs = [(await store.submit("o", "t", {}, None, 2))[0] for _ in range(5)]
+    claimed = await store.claim("w", ["t"], 3, 30)
+    leases = [Lease(j.id, "w", j.attempt) for j in claimed]
+    stale = Lease(leases[1].job, "w", leases[1].attempt + 1)
+    outcomes, more = await store.finish_and_claim(
+        [End(leases[0], Status.COMPLETED, {"n": 0}), End(stale, Status.COMPLETED),
+         End(leases[2], Status.COMPLETED, {"bad": object()})], "w", ["t"], 5, 30)
+    assert isinstance(outcomes[1], LeaseLost)
+    assert isinstance(outcomes[2], TypeError)
+    [ev] = outcomes[0].events  # type: ignore[union-attr]
+    assert (ev.type, ev.data["result"]) == ("completed", {"n": 0})
+    assert await store.events(leases[0].job, ev.seq - 1) == [ev], "what was sent is stored"
+    # The claim took the two still queued, and only them.
+    assert {j.id for j in more} == {j.id for j in jobs} - {j.id for j in claimed}
+    for lease in leases[1:]:  # untouched: still running under their real lease
+        job = await store.get_job(lease.job)
+        assert job is not None and job.status == Status.RUNNING
+    for j in more:
+        started = await store.events(j.id, 0)
+        assert [e.type for e in started] == ["created", "started"]
 
 
 def _storm(url: str, n: int, barrier: Any, out: Any) -> None:
