@@ -70,12 +70,14 @@ class Lease:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class End:
-    """The terminal end of an attempt, to record as `Store.finish` would."""
+    """The terminal end of an attempt, to record as `Store.finish` would. `limited`: its
+    job has a concurrency limit key (its end frees a slot of the key)."""
 
     lease: Lease
     status: Status
     result: JSON = None
     error: str | None = None
+    limited: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
