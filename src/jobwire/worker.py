@@ -186,8 +186,7 @@ class Worker:
             return
         # Terminal ends are written together with a claim for the slots they freed.
         limited = self.jobwire.tasks[job.task].concurrency is not None
-        self._ends.append((End(ctx.lease, end.status, end.result, end.error, limited),
-                           limited))
+        self._ends.append((End(ctx.lease, end.status, end.result, end.error), limited))
         if self._recorder is None:
             self._recorder = asyncio.create_task(self._record())
 

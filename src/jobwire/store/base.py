@@ -70,14 +70,12 @@ class Lease:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class End:
-    """The terminal end of an attempt, to record as `Store.finish` would. `limited`: its
-    job has a concurrency limit key (its end frees a slot of the key)."""
+    """The terminal end of an attempt, to record as `Store.finish` would."""
 
     lease: Lease
     status: Status
     result: JSON = None
     error: str | None = None
-    limited: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -977,25 +977,20 @@ class PostgresStore:
             return [e for e in encoded if isinstance(e, Exception)], []
         at = now()
         queue_list = None if queues is None else list(queues)
-        # Pipeline mode: one round trip; the claim sees the finish's ends (their limit
-        # slots free) and what the promotion made due. One transaction, one commit, for
-        # them all, unless an end frees a limit key's slot: its finish takes the key's
-        # row lock and the claim may take others' (each statement in key order, the two
-        # together not), so then each statement commits on its own (autocommit) and no
-        # lock is held from one into the other.
-        together = not any(end.limited for end in ends)
+        # Pipeline mode, autocommit: each statement is its own transaction (the finish's
+        # row and limit locks are not held across the claim's), all in one round trip.
+        # The finish commits first, so the claim sees its jobs' limit slots free, and the
+        # claim sees what the promotion made due.
         try:
             async with self._connection() as conn, conn.pipeline():
-                async with conn.transaction() if together else contextlib.nullcontext():
-                    ended = (await conn.execute(self._finish_sql,
-                                                self._finish_params(finishes, at))
-                             if finishes else None)
-                    claimed = None
-                    if wanted:
-                        await conn.execute(_PROMOTE, (PROMOTE_BATCH,))
-                        claimed = await conn.execute(self._claim_sql, (
-                            list(tasks), queue_list, queue_list, limit, worker,
-                            lease_seconds, at, self.listener.channel))
+                ended = (await conn.execute(self._finish_sql, self._finish_params(finishes, at))
+                         if finishes else None)
+                claimed = None
+                if wanted:
+                    await conn.execute(_PROMOTE, (PROMOTE_BATCH,))
+                    claimed = await conn.execute(self._claim_sql, (
+                        list(tasks), queue_list, queue_list, limit, worker, lease_seconds, at,
+                        self.listener.channel))
                 ended_rows = await ended.fetchall() if ended else []
                 claimed_rows = await claimed.fetchall() if claimed else []
         except BaseException:
