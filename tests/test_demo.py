@@ -47,12 +47,18 @@ async def test_analyze_tracks_one_item_per_track(demo: Proc) -> None:
     await c.http.aclose()
 
 
-async def test_extract_post_same_url_is_one_job(demo: Proc) -> None:
+async def test_extract_post_same_url_is_one_job(procs: Any, tmp_path: Path) -> None:
+    """Two submits of one URL at once: one job, `created` for exactly one of them. Workers
+    start only after both answered: the demo's own page is extracted in milliseconds, so
+    a worker could end the job between the two, and the second rightly start another."""
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    demo: Proc = procs("serve", "--db", db, "--app", "jobwire.demo:jobwire", "--no-workers")
     c = await guest(demo.url)
     url = f"{demo.url}/demo/posts/2"
     (a, a_new), (b, b_new) = await asyncio.gather(
         c.submit("extract_post", {"url": url}), c.submit("extract_post", {"url": url}))
     assert a["id"] == b["id"] and a_new != b_new
+    procs("worker", "--db", db, "--app", "jobwire.demo:jobwire")
     ended = await c.wait_terminal(a["id"])
     assert ended["status"] == "completed", ended["error"]
     assert ended["result"]["title"] == "Resuming a WebSocket from a sequence number"
