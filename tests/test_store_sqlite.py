@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from jobwire.store import Store, open_store
+from jobwire.model import Status
+from jobwire.store import Lease, Store, open_store
 
 
 @pytest.fixture
@@ -101,3 +102,37 @@ def test_session_lookups_by_owner_and_expiry_use_indexes(tmp_path: Path) -> None
                       ("SELECT token_hash FROM sessions WHERE owner = ?", ("user:u",))):
         plan = " | ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert "USING INDEX sessions_" in plan, (sql, plan)
+
+
+async def test_owners_active_counts_follow_every_write_path(tmp_path: Path) -> None:
+    """The per-owner count of active jobs a submit reads for its rank and the cap is kept
+    by triggers: after submits, claims, ends, retries, cancels, deletes, a hand-back and a
+    guest's jobs moving to a user, it equals the count of the jobs themselves."""
+    db = tmp_path / "active.db"
+    store = open_store(f"sqlite:///{db}")
+    await store.open()
+    try:
+        for k in range(12):
+            await store.submit(f"guest:g{k % 3}", "t", k, None, 3)
+        await store.add_session("hash", "guest:g0", None)
+        leases = [Lease(j.id, "w", j.attempt) for j in await store.claim("w", ["t"], 8, 60)]
+        await store.finish(leases[0], Status.COMPLETED)
+        await store.finish(leases[1], Status.FAILED, error="no")
+        await store.retry(leases[2], "again", 60)
+        await store.hand_back(leases[3:5])
+        queued = [j for j in await store.list_jobs("guest:g1", None, 50)
+                  if j.status == Status.QUEUED]
+        await store.request_cancel(queued[0].id, "guest:g1")
+        await store.request_cancel(leases[5].job, (await store.get_job(leases[5].job)).owner)
+        assert await store.delete_job(leases[0].job, (await store.get_job(leases[0].job)).owner)
+        assert await store.claim_session("hash", "user:u") is not None
+        await store.heartbeat(leases[6:], 0)
+        await store.expire_leases()
+    finally:
+        await store.close()
+    conn = sqlite3.connect(db)
+    counted = dict(conn.execute("SELECT owner, n FROM owner_active WHERE n > 0"))
+    actual = dict(conn.execute("SELECT owner, count(*) FROM jobs WHERE status IN "
+                               "('queued', 'running') GROUP BY owner"))
+    assert counted == actual and sum(actual.values()) > 0, (counted, actual)
+    assert "user:u" in actual and "guest:g0" not in counted

@@ -262,6 +262,31 @@ MIGRATIONS: list[str] = [
     CREATE INDEX sessions_owner ON sessions (owner);
     CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # Each owner's active jobs, counted by triggers whatever the write path, so a submit
+    # reads its owner's rank (and the cap) in one row instead of counting up to the cap.
+    f"""
+    CREATE TABLE owner_active (owner TEXT PRIMARY KEY, n INTEGER NOT NULL CHECK (n >= 0))
+        WITHOUT ROWID;
+    INSERT INTO owner_active
+        SELECT owner, count(*) FROM jobs WHERE status IN {_ACTIVE_SQL} GROUP BY owner;
+    CREATE TRIGGER jobs_active_insert AFTER INSERT ON jobs
+    WHEN NEW.status IN {_ACTIVE_SQL} BEGIN
+        INSERT INTO owner_active VALUES (NEW.owner, 1)
+            ON CONFLICT (owner) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_active_update AFTER UPDATE OF status, owner ON jobs
+    WHEN (OLD.status IN {_ACTIVE_SQL}) IS NOT (NEW.status IN {_ACTIVE_SQL})
+        OR OLD.owner IS NOT NEW.owner BEGIN
+        UPDATE owner_active SET n = n - 1
+            WHERE owner = OLD.owner AND OLD.status IN {_ACTIVE_SQL};
+        INSERT INTO owner_active SELECT NEW.owner, 1 WHERE NEW.status IN {_ACTIVE_SQL}
+            ON CONFLICT (owner) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_active_delete AFTER DELETE ON jobs
+    WHEN OLD.status IN {_ACTIVE_SQL} BEGIN
+        UPDATE owner_active SET n = n - 1 WHERE owner = OLD.owner;
+    END;
+    """,
 ]
 
 
@@ -666,8 +691,9 @@ class SQLiteStore:
                      place: Placement = DEFAULT_PLACEMENT) -> tuple[Job, bool]:
         cap = self.max_active_jobs
 
-        # Writers are serialised (BEGIN IMMEDIATE, across processes), so the count below
-        # is exact until this transaction commits: the cap holds under any concurrency.
+        # Writers are serialised (BEGIN IMMEDIATE, across processes), so the owner's count
+        # of active jobs (kept by triggers) is exact until this transaction commits: the
+        # cap holds under any concurrency.
         def submit(conn: sqlite3.Connection) -> tuple[tuple[Job, bool], list[Event]]:
             if key is not None:
                 row = conn.execute(
@@ -675,9 +701,9 @@ class SQLiteStore:
                     f"AND status IN {_ACTIVE_SQL}", (owner, task, key)).fetchone()
                 if row is not None:
                     return (job_from_row(row), False), []
-            rank = conn.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE owner = ? "
-                f"AND status IN {_ACTIVE_SQL} LIMIT ?)", (owner, cap)).fetchone()[0]
+            row = conn.execute("SELECT n FROM owner_active WHERE owner = ?",
+                               (owner,)).fetchone()
+            rank = 0 if row is None else row[0]
             if rank >= cap:
                 raise TooManyActive(cap)
             return self._insert_job(conn, owner, task, input, key, max_attempts, rank, place,
@@ -1083,6 +1109,7 @@ class SQLiteStore:
                 "WHERE owner IN (SELECT owner FROM job_tombstones WHERE at < ?)",
                 (finished_before, finished_before))
             conn.execute("DELETE FROM job_tombstones WHERE at < ?", (finished_before,))
+            conn.execute("DELETE FROM owner_active WHERE n = 0")
             return int(pruned)
         pruned: int = await self._run(self._write, prune)
         if pruned:
