@@ -69,3 +69,45 @@ async def test_reclaimed_job_stops_its_stale_attempt_and_keeps_the_new_one(
     finally:
         await worker.stop()
         await store.close()
+
+
+@app.task()
+async def quick(ctx: Context, input: object) -> object:
+    return input
+
+
+async def test_a_job_committed_while_a_claim_runs_wakes_the_worker(db_url: str) -> None:
+    """A claim whose snapshot came before a job's commit finds nothing; the job's hint
+    arrived while it ran. That hint must still wake the worker, which claims the job at
+    once instead of at its next poll (a minute here). It was cleared after the claim,
+    and the job waited for the poll."""
+    store = open_store(db_url)
+    await store.open()
+    claim = store.claim
+    in_claim, release = asyncio.Event(), asyncio.Event()
+
+    async def first_claim_sees_nothing(*args: object, **kwargs: object) -> list[object]:
+        if not release.is_set():  # the first claim: it "began" before the commit below
+            in_claim.set()
+            await release.wait()
+            return []
+        return await claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.claim = first_claim_sees_nothing  # type: ignore[assignment]
+    worker = Worker(app, store, concurrency=1, poll_seconds=60)
+    try:
+        await worker.start()
+        await asyncio.wait_for(in_claim.wait(), 10)
+        job, _ = await store.submit("o", "quick", 7, None, 1)  # its hint wakes the worker
+        release.set()
+        for _ in range(100):  # 10 s at most, against the minute of a poll
+            ended = await store.get_job(job.id)
+            assert ended is not None
+            if ended.status == Status.COMPLETED:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the job waited for the worker's next poll")
+    finally:
+        await worker.stop()
+        await store.close()

@@ -137,6 +137,9 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while True:
+            # Cleared before the claim, not after: a hint that comes while it runs (a job
+            # committed after its snapshot) must still cut the wait below short.
+            self._wake.clear()
             names, free = self._free()
             jobs: list[Job] = []
             if free > 0 and names:
@@ -151,7 +154,6 @@ class Worker:
                 self._start(jobs)
             if jobs and len(self._running) < self.concurrency:
                 continue  # maybe more waiting
-            self._wake.clear()
             # Not wait_for: on 3.11 it swallows a cancel that meets a wake-up, and stop()
             # would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
