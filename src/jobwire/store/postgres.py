@@ -87,6 +87,7 @@ from jobwire.store.rows import (
     encoded_end,
     event_data,
     event_data_sql,
+    expiry_event,
     expiry_outcome,
     fire_tick_sql,
     guest_clashes_sql,
@@ -1103,13 +1104,8 @@ class PostgresStore:
                 row = await job_cur.fetchone()
                 assert row is not None  # locked above
                 seq, total, done, failed = row
-                if retried:
-                    kind, data = EventType.RETRYING, retrying_data(
-                        total, done, failed, attempt, error, iso(at), reset)
-                else:
-                    kind, data = EventType(outcome.value), event_data(
-                        outcome, total, done, failed, error=error, attempt=attempt,
-                        reset=reset)
+                kind, data = expiry_event(outcome, total, done, failed, attempt, error, at,
+                                          reset)
                 events.append(make_event(job_id, seq, kind, data, at))
             return len(events), events
 

@@ -18,6 +18,7 @@ from jobwire.model import (
     Progress,
     Status,
     check_job_transition,
+    iso,
 )
 from jobwire.store.base import End, Lease, LeaseLost
 
@@ -137,6 +138,17 @@ def expiry_outcome(attempt: int, max_attempts: int, cancel_requested: bool) -> S
     if cancel_requested:
         return Status.CANCELLED
     return Status.FAILED if attempt >= max_attempts else Status.QUEUED
+
+
+def expiry_event(outcome: Status, total: int, done: int, failed: int, attempt: int,
+                 error: str, at: float, reset: list[str]) -> tuple[EventType, dict[str, JSON]]:
+    """The event of a job whose lease ran out, as `expiry_outcome` decided: `retrying`
+    (requeued at `at`), else its terminal event."""
+    if outcome == Status.QUEUED:
+        return EventType.RETRYING, retrying_data(total, done, failed, attempt, error,
+                                                 iso(at), reset)
+    return EventType(outcome.value), event_data(outcome, total, done, failed, error=error,
+                                                attempt=attempt, reset=reset)
 
 
 def fire_tick_sql(param: str, catch_up: bool) -> str:

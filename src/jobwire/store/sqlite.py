@@ -64,6 +64,7 @@ from jobwire.store.rows import (
     dumps,
     encoded_end,
     event_data,
+    expiry_event,
     expiry_outcome,
     fire_tick_sql,
     guest_clashes_sql,
@@ -1085,13 +1086,8 @@ class SQLiteStore:
                     "RETURNING seq, total, done, failed",
                     (outcome.value, error, at, finished, outcome == Status.QUEUED, at,
                      job_id)).fetchone()
-                if outcome == Status.QUEUED:
-                    kind, data = EventType.RETRYING, retrying_data(
-                        total, done, failed, attempt, error, iso(at), reset)
-                else:
-                    kind, data = EventType(outcome.value), event_data(
-                        outcome, total, done, failed, error=error, attempt=attempt,
-                        reset=reset)
+                kind, data = expiry_event(outcome, total, done, failed, attempt, error, at,
+                                          reset)
                 events.append(self._add_event(conn, job_id, seq, kind, data, at))
             return len(events), events
         return await self._transact(expire)
