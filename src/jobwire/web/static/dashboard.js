@@ -182,12 +182,17 @@ function renderItems(box, items) {
 // the submit's answer (its first state) even when the feed announces it first.
 let submitting = Promise.resolve();
 
-// One submit per form at a time: its button stays disabled until the answer is in, so
-// a double click is one job.
+// A double click's second click comes within this long of the first.
+const DOUBLE_CLICK_MS = 500;
+
+// One submit per form at a time: its button stays disabled until the answer is in, and
+// at least DOUBLE_CLICK_MS (a fast server may answer between the two clicks), so a double
+// click is one job.
 function start(form, task, input) {
   const button = form.querySelector("button[type=submit]");
   if (button.disabled) return;
   button.disabled = true;
+  const clicked = Date.now();
   submitting = Promise.all([submitting, (async () => {
     try {
       const { job, created } = await client.submit(task, input);
@@ -199,7 +204,8 @@ function start(form, task, input) {
       showError(err);
       showNote(null);
     } finally {
-      button.disabled = false;
+      setTimeout(() => { button.disabled = false; },
+                 Math.max(0, clicked + DOUBLE_CLICK_MS - Date.now()));
     }
   })()]);
 }
