@@ -496,3 +496,16 @@ async def test_a_token_function_that_raises_leaves_the_watch_alive(
 
 async def _collect(states: Any) -> list[Any]:
     return [state async for state in states]
+
+
+async def test_no_token_starts_with_a_dash() -> None:
+    """One URL-safe token in 64 began with "-", and `jobwire login <token>` then read it as
+    an option ("the following arguments are required")."""
+    from jobwire.api.auth import new_session
+
+    class Sessions:
+        async def add_session(self, *args: object) -> None:
+            pass
+
+    tokens = [(await new_session(Sessions()))[0] for _ in range(2000)]  # type: ignore[arg-type]
+    assert not [t for t in tokens if t.startswith("-")]

@@ -38,7 +38,9 @@ def hash_token(token: str) -> str:
 async def new_session(store: Store, owner: str | None = None,
                       ttl: float | None = GUEST_TTL) -> tuple[str, str]:
     """A fresh token for `owner` (a new guest when None); returns (token, owner)."""
-    token = secrets.token_urlsafe(32)
+    # Never starting with "-": `jobwire login <token>` would read it as an option.
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
     owner = owner or f"guest:{secrets.token_hex(8)}"
     await store.add_session(hash_token(token), owner, None if ttl is None else now() + ttl)
     return token, owner
