@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-bench services
 	$(BIN)/python -m bench.idle $(BENCH_ARGS)
 	$(BIN)/python -m bench.growth $(BENCH_ARGS)
 	$(BIN)/python -m bench.charts
+	$(BIN)/python -m bench.targets
 
 # PostgreSQL and Redis normally run already; start them if not.
 services:

@@ -99,13 +99,16 @@ def record(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> Pat
     return path
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+          left: int = 1) -> None:
+    """A table on the terminal: the first `left` columns (names, text) left-justified, the
+    rest (figures) right-justified."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        t.add_column(col, justify="left" if i < left else "right")
     for row in rows:
         t.add_row(*(str(c) for c in row))
     Console(width=200).print(t)
@@ -262,6 +265,21 @@ def free_port() -> int:
         return port
 
 
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (or of one of its threads), from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process: (its main thread, whose event loop runs a benchmark;
+    all its other threads: the SQLite store's, the task runner's): where a run's CPU went.
+    (Python 3.11 gives its threads no OS name to tell them apart by.)"""
+    main = cpu_seconds(os.getpid(), os.getpid())
+    return main, cpu_seconds(os.getpid()) - main
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -312,8 +330,9 @@ def follow_in_processes(target: Callable[..., None], args: tuple[Any, ...],
                         subscribers: int, start: Callable[[], object], items: int
                         ) -> dict[str, Any]:
     """Spread `subscribers` over client processes running target(*args, count, out); once
-    each has put ("ready", ...) on `out`, call `start` and gather each one's
-    ("done", latencies in s as float64 bytes, drops, errors, time finished)."""
+    each has put ("ready", its CPU seconds then) on `out`, call `start` and gather each
+    one's ("done", latencies in s as float64 bytes, drops, errors, time finished, its CPU
+    seconds then): the subscribers' CPU over the run says how much of the machine they took."""
     import multiprocessing as mp
 
     import numpy as np
@@ -327,19 +346,22 @@ def follow_in_processes(target: Callable[..., None], args: tuple[Any, ...],
     for w in workers:
         w.start()
     try:
+        cpu = 0.0
         for _ in workers:
-            kind, *_ = out.get(timeout=150)
+            kind, ready_cpu = out.get(timeout=150)
             assert kind == "ready"
+            cpu -= ready_cpu
         t0 = time.time()
         start()
         lat: list[Any] = []
         drops, errors, last = 0, [], t0
         for _ in workers:
-            _, raw, d, errs, finished = out.get(timeout=SUBSCRIBER_DEADLINE + 60)
+            _, raw, d, errs, finished, done_cpu = out.get(timeout=SUBSCRIBER_DEADLINE + 60)
             lat.append(np.frombuffer(raw, dtype=np.float64))
             drops += d
             errors += errs
             last = max(last, finished)
+            cpu += done_cpu
     finally:
         for w in workers:
             w.join(10)
@@ -353,4 +375,5 @@ def follow_in_processes(target: Callable[..., None], args: tuple[Any, ...],
             "p50_ms": float(np.percentile(all_lat, 50)) if delivered else None,
             "p99_ms": float(np.percentile(all_lat, 99)) if delivered else None,
             "max_ms": float(all_lat.max()) if delivered else None,
-            "drops": drops, "errors": errors}
+            "drops": drops, "errors": errors, "window_s": last - t0,
+            "subscriber_cpu_s": cpu}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from bench import progress_peers
 from bench.common import (
     SUBSCRIBER_DEADLINE,
     SUBSCRIBER_PROCESSES,
+    cpu_seconds,
     fmt,
     follow_in_processes,
     jobwire_server,
@@ -97,17 +97,18 @@ def client_process(url: str, token: str, job: str, after: int, count: int,
         tasks = [asyncio.create_task(_subscriber(url, token, job, after, r, lat, deadline))
                  for r in readies]
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
-        out.put(("ready", os.getpid()))
+        out.put(("ready", time.process_time()))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = [repr(r) for r in results if isinstance(r, BaseException)]
         drops = sum(r[1] for r in results if isinstance(r, tuple))
         out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), drops, errors[:3],
-                 time.time()))
+                 time.time(), time.process_time()))
 
     asyncio.run(main())
 
 
-def measure(base: str, items: int, subscribers: int) -> dict[str, Any]:
+def measure(base: str, server: int, items: int, subscribers: int) -> dict[str, Any]:
+    """One run against the server at `base` (process `server`), with its CPU over the run."""
     with tempfile.TemporaryDirectory() as tmp:
         gate = Path(tmp) / "go"
         client = httpx.Client(base_url=base, timeout=30)
@@ -122,8 +123,15 @@ def measure(base: str, items: int, subscribers: int) -> dict[str, Any]:
             time.sleep(0.05)
             job = client.get(f"/api/jobs/{job['id']}", headers=headers).json()
         ws_url = base.replace("http://", "ws://")
-        return follow_in_processes(client_process, (ws_url, token, job["id"], job["seq"]),
-                                   subscribers, gate.touch, items)
+        cpu = [0.0]
+
+        def start() -> None:
+            cpu[0] = cpu_seconds(server)
+            gate.touch()
+
+        got = follow_in_processes(client_process, (ws_url, token, job["id"], job["seq"]),
+                                  subscribers, start, items)
+        return {**got, "server_cpu_s": cpu_seconds(server) - cpu[0]}
 
 ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socket
 
@@ -131,8 +139,8 @@ ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socke
 def run_backend(db: str, items: int, counts: list[int], reps: int, large_reps: int
                 ) -> list[dict[str, Any]]:
     def one(n: int) -> dict[str, Any]:
-        with jobwire_server(db, workers=True, env=ENV) as (base, _):
-            return measure(base, items, n)
+        with jobwire_server(db, workers=True, env=ENV) as (base, proc):
+            return measure(base, proc.pid, items, n)
     return repeat(one, items, counts, reps, large_reps)
 
 
@@ -157,8 +165,20 @@ def repeat(one: Callable[[int], dict[str, Any]], items: int, counts: list[int], 
             "delivered": [r["delivered"] for r in runs],
             "drops": [r["drops"] for r in runs],
             **{k: stats([r[k] for r in ok]) if ok else None
-               for k in ("events_per_s", "p50_ms", "p99_ms", "max_ms")}})
+               for k in ("events_per_s", "p50_ms", "p99_ms", "max_ms", "window_s",
+                         "subscriber_cpu_s", "server_cpu_s") if all(k in r for r in runs)}})
     return rows
+
+
+def cpu_share(row: dict[str, Any]) -> str:
+    """Where the machine's CPU went in a run (medians): the server's and the subscriber
+    processes' CPU seconds beside the run's length; on 2 CPUs a sum near twice the length
+    means the run was bound by CPU, the subscribers' share by the harness's own."""
+    if row.get("window_s") is None:
+        return "—"
+    server = f"{row['server_cpu_s']['median']:.1f} + " if row.get("server_cpu_s") else ""
+    return (f"{server}{row['subscriber_cpu_s']['median']:.1f} / "
+            f"{row['window_s']['median']:.1f}")
 
 
 def main() -> None:
@@ -205,10 +225,10 @@ def main() -> None:
     table(f"{args.items:,} item updates of one job to N WebSocket subscribers, "
           f"median (min-max) of {args.reps} ({args.large_reps} from {LARGE:,} subscribers)",
           ["system", "subscribers", "events/s to all", "p50 ms", "p99 ms", "max ms",
-           "all delivered"],
+           "all delivered", "CPU s: server + subscribers / run s"],
           [[r["system"], r["subscribers"], fmt(r["events_per_s"]), fmt(r["p50_ms"], 1),
             fmt(r["p99_ms"], 1), fmt(r["max_ms"], 1), "yes" if r["complete"] else
-            f"no: {r['delivered']}"] for r in rows if "subscribers" in r])
+            f"no: {r['delivered']}", cpu_share(r)] for r in rows if "subscribers" in r])
     for r in rows:
         if "note" in r:
             print(f"{r['system']}: {r['note']}")

@@ -66,9 +66,10 @@ def _saq_clients(key: str, count: int, out: Any) -> None:
 
         followers = [asyncio.create_task(follow()) for _ in range(count)]
         await asyncio.sleep(0.5)  # listening: the multiplexer subscribed at connect
-        out.put(("ready",))
+        out.put(("ready", time.process_time()))
         await asyncio.gather(*followers, return_exceptions=True)
-        out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), 0, [], time.time()))
+        out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), 0, [], time.time(),
+                 time.process_time()))
         await queue.disconnect()
 
     asyncio.run(main())
@@ -133,12 +134,13 @@ def _celery_clients(task_id: str, count: int, out: Any) -> None:
             time.sleep(POLL)
 
     pollers = [threading.Thread(target=poll) for _ in range(count)]
-    out.put(("ready",))
+    out.put(("ready", time.process_time()))
     for t in pollers:
         t.start()
     for t in pollers:
         t.join()
-    out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), 0, [], time.time()))
+    out.put(("done", np.asarray(lat, dtype=np.float64).tobytes(), 0, [], time.time(),
+                 time.process_time()))
 
 
 def celery_redis(items: int, subscribers: int) -> dict[str, Any]:

@@ -13,20 +13,13 @@ Run: .venv/bin/python -m bench.submits [--submits N] [--connections C] [--reps R
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.common import Http1Pool, fmt, jobwire_server, parser, record, stats, table
+from bench.common import Http1Pool, cpu_seconds, fmt, jobwire_server, parser, record, stats, table
 
 OWNERS = 100
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(n: int, connections: int, access_log: bool) -> tuple[float, float]:

@@ -49,6 +49,7 @@ from bench.common import (
     stats,
     stop_process,
     table,
+    thread_cpu_seconds,
 )
 
 log = logging.getLogger("bench.throughput")
@@ -142,6 +143,15 @@ async def _enqueue_http(db: str, n: int) -> float:
             await http.close()
 
 
+def _cpu_us(before: tuple[float, float], n: int) -> dict[str, float]:
+    """CPU µs per job since `before` (thread_cpu_seconds()): in all, on the main thread
+    (the event loop) and on the others (the SQLite store's thread): the profile beside
+    each rate."""
+    loop, others = (b - a for a, b in zip(before, thread_cpu_seconds(), strict=True))
+    return {"all": (loop + others) / n * 1e6, "loop": loop / n * 1e6,
+            "other threads": others / n * 1e6}
+
+
 async def jobwire_run(db: str, n: int, via: str) -> Rates:
     """`via`: "store" calls store.submit; "validated" first Jobwire.validate, as the HTTP
     route does; "http" posts to the route of a server process."""
@@ -163,13 +173,16 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
         await store.submit("bench", "noop", value, key, spec.max_attempts)
 
     store.listen(hint)
+    profile: Rates = {}
     try:
         if via == "http":
             enqueue = await _enqueue_http(db, n)
         else:
             submit = validated if via == "validated" else \
                 lambda: store.submit("bench", "noop", None, None, 1)
+            cpu = thread_cpu_seconds()
             enqueue = await _timed(n, _each(n, submit))
+            profile.update({f"enqueue CPU µs/job, {k}": v for k, v in _cpu_us(cpu, n).items()})
         if db.startswith("postgresql"):
             await pg_analyze(db)
         worker = Worker(jobwire, store, concurrency=CONCURRENCY)
@@ -184,7 +197,9 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
                     return
 
         try:
+            cpu = thread_cpu_seconds()
             processed, _ = await _processed(n, worker.start(), all_done())
+            profile.update({f"processed CPU µs/job, {k}": v for k, v in _cpu_us(cpu, n).items()})
         finally:
             await _bounded(worker.stop())
         if done.count != n:
@@ -193,7 +208,7 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
         _check("jobwire", n, (await store.count_by_status()).get("completed", 0))
     finally:
         await _bounded(store.close())
-    return {"enqueue": enqueue, "enqueue_batch": None, "processed": processed}
+    return {"enqueue": enqueue, "enqueue_batch": None, "processed": processed, **profile}
 
 
 def jobwire_sqlite(via: str) -> Callable[[int], Awaitable[Rates]]:
@@ -467,6 +482,13 @@ def main() -> None:
           [[r["system"], fmt(r.get("enqueue")), fmt(r.get("enqueue_batch")),
             fmt(r.get("processed")) if "error" not in r else r["error"][:60]]
            for r in rows if "limit" not in r])
+    phases = [f"{phase} CPU µs/job, {part}" for phase in ("enqueue", "processed")
+              for part in ("all", "loop", "other threads")]
+    table("Where jobwire's CPU went: µs per job over each phase, in all, on the event loop's "
+          "thread and on the others (on SQLite, its store's thread)",
+          ["system", *(p.replace(" CPU µs/job,", ":") for p in phases)],
+          [[r["system"], *(fmt(r.get(p)) for p in phases)]
+           for r in rows if "processed CPU µs/job, all" in r])
     table("Limits of this machine", ["measure", "per second"],
           [[r["system"], fmt(r["limit"])] for r in rows if "limit" in r])
     params = {"jobs": args.jobs, "reps": args.reps, "concurrency": CONCURRENCY, "batch": BATCH,
