@@ -61,7 +61,8 @@ def throughput(data: dict[str, Any], ax: Axes) -> None:
 
 def progress(data: dict[str, Any], ax: Axes) -> None:
     for system in dict.fromkeys(r["system"] for r in data["rows"] if "subscribers" in r):
-        rows = [r for r in data["rows"] if r.get("system") == system and "subscribers" in r]
+        rows = [r for r in data["rows"] if r.get("system") == system and "subscribers" in r
+                and not r.get("rate")]  # (the paced run is a table row, not a point)
         xs = [r["subscribers"] for r in rows]
         for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
             stats = [r[key] for r in rows]

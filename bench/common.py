@@ -50,6 +50,12 @@ def fmt(s: dict[str, float] | None, digits: int = 0) -> str:
     return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
 
 
+def subscribers(row: dict[str, Any]) -> str:
+    """A progress row's subscriber count, and the task's pace if it had one."""
+    rate = f" at {row['rate']:,.0f} updates/s" if row.get("rate") else ""
+    return f"{row['subscribers']:,}{rate}"
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")

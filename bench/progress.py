@@ -33,12 +33,18 @@ from bench.common import (
     pg_database,
     record,
     stats,
+    subscribers,
     table,
 )
 
 # From this many subscribers on, one run cannot deliver everything within the deadline on a
 # small machine (10,000 x 1,000 = 10 M messages), so it runs --large-reps times.
 LARGE = 1000
+# The paced run: a task reporting as fast as it can keeps a small machine saturated (the
+# subscribers' parsing included), which measures a backlog, not the latency a UI sees at
+# a rate the machine sustains. 200 updates/s to 1,000 sockets is 200,000 events/s, all
+# 10 M within 50 s, well inside the deadline.
+PACED = 200.0
 
 
 async def _subscriber(url: str, token: str, job: str, after: int, ready: asyncio.Event,
@@ -107,15 +113,18 @@ def client_process(url: str, token: str, job: str, after: int, count: int,
     asyncio.run(main())
 
 
-def measure(base: str, server: int, items: int, subscribers: int) -> dict[str, Any]:
-    """One run against the server at `base` (process `server`), with its CPU over the run."""
+def measure(base: str, server: int, items: int, subscribers: int, rate: float | None
+            ) -> dict[str, Any]:
+    """One run against the server at `base` (process `server`), with its CPU over the run;
+    the task makes at most `rate` updates/s (None: as many as it can)."""
     with tempfile.TemporaryDirectory() as tmp:
         gate = Path(tmp) / "go"
         client = httpx.Client(base_url=base, timeout=30)
         token = client.post("/api/sessions").json()["token"]
         headers = {"Authorization": f"Bearer {token}"}
         job = client.post("/api/jobs", headers=headers, json={
-            "task": "progress", "input": {"items": items, "gate": str(gate)}}).json()["job"]
+            "task": "progress", "input": {"items": items, "gate": str(gate), "rate": rate},
+        }).json()["job"]
         deadline = time.monotonic() + 60
         while job["progress"]["total"] < items:  # declared and waiting at the gate
             if time.monotonic() > deadline:
@@ -136,12 +145,19 @@ def measure(base: str, server: int, items: int, subscribers: int) -> dict[str, A
 ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socket
 
 
-def run_backend(db: str, items: int, counts: list[int], reps: int, large_reps: int
-                ) -> list[dict[str, Any]]:
-    def one(n: int) -> dict[str, Any]:
+def run_backend(db: str, items: int, counts: list[int], reps: int, large_reps: int,
+                paced: float) -> list[dict[str, Any]]:
+    """A row per subscriber count, the task reporting as fast as it can; then, with
+    `paced`, a row at LARGE subscribers with the task making `paced` updates/s."""
+    def one(n: int, rate: float | None = None) -> dict[str, Any]:
         with jobwire_server(db, workers=True, env=ENV) as (base, proc):
-            return measure(base, proc.pid, items, n)
-    return repeat(one, items, counts, reps, large_reps)
+            return measure(base, proc.pid, items, n, rate)
+    rows = repeat(one, items, counts, reps, large_reps)
+    if paced:
+        print(f"  paced at {paced:g} updates/s:", flush=True)
+        rows += [{**r, "rate": paced} for r in repeat(
+            lambda n: one(n, paced), items, [LARGE], reps, large_reps)]
+    return rows
 
 
 def repeat(one: Callable[[int], dict[str, Any]], items: int, counts: list[int], reps: int,
@@ -188,6 +204,9 @@ def main() -> None:
     p.add_argument("--large-reps", type=int, default=1,
                    help=f"repetitions with >= {LARGE} subscribers (default %(default)s)")
     p.add_argument("--only", default="", help="sqlite or postgres (jobwire only)")
+    p.add_argument("--paced", type=float, default=PACED,
+                   help=f"updates/s of an extra run at {LARGE} subscribers with the task "
+                        "paced (0: none; default %(default)s)")
     args = p.parse_args()
     counts = [int(c) for c in args.subscribers.split(",")]
     rows: list[dict[str, Any]] = []
@@ -199,10 +218,11 @@ def main() -> None:
             if backend == "SQLite":
                 with tempfile.TemporaryDirectory() as tmp:
                     got = run_backend(f"sqlite:///{tmp}/bench.db", args.items, counts,
-                                      args.reps, args.large_reps)
+                                      args.reps, args.large_reps, args.paced)
             else:
                 with pg_database("progress") as url:
-                    got = run_backend(url, args.items, counts, args.reps, args.large_reps)
+                    got = run_backend(url, args.items, counts, args.reps, args.large_reps,
+                                      args.paced)
         except Exception as exc:  # report it and go on with the other backend
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"system": f"jobwire ({backend})", "error": repr(exc)})
@@ -226,7 +246,7 @@ def main() -> None:
           f"median (min-max) of {args.reps} ({args.large_reps} from {LARGE:,} subscribers)",
           ["system", "subscribers", "events/s to all", "p50 ms", "p99 ms", "max ms",
            "all delivered", "CPU s: server + subscribers / run s"],
-          [[r["system"], r["subscribers"], fmt(r["events_per_s"]), fmt(r["p50_ms"], 1),
+          [[r["system"], subscribers(r), fmt(r["events_per_s"]), fmt(r["p50_ms"], 1),
             fmt(r["p99_ms"], 1), fmt(r["max_ms"], 1), "yes" if r["complete"] else
             f"no: {r['delivered']}", cpu_share(r)] for r in rows if "subscribers" in r])
     for r in rows:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.charts import latest
-from bench.common import fmt
+from bench.common import fmt, subscribers
 from bench.growth import growth_table
 
 
@@ -33,7 +33,7 @@ def throughput(d: dict[str, Any]) -> str:
 def progress(d: dict[str, Any]) -> str:
     return md(["system", "subscribers", "events/s to all", "p50 ms", "p99 ms", "max ms",
                "delivered / expected", "reconnects"],
-              [[r["system"], f"{r['subscribers']:,}", fmt(r["events_per_s"]),
+              [[r["system"], subscribers(r), fmt(r["events_per_s"]),
                 fmt(r["p50_ms"], 1), fmt(r["p99_ms"], 1), fmt(r["max_ms"], 1),
                 " ".join(f"{x:,}" for x in r["delivered"])
                 + f" / {r['items'] * r['subscribers']:,}",

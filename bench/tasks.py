@@ -21,12 +21,14 @@ async def noop(ctx: Context, input: object) -> None:
 class Progress(BaseModel):
     items: int = Field(ge=1, le=100_000)
     gate: str  # a file: the task starts reporting once it exists (all subscribers ready)
+    rate: float | None = Field(None, gt=0, le=1e6)  # updates/s at most; None: all it can
 
 
 @jobwire.task(input=Progress, max_attempts=1)
 async def progress(ctx: Context, input: Progress) -> int:
     """Declares `items` items, then marks each done with the wall time of the call as
-    its result, so a subscriber measures the latency from here to its screen."""
+    its result, so a subscriber measures the latency from here to its screen. With a
+    `rate`, the k-th update is made no earlier than k / rate seconds after the first."""
     refs = [str(k) for k in range(input.items)]
     await ctx.declare(refs)
     deadline = time.monotonic() + 120
@@ -34,7 +36,10 @@ async def progress(ctx: Context, input: Progress) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError("the subscribers never got ready")
         await asyncio.sleep(0.01)
-    for ref in refs:
+    start = time.monotonic()
+    for k, ref in enumerate(refs):
+        if input.rate is not None and (ahead := start + k / input.rate - time.monotonic()) > 0:
+            await asyncio.sleep(ahead)
         await ctx.done(ref, {"t": time.time()})
     return input.items
 
