@@ -116,6 +116,19 @@ async def healthy_within(url: str, seconds: float) -> None:
     raise AssertionError(f"/healthz did not answer 200 within {seconds}s")
 
 
+async def writing(c: Any, seconds: float = 60) -> None:
+    """Returns once some job is running and has written items: the restart that follows
+    then stops tasks mid-write, however slowly a loaded machine started them."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        jobs = (await c.http.get("/api/jobs", params={"status": "active"})).json()
+        assert jobs, "mid-run: jobs and their items are being written"
+        if any(j["status"] == "running" and j["progress"]["done"] for j in jobs):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no job was writing items within {seconds}s")
+
+
 async def test_postgres_restarts_under_load(private_pg: PrivatePostgres, serve: Serve,
                                             procs: Any) -> None:
     url = private_pg.url
@@ -128,8 +141,7 @@ async def test_postgres_restarts_under_load(private_pg: PrivatePostgres, serve: 
     server_pid = srv.proc.pid if srv.proc else None
     for mode in ("fast", "immediate"):  # a clean restart, then a crash and its recovery
         await asyncio.sleep(1.0)
-        active = (await c.http.get("/api/jobs", params={"status": "active"})).json()
-        assert active, "mid-run: jobs and their items are being written"
+        await writing(c)
         await asyncio.to_thread(private_pg.ctl, "restart", "-m", mode)
         await healthy_within(srv.url, 30)  # the same process, reconnected by itself
     assert srv.proc is not None and srv.proc.pid == server_pid and srv.proc.poll() is None
