@@ -24,17 +24,32 @@ _Waiter = tuple[Callable[[], Awaitable[V]], "asyncio.Future[tuple[V, bool]]"]
 class Coalescer(Generic[K, V]):
     def __init__(self) -> None:
         self._queued: dict[K, list[_Waiter[V]]] = {}
-        self._rounds: dict[K, asyncio.Task[None]] = {}  # a strong reference while it runs
+        # Keys with a round running: its task (a strong reference while it runs), or None
+        # while a caller runs its own call alone.
+        self._rounds: dict[K, asyncio.Task[None] | None] = {}
 
     async def run(self, key: K, call: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         """The value of a call of the round this caller joins, and whether it was this
         caller's own `call` (the first caller of a round; the others' are not made).
         An exception of the call is raised to every caller of its round."""
+        if key not in self._rounds:
+            # Nothing queued or running for `key`: this caller's call is a round of its
+            # own, run here rather than by a task (the common case of distinct keys).
+            return await self._alone(key, call), True
         done: asyncio.Future[tuple[V, bool]] = asyncio.get_running_loop().create_future()
         self._queued.setdefault(key, []).append((call, done))
-        if key not in self._rounds:
-            self._rounds[key] = asyncio.create_task(self._drain(key))
         return await done
+
+    async def _alone(self, key: K, call: Callable[[], Awaitable[V]]) -> V:
+        self._rounds[key] = None
+        try:
+            return await call()
+        finally:
+            # Whatever became of this call (answered, raised, cancelled), those who
+            # arrived during it get the next round.
+            del self._rounds[key]
+            if key in self._queued:
+                self._rounds[key] = asyncio.create_task(self._drain(key))
 
     async def _drain(self, key: K) -> None:
         waiters: list[_Waiter[V]] = []

@@ -40,18 +40,19 @@ async def _runtime(conn: HTTPConnection) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-async def owner(conn: HTTPConnection, rt: RuntimeDep) -> str:
-    """The owner a write acts as: the service key must name one."""
-    who = await owner_of(conn, rt.store)
+async def owner(conn: HTTPConnection) -> str:
+    """The owner a write acts as: the service key must name one. (The runtime is looked
+    up here, not as a sub-dependency: each one costs FastAPI's resolver on every submit.)"""
+    who = await owner_of(conn, runtime(conn).store)
     if who is None:
         raise HTTPException(400, "X-Jobwire-Owner header required: the service key writes "
                                  "only as a named owner")
     return who
 
 
-async def reader(conn: HTTPConnection, rt: RuntimeDep) -> str | None:
+async def reader(conn: HTTPConnection) -> str | None:
     """The owner whose jobs a read sees; None: every owner's (the service key alone)."""
-    return await owner_of(conn, rt.store)
+    return await owner_of(conn, runtime(conn).store)
 
 
 async def caller(conn: HTTPConnection, rt: RuntimeDep) -> Caller:

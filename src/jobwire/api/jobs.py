@@ -18,7 +18,7 @@ from jobwire.api.auth import (
 )
 from jobwire.api.bodies import BodyRoute
 from jobwire.api.cursor import MAX_CURSOR
-from jobwire.api.deps import CallerDep, JobId, Owner, Reader, RuntimeDep, owned_job
+from jobwire.api.deps import CallerDep, JobId, Owner, Reader, RuntimeDep, owned_job, runtime
 from jobwire.api.public import check_session_rate
 from jobwire.api.schemas import (
     NO_NUL,
@@ -157,10 +157,11 @@ async def claim_session(body: ClaimRequest, rt: RuntimeDep, who: Owner) -> dict[
                             "headers": {"Retry-After": {
                                 "description": "seconds to wait before submitting again",
                                 "schema": {"type": "integer"}}}}})
-async def submit(body: SubmitRequest, rt: RuntimeDep, who: Owner) -> Response:
+async def submit(body: SubmitRequest, request: Request, who: Owner) -> Response:
     """A job, run as soon as a worker is free, or not before `delay` seconds (measured by
     the database's clock) or `run_at`. Dedup applies to a delayed job like any other."""
-    job, created = await rt.submit_checked(who, body)
+    # The runtime is not a dependency here: `who` has checked it is running.
+    job, created = await runtime(request).submit_checked(who, body)
     # Encoded here rather than checked against SubmitOut and encoded again: the hot route.
     return Response(orjson.dumps({"created": created, "job": job.snapshot()}),
                     status_code=201 if created else 200, media_type="application/json")
