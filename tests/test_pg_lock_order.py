@@ -131,3 +131,42 @@ async def test_limit_slots_taken_and_freed_together_never_deadlock(pg_url: str) 
     assert not deadlocks, f"{len(deadlocks)} deadlocks: {deadlocks[0]}"
     assert not failures, failures
     assert running == [], running
+
+
+async def test_ends_free_their_keys_before_the_claim_with_them_waits(pg_url: str) -> None:
+    """A worker's ends and its next claim go in one trip. Ends of limited jobs are
+    committed before the claim takes its keys' rows: else two workers crossing keys (one's
+    end frees A and its claim wants B, the other's the reverse) would each hold a key the
+    other waits for. Here a transaction holds B's row as the other worker's end would,
+    and then takes A's without waiting."""
+    from jobwire.store import End, Placement
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        a, b = (Placement(limit_key=key, limit_max=5) for key in ("t\x1fA", "t\x1fB"))
+        a_job, _ = await store.submit("user:x", "t", {}, None, 1, place=a)
+        b_job, _ = await store.submit("user:x", "t", {}, None, 1, place=b)
+        held = {j.id: Lease(j.id, "w", j.attempt) for j in await store.claim("w", ["t"], 2, 30)}
+        await store.finish(held[b_job.id], Status.COMPLETED)  # B's row stays, 0 running
+        next_b, _ = await store.submit("user:x", "t", {}, None, 1, place=b)
+        async with await psycopg.AsyncConnection.connect(pg_url) as other:
+            await other.execute("SELECT FROM job_limits WHERE key = %s FOR NO KEY UPDATE",
+                                (b.limit_key,))
+            trip = asyncio.create_task(store.finish_and_claim(
+                [End(held[a_job.id], Status.COMPLETED, limited=True)], "w", ["t"], 1, 30))
+            async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as watch:
+                while not trip.done() and not await (await watch.execute(
+                        "SELECT FROM pg_locks WHERE NOT granted AND locktype = 'transactionid' "
+                        "AND pid = ANY(SELECT pid FROM pg_stat_activity "
+                        "WHERE application_name = current_setting('application_name'))"
+                )).fetchall():
+                    await asyncio.sleep(0.01)  # until the claim waits for B's row
+            await other.execute("SELECT FROM job_limits WHERE key = %s "
+                                "FOR NO KEY UPDATE NOWAIT", (a.limit_key,))
+            await other.commit()
+        [written], jobs = await trip
+    finally:
+        await store.close()
+    assert not isinstance(written, Exception)
+    assert [j.id for j in jobs] == [next_b.id]

@@ -67,7 +67,7 @@ class Worker:
         self.queues = None if queues is None else sorted(set(queues))
         self._running: dict[str, tuple[Context, asyncio.Task[JSON]]] = {}
         self._claiming = 0  # slots of claims under way, not in _running yet
-        self._ends: list[tuple[End, bool]] = []  # (end, of a limited task): to record
+        self._ends: list[End] = []  # to record
         self._recorder: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -188,7 +188,7 @@ class Worker:
             return
         # Terminal ends are written together with a claim for the slots they freed.
         limited = self.jobwire.tasks[job.task].concurrency is not None
-        self._ends.append((End(ctx.lease, end.status, end.result, end.error), limited))
+        self._ends.append(End(ctx.lease, end.status, end.result, end.error, limited))
         if self._recorder is None:
             self._recorder = asyncio.create_task(self._record())
 
@@ -202,8 +202,7 @@ class Worker:
         as slots are free (while the worker runs), until none is left."""
         try:
             while self._ends:
-                batch, self._ends = self._ends, []
-                ends = [end for end, _ in batch]
+                ends, self._ends = self._ends, []
                 names, free = ([], 0) if self._stopping else self._free()
                 free = max(free, 0)
                 self._claiming += free
@@ -224,7 +223,7 @@ class Worker:
                         log.error("could not record the end of job %s: %s",
                                   end.lease.job, outcome)
                 self._start(jobs)
-                if len(jobs) < free or any(limited for _, limited in batch):
+                if len(jobs) < free or any(end.limited for end in ends):
                     # Fewer than asked: the claim loop takes over (it waits for a hint).
                     # A limited end freed its key's slot only now: claim again for it.
                     self._wake.set()

@@ -70,12 +70,14 @@ class Lease:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class End:
-    """The terminal end of an attempt, to record as `Store.finish` would."""
+    """The terminal end of an attempt, to record as `Store.finish` would. `limited`: the
+    job has a limit key, whose slot the end frees."""
 
     lease: Lease
     status: Status
     result: JSON = None
     error: str | None = None
+    limited: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
