@@ -647,12 +647,18 @@ class SQLiteStore:
 
     # -- shared transaction steps
 
-    @staticmethod
-    def _add_event(conn: sqlite3.Connection, job: str, seq: int, type: EventType,
+    @classmethod
+    def _add_event(cls, conn: sqlite3.Connection, job: str, seq: int, type: EventType,
                    data: dict[str, JSON], at: float) -> Event:
-        conn.execute("INSERT INTO events (job_id, seq, type, data, at) VALUES (?, ?, ?, ?, ?)",
-                     (job, seq, type.value, dumps(data), at))
-        return make_event(job, seq, type, data, at)
+        return cls._add_events(conn, [make_event(job, seq, type, data, at)])[0]
+
+    @staticmethod
+    def _add_events(conn: sqlite3.Connection, events: list[Event]) -> list[Event]:
+        """Several jobs' events in one statement (one prepared INSERT, run per row)."""
+        conn.executemany(
+            "INSERT INTO events (job_id, seq, type, data, at) VALUES (?, ?, ?, ?, ?)",
+            [(ev.job, ev.seq, ev.type, dumps(ev.data), ev.at) for ev in events])
+        return events
 
     @staticmethod
     def _fenced(conn: sqlite3.Connection, lease: Lease, assignments: str = "",
@@ -801,16 +807,18 @@ class SQLiteStore:
         job_id, at = uuid.uuid4().hex, now()
         # This process's clock: SQLite has no other (docs/guarantees.md).
         due = run_at if run_at is not None else at + delay if delay > 0 else None
-        conn.execute(
+        row = conn.execute(
             "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
             "rank, created_at, updated_at, run_at, waiting, priority, queue, limit_key, "
-            "limit_max) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "limit_max) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"RETURNING {JOB_COLUMNS}",
             (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at, due,
-             due is not None, place.priority, place.queue, place.limit_key, place.limit_max))
+             due is not None, place.priority, place.queue, place.limit_key, place.limit_max)
+        ).fetchone()
         ev = self._add_event(conn, job_id, 1, EventType.CREATED,
                              event_data(Status.QUEUED, 0, 0, 0, task=task, key=key,
                                         run_at=iso(due)), at)
-        return (self._job(conn, job_id), True), [ev]
+        return (job_from_row(row), True), [ev]
 
     def _job(self, conn: sqlite3.Connection, job_id: str, owner: str | None = None) -> Job:
         job = self._find(conn, job_id, owner)
@@ -952,10 +960,10 @@ class SQLiteStore:
                             (worker, at + lease_seconds, at, *tasks, *(queues or ()),
                              limit)).fetchall()
         jobs = [job_from_row(r) for r in rows]
-        events = [self._add_event(
-            conn, job.id, job.seq, EventType.STARTED,
+        events = self._add_events(conn, [make_event(
+            job.id, job.seq, EventType.STARTED,
             event_data(Status.RUNNING, *job.progress.as_dict().values(), attempt=job.attempt),
-            at) for job in jobs]
+            at) for job in jobs])
         return jobs, events
 
     async def finish_and_claim(
@@ -981,6 +989,7 @@ class SQLiteStore:
                     continue
                 outcomes.append(written)
                 events += written.events
+            self._add_events(conn, events)
             jobs: list[Job] = []
             if wanted:
                 jobs, claimed = self._claim(conn, worker, tasks, limit, lease_seconds, queues)
@@ -1078,20 +1087,21 @@ class SQLiteStore:
 
         def finish(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
             written = self._finish(conn, end, encoded)
-            return written, written.events
+            return written, self._add_events(conn, written.events)
         return await self._transact(finish)
 
     def _finish(self, conn: sqlite3.Connection, end: End, encoded: str) -> Written:
-        """Record an end; LeaseLost, before writing anything, if the lease is not held."""
+        """Record an end, but not its event (the caller writes the events of all its ends
+        at once); LeaseLost, before writing anything, if the lease is not held."""
         at = now()
         seq, _, total, done, failed, cancel = self._fenced(
             conn, end.lease, ", status = ?, result = ?, error = ?, finished_at = ?, "
             "worker = NULL, lease_until = NULL", (end.status.value, encoded, end.error, at))
         # Items are counted in total: a job without any has none left running.
         reset = self._reset_running(conn, end.lease.job) if total else []
-        ev = self._add_event(conn, end.lease.job, seq, EventType(end.status.value),
-                             event_data(end.status, total, done, failed, result=end.result,
-                                        error=end.error, reset=reset), at)
+        ev = make_event(end.lease.job, seq, EventType(end.status.value),
+                        event_data(end.status, total, done, failed, result=end.result,
+                                   error=end.error, reset=reset), at)
         return Written([ev], cancel)
 
     async def hand_back(self, leases: Sequence[Lease]) -> int:
