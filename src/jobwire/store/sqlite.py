@@ -300,6 +300,17 @@ MIGRATIONS: list[str] = [
         UPDATE owner_active SET n = n - 1 WHERE owner = OLD.owner;
     END;
     """,
+    # A new job that comes with its owner_seq (the feed's next, as `_insert_job` gives it)
+    # is not written a second time, nor moved in jobs_owner_seq, by its feed's trigger:
+    # the trigger still bumps the feed, and sets the owner_seq of any other insert.
+    f"""
+    DROP TRIGGER jobs_feed_insert;
+    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs BEGIN
+        {_BUMP.format(owner="NEW.owner")}
+        UPDATE jobs SET owner_seq = {_SEQ.format(owner="NEW.owner")}
+            WHERE id = NEW.id AND NEW.owner_seq IS NOT {_SEQ.format(owner="NEW.owner")};
+    END;
+    """,
 ]
 
 
@@ -820,11 +831,12 @@ class SQLiteStore:
         row = conn.execute(
             "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
             "rank, created_at, updated_at, run_at, waiting, priority, queue, limit_key, "
-            "limit_max) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "limit_max, owner_seq) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, coalesce((SELECT seq FROM owner_feeds WHERE owner = ?), 0) + 1) "
             f"RETURNING {JOB_COLUMNS}",
             (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at, due,
-             due is not None, place.priority, place.queue, place.limit_key, place.limit_max)
-        ).fetchone()
+             due is not None, place.priority, place.queue, place.limit_key, place.limit_max,
+             owner)).fetchone()
         ev = self._add_event(conn, job_id, 1, EventType.CREATED,
                              event_data(Status.QUEUED, 0, 0, 0, task=task, key=key,
                                         run_at=iso(due)), at)
