@@ -98,8 +98,10 @@ BUSY_SECONDS = 5.0
 # connection of its own (a PASSIVE checkpoint: it never holds up a writer), rather than by
 # whichever commit crossed SQLite's threshold: that commit waited for the copy and its two
 # fsyncs, milliseconds every few dozen jobs, most of the store thread's time in commits.
-# It copies once this many rows were changed since its last copy, or a second after any.
-CHECKPOINT_CHANGES = 2000
+# It copies once this many rows were changed since its last copy (triggers' rows count
+# too: a submit changes 4, a job's claim and end ~3 each), or a second after any: a WAL of
+# a few thousand pages at most, near SQLite's own 1000.
+CHECKPOINT_CHANGES = 1000
 CHECKPOINT_SECONDS = 1.0
 # The store's own connection still checkpoints past this many WAL pages (SQLite's
 # default is 1000): should the copier fall behind, the WAL stays bounded.
