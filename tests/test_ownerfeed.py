@@ -13,8 +13,8 @@ from typing import Any
 
 import websockets
 
-from jobwire.model import now
-from jobwire.store import open_store
+from jobwire.model import Status, now
+from jobwire.store import Lease, open_store
 from tests.conftest import Client, Proc, guest
 from tests.wsframes import Messages
 
@@ -239,6 +239,27 @@ async def test_bad_watch_requests_are_refused(server: Proc) -> None:
     assert r.status_code == 422
     await client.http.aclose()
 
+
+
+async def test_each_write_comes_after_the_cursor_it_was_made_after(db_url: str) -> None:
+    """Store level, no worker: a new job, and each change of status, is in the feed
+    after the cursor read before it (a worker's claim must not be what makes it so)."""
+    store = open_store(db_url)
+    await store.open()
+    try:
+        await store.submit("user:a", "t", {}, None, 1)  # the feed exists already
+        cursor = (await store.owner_changes("user:a", 0)).seq
+        job, _ = await store.submit("user:a", "t", {}, None, 1)
+        since = await store.owner_changes("user:a", cursor)
+        assert (since.reset, [j.id for j in since.jobs]) == (False, [job.id])
+        (claimed,) = await store.claim("w", ["t"], 1, 30)
+        since = await store.owner_changes("user:a", since.seq)
+        assert [j.id for j in since.jobs] == [claimed.id]
+        await store.finish(Lease(claimed.id, "w", claimed.attempt), Status.COMPLETED)
+        since = await store.owner_changes("user:a", since.seq)
+        assert [(j.id, j.status) for j in since.jobs] == [(claimed.id, Status.COMPLETED)]
+    finally:
+        await store.close()
 
 
 async def test_a_cursor_older_than_the_kept_tombstones_gets_the_whole_list(db_url: str

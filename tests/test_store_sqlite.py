@@ -136,3 +136,34 @@ async def test_owners_active_counts_follow_every_write_path(tmp_path: Path) -> N
                                "('queued', 'running') GROUP BY owner"))
     assert counted == actual and sum(actual.values()) > 0, (counted, actual)
     assert "user:u" in actual and "guest:g0" not in counted
+
+
+async def test_the_wal_is_copied_back_by_a_thread_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits do not wait for SQLite's checkpoint at 1000 WAL pages: the store's copier
+    copies the WAL into the database file, here after a single job."""
+    monkeypatch.setattr("jobwire.store.sqlite.CHECKPOINT_CHANGES", 1)
+    monkeypatch.setattr("jobwire.store.sqlite.CHECKPOINT_SECONDS", 3600.0)
+    path = tmp_path / "jobwire.db"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        job, _ = await store.submit("o", "t", None, None, 1)
+
+        def in_file_alone() -> bool:
+            """Whether the database file, read without its WAL, has the job."""
+            copy = tmp_path / "copy.db"
+            copy.write_bytes(path.read_bytes())
+            conn = sqlite3.connect(copy)
+            try:
+                return conn.execute("SELECT count(*) FROM jobs WHERE id = ?",
+                                    (job.id,)).fetchone()[0] == 1
+            except sqlite3.DatabaseError:  # caught mid-copy, or the table not copied yet
+                return False
+            finally:
+                conn.close()
+
+        while not await asyncio.to_thread(in_file_alone):
+            await asyncio.sleep(0.01)
+    finally:
+        await store.close()

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
@@ -92,6 +93,19 @@ MAX_BATCH = 64
 # Writers hold the lock for milliseconds; much longer means something is wrong, and an
 # API caller should hear so (503 "database is locked") before its HTTP timeout.
 BUSY_SECONDS = 5.0
+
+# The WAL is copied back into the database file by a thread of its own, with a
+# connection of its own (a PASSIVE checkpoint: it never holds up a writer), rather than by
+# whichever commit crossed SQLite's threshold: that commit waited for the copy and its two
+# fsyncs, milliseconds every few dozen jobs, most of the store thread's time in commits.
+# It copies once this many rows were changed since its last copy (triggers' rows count
+# too: a submit changes 4, a job's claim and end ~3 each), or a second after any: a WAL of
+# a few thousand pages at most, near SQLite's own 1000.
+CHECKPOINT_CHANGES = 1000
+CHECKPOINT_SECONDS = 1.0
+# The store's own connection still checkpoints past this many WAL pages (SQLite's
+# default is 1000): should the copier fall behind, the WAL stays bounded.
+BACKSTOP_PAGES = 20_000
 
 _ACTIVE_SQL = "('queued', 'running')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -288,6 +302,17 @@ MIGRATIONS: list[str] = [
         UPDATE owner_active SET n = n - 1 WHERE owner = OLD.owner;
     END;
     """,
+    # A new job that comes with its owner_seq (the feed's next, as `_insert_job` gives it)
+    # is not written a second time, nor moved in jobs_owner_seq, by its feed's trigger:
+    # the trigger still bumps the feed, and sets the owner_seq of any other insert.
+    f"""
+    DROP TRIGGER jobs_feed_insert;
+    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs BEGIN
+        {_BUMP.format(owner="NEW.owner")}
+        UPDATE jobs SET owner_seq = {_SEQ.format(owner="NEW.owner")}
+            WHERE id = NEW.id AND NEW.owner_seq IS NOT {_SEQ.format(owner="NEW.owner")};
+    END;
+    """,
 ]
 
 
@@ -325,7 +350,48 @@ class _Lane:
     def __init__(self, run: Callable[[list[_Step]], list[_Outcome]]) -> None:
         self.run = run
         self.queue: collections.deque[tuple[_Step, asyncio.Future[Any]]] = collections.deque()
-        self.running: asyncio.Future[list[_Outcome]] | None = None
+        self.running: asyncio.Future[None] | None = None  # done once the batch is settled
+
+
+class _Checkpointer:
+    """The WAL's copier (see CHECKPOINT_CHANGES). `committed` is told, on the store
+    thread, the store connection's count of changed rows after each commit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.written = 0  # rows changed so far, as the store thread last said
+        self.copied = 0  # `written` when the last copy started
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="jobwire-sqlite-checkpoint",
+                                       daemon=True)
+        self.thread.start()
+
+    def committed(self, written: int) -> None:
+        self.written = written
+        if written - self.copied >= CHECKPOINT_CHANGES:
+            self.wake.set()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_SECONDS)
+        try:
+            while not self.stopping:
+                self.wake.wait(CHECKPOINT_SECONDS)
+                self.wake.clear()
+                if self.written != self.copied:
+                    self.copied = self.written
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error:
+                        pass  # busy or failing: the next round, or the store's backstop
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
 
 
 def _no_events(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any
@@ -352,6 +418,7 @@ class SQLiteStore:
         self._poll_interval = poll_interval
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._hints: list[Hint] = []
         self._owner_hints: list[OwnerHint] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -390,6 +457,8 @@ class SQLiteStore:
         try:
             out = fn(conn, *args)
             conn.execute("COMMIT")
+            if self._checkpointer is not None:
+                self._checkpointer.committed(conn.total_changes)
         except BaseException:
             # A failed COMMIT (disk full, I/O error) may leave the transaction open;
             # left so, every later BEGIN on this connection would fail.
@@ -424,9 +493,20 @@ class SQLiteStore:
         if lane.running is not None or not lane.queue:
             return
         batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), MAX_BATCH))]
-        lane.running = asyncio.get_running_loop().run_in_executor(
-            self._thread, lane.run, [step for step, _ in batch])
-        lane.running.add_done_callback(lambda ran: self._settle(lane, batch, ran))
+        loop = asyncio.get_running_loop()
+        lane.running = loop.create_future()
+        self._thread.submit(self._run_batch, loop, lane, batch)
+
+    def _run_batch(self, loop: asyncio.AbstractEventLoop, lane: _Lane,
+                   batch: list[tuple[_Step, asyncio.Future[Any]]]) -> None:
+        """On the store thread: run the batch and hand its outcomes to the loop in one call,
+        not through run_in_executor's chain of futures (a loop iteration less per call)."""
+        ran: list[_Outcome] | BaseException
+        try:
+            ran = lane.run([step for step, _ in batch])
+        except BaseException as exc:  # nothing of the batch was committed
+            ran = exc
+        loop.call_soon_threadsafe(self._settle, lane, batch, ran)
 
     def _write_batch(self, batch: list[_Step]) -> list[_Outcome]:
         if len(batch) == 1:
@@ -456,14 +536,11 @@ class SQLiteStore:
         return outcomes
 
     def _settle(self, lane: _Lane, batch: list[tuple[_Step, asyncio.Future[Any]]],
-                ran: asyncio.Future[list[_Outcome]]) -> None:
+                ran: list[_Outcome] | BaseException) -> None:
         """On the event loop: publish each committed write's events, then wake its caller."""
-        lane.running = None
-        try:
-            outcomes = ran.result()
-        except BaseException as exc:  # nothing of the batch was committed
-            outcomes = [(False, exc if len(batch) == 1 else self._error(exc))
-                        for _ in batch]
+        running, lane.running = lane.running, None
+        outcomes: list[_Outcome] = ran if not isinstance(ran, BaseException) else [
+            (False, ran if len(batch) == 1 else self._error(ran)) for _ in batch]
         for (_, done), (ok, out) in zip(batch, outcomes, strict=True):
             if ok:
                 value, events = out
@@ -472,6 +549,8 @@ class SQLiteStore:
                     done.set_result(value)
             elif not done.done():
                 done.set_exception(self._error(out))
+        if running is not None:
+            running.set_result(None)
         self._next_batch(lane)
 
     def _publish(self, events: Sequence[Event]) -> None:
@@ -514,8 +593,20 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
         self._conn = conn
         self._write(self._migrate)
+        if self.path != ":memory:":
+            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+            self._checkpointer = _Checkpointer(self.path)
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         self._watermark = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    def _disconnect(self) -> None:
+        # The copier first: the store's connection, closed last, copies what is left and
+        # removes the WAL.
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+        self.conn.close()
+        self._conn = None
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -544,8 +635,7 @@ class SQLiteStore:
             await asyncio.gather(*running, return_exceptions=True)
             await asyncio.sleep(0)
         if self._conn is not None:
-            await self._run(self.conn.close)
-            self._conn = None
+            await self._run(self._disconnect)
         self._thread.shutdown(wait=False)
 
     async def _watch_other_processes(self) -> None:
@@ -580,12 +670,18 @@ class SQLiteStore:
 
     # -- shared transaction steps
 
-    @staticmethod
-    def _add_event(conn: sqlite3.Connection, job: str, seq: int, type: EventType,
+    @classmethod
+    def _add_event(cls, conn: sqlite3.Connection, job: str, seq: int, type: EventType,
                    data: dict[str, JSON], at: float) -> Event:
-        conn.execute("INSERT INTO events (job_id, seq, type, data, at) VALUES (?, ?, ?, ?, ?)",
-                     (job, seq, type.value, dumps(data), at))
-        return make_event(job, seq, type, data, at)
+        return cls._add_events(conn, [make_event(job, seq, type, data, at)])[0]
+
+    @staticmethod
+    def _add_events(conn: sqlite3.Connection, events: list[Event]) -> list[Event]:
+        """Several jobs' events in one statement (one prepared INSERT, run per row)."""
+        conn.executemany(
+            "INSERT INTO events (job_id, seq, type, data, at) VALUES (?, ?, ?, ?, ?)",
+            [(ev.job, ev.seq, ev.type, dumps(ev.data), ev.at) for ev in events])
+        return events
 
     @staticmethod
     def _fenced(conn: sqlite3.Connection, lease: Lease, assignments: str = "",
@@ -734,16 +830,19 @@ class SQLiteStore:
         job_id, at = uuid.uuid4().hex, now()
         # This process's clock: SQLite has no other (docs/guarantees.md).
         due = run_at if run_at is not None else at + delay if delay > 0 else None
-        conn.execute(
+        row = conn.execute(
             "INSERT INTO jobs (id, task, key, owner, status, input, max_attempts, seq, "
             "rank, created_at, updated_at, run_at, waiting, priority, queue, limit_key, "
-            "limit_max) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "limit_max, owner_seq) VALUES (?, ?, ?, ?, 'queued', ?, ?, 1, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, coalesce((SELECT seq FROM owner_feeds WHERE owner = ?), 0) + 1) "
+            f"RETURNING {JOB_COLUMNS}",
             (job_id, task, key, owner, dumps(input), max_attempts, rank, at, at, due,
-             due is not None, place.priority, place.queue, place.limit_key, place.limit_max))
+             due is not None, place.priority, place.queue, place.limit_key, place.limit_max,
+             owner)).fetchone()
         ev = self._add_event(conn, job_id, 1, EventType.CREATED,
                              event_data(Status.QUEUED, 0, 0, 0, task=task, key=key,
                                         run_at=iso(due)), at)
-        return (self._job(conn, job_id), True), [ev]
+        return (job_from_row(row), True), [ev]
 
     def _job(self, conn: sqlite3.Connection, job_id: str, owner: str | None = None) -> Job:
         job = self._find(conn, job_id, owner)
@@ -885,10 +984,10 @@ class SQLiteStore:
                             (worker, at + lease_seconds, at, *tasks, *(queues or ()),
                              limit)).fetchall()
         jobs = [job_from_row(r) for r in rows]
-        events = [self._add_event(
-            conn, job.id, job.seq, EventType.STARTED,
+        events = self._add_events(conn, [make_event(
+            job.id, job.seq, EventType.STARTED,
             event_data(Status.RUNNING, *job.progress.as_dict().values(), attempt=job.attempt),
-            at) for job in jobs]
+            at) for job in jobs])
         return jobs, events
 
     async def finish_and_claim(
@@ -914,6 +1013,7 @@ class SQLiteStore:
                     continue
                 outcomes.append(written)
                 events += written.events
+            self._add_events(conn, events)
             jobs: list[Job] = []
             if wanted:
                 jobs, claimed = self._claim(conn, worker, tasks, limit, lease_seconds, queues)
@@ -1011,20 +1111,21 @@ class SQLiteStore:
 
         def finish(conn: sqlite3.Connection) -> tuple[Written, list[Event]]:
             written = self._finish(conn, end, encoded)
-            return written, written.events
+            return written, self._add_events(conn, written.events)
         return await self._transact(finish)
 
     def _finish(self, conn: sqlite3.Connection, end: End, encoded: str) -> Written:
-        """Record an end; LeaseLost, before writing anything, if the lease is not held."""
+        """Record an end, but not its event (the caller writes the events of all its ends
+        at once); LeaseLost, before writing anything, if the lease is not held."""
         at = now()
         seq, _, total, done, failed, cancel = self._fenced(
             conn, end.lease, ", status = ?, result = ?, error = ?, finished_at = ?, "
             "worker = NULL, lease_until = NULL", (end.status.value, encoded, end.error, at))
         # Items are counted in total: a job without any has none left running.
         reset = self._reset_running(conn, end.lease.job) if total else []
-        ev = self._add_event(conn, end.lease.job, seq, EventType(end.status.value),
-                             event_data(end.status, total, done, failed, result=end.result,
-                                        error=end.error, reset=reset), at)
+        ev = make_event(end.lease.job, seq, EventType(end.status.value),
+                        event_data(end.status, total, done, failed, result=end.result,
+                                   error=end.error, reset=reset), at)
         return Written([ev], cancel)
 
     async def hand_back(self, leases: Sequence[Lease]) -> int:
