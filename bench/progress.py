@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench import progress_peers
+from bench import progress_peers, wsreader
 from bench.common import (
     SUBSCRIBER_DEADLINE,
     SUBSCRIBER_PROCESSES,
@@ -58,38 +58,39 @@ async def _subscriber(url: str, token: str, job: str, after: int, ready: asyncio
 
 async def _follow(url: str, token: str, job: str, after: int, ready: asyncio.Event,
                   lat: list[float], deadline: float) -> tuple[int, int]:
-    import websockets
-
     from jobwire.client.connection import messages
 
     seen, drops = after, 0
+
+    def on_text(frame: bytes) -> bool:
+        nonlocal seen
+        now = time.time()
+        for msg in messages(frame):  # one frame may carry several events
+            if msg.get("op") == "subscribed":
+                ready.set()
+                continue
+            if "op" in msg:
+                raise RuntimeError(f"server said {msg}")
+            seen = msg["seq"]
+            if msg["type"] == "item":
+                lat.append(now - msg["data"]["result"]["t"])
+            elif msg["type"] in ("completed", "failed", "cancelled"):
+                return True
+        return False
+
     while time.time() < deadline:
+        subscribe = orjson.dumps({"op": "subscribe", "job": job, "after": seen})
         try:
-            # One timeout for the whole connection, not a wait_for (a task and a timer)
-            # per frame: the subscribers share the server's CPUs and must stay cheap.
-            async with asyncio.timeout(max(0.1, deadline - time.time())), \
-                    websockets.connect(f"{url}/api/ws?token={token}", max_size=None,
-                                       open_timeout=60) as ws:
-                subscribe = {"op": "subscribe", "job": job, "after": seen}
-                await ws.send(orjson.dumps(subscribe).decode())
-                while True:
-                    raw = await ws.recv()
-                    now = time.time()
-                    for msg in messages(raw):  # one frame may carry several events
-                        if msg.get("op") == "subscribed":
-                            ready.set()
-                            continue
-                        if "op" in msg:
-                            raise RuntimeError(f"server said {msg}")
-                        seen = msg["seq"]
-                        if msg["type"] == "item":
-                            lat.append(now - msg["data"]["result"]["t"])
-                        elif msg["type"] in ("completed", "failed", "cancelled"):
-                            return seen - after, drops
+            # One timeout for the whole connection: the subscribers share the server's
+            # CPUs and must stay cheap (bench/wsreader.py).
+            async with asyncio.timeout(max(0.1, deadline - time.time())):
+                if await wsreader.follow(f"{url}/api/ws?token={token}", subscribe, on_text):
+                    return seen - after, drops
         except TimeoutError:
             break
-        except websockets.ConnectionClosed:
-            drops += 1
+        except OSError:
+            pass
+        drops += 1  # resumes from its last seq, like a UI
     return seen - after, drops
 
 
