@@ -320,3 +320,53 @@ async def test_python_client_lists_live_across_a_server_restart(server: Proc) ->
         reader.cancel()
         for job in (kept, created):
             await py.cancel(str(job))
+
+
+async def test_postgres_cursors_stay_valid_across_the_feed_table_migration(
+        pg_url: str, monkeypatch: Any) -> None:
+    """A database whose feed stamps lived on the jobs rows keeps its seqs and tombstones
+    when they move to job_feed: a cursor taken before answers the same after, and the
+    feed goes on from there."""
+    from jobwire.store import pg_schema
+    from jobwire.store.postgres import PostgresStore
+
+    upto = next(i for i, m in enumerate(pg_schema.MIGRATIONS) if "CREATE TABLE job_feed" in m)
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", pg_schema.MIGRATIONS[:upto])
+    store = PostgresStore(pg_url)
+    await store.open()
+    guest_owner = "guest:g"
+    try:
+        kept, _ = await store.submit("user:a", "t", {}, None, 1)
+        gone, _ = await store.submit("user:a", "t", {}, None, 1)
+        ended, _ = await store.submit("user:a", "t", {}, None, 1)
+        moved, _ = await store.submit(guest_owner, "t", {}, None, 1)
+        await store.add_session("tok", guest_owner, None)
+        a_cursor = (await store.owner_changes("user:a", 0)).seq
+        g_cursor = (await store.owner_changes(guest_owner, 0)).seq
+        await store.request_cancel(gone.id, "user:a")
+        assert await store.delete_job(gone.id, "user:a")
+        await store.request_cancel(ended.id, "user:a")
+        assert await store.claim_session("tok", "user:b") == 1
+        stamps = await store._query("SELECT owner, id, owner_seq, false FROM jobs UNION ALL "
+                                    "SELECT owner, job_id, owner_seq, true FROM job_tombstones")
+    finally:
+        await store.close()
+    monkeypatch.undo()
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        assert sorted(stamps) == sorted(await store._query(
+            "SELECT owner, job_id, owner_seq, at IS NOT NULL FROM job_feed"))
+        seq = (await store.owner_changes("user:a", 0)).seq
+        at_a, at_guest, at_b = [await store.owner_changes(o, c) for o, c in
+                                (("user:a", a_cursor), (guest_owner, g_cursor), ("user:b", 0))]
+        assert (at_a.reset, [j.id for j in at_a.jobs], at_a.gone) == (False, [ended.id],
+                                                                      [gone.id])
+        assert (at_guest.reset, at_guest.jobs, at_guest.gone) == (False, [], [moved.id])
+        assert [j.id for j in at_b.jobs] == [moved.id]
+        await store.request_cancel(kept.id, "user:a")
+        since = await store.owner_changes("user:a", seq)
+        assert (since.seq, since.reset, [j.id for j in since.jobs], since.gone) == (
+            seq + 1, False, [kept.id], [])
+    finally:
+        await store.close()

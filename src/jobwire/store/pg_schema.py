@@ -244,6 +244,91 @@ MIGRATIONS: list[str] = [
     CREATE INDEX sessions_owner ON sessions (owner);
     CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # Owner feeds, second form: the stamps move off the wide jobs row (a dozen indexes,
+    # written twice per status change) into a narrow job_feed row per (owner, job), which
+    # also holds the tombstones (`at` set: the job was deleted or moved to another owner).
+    # Marks are made per statement from the transition tables; the commit's stamp, its
+    # lock order (owner rows in name order, after every job row) and its notification are
+    # as before. Existing seqs are carried over, so clients' cursors stay valid; the lock
+    # lets transactions that marked under the old triggers commit (and stamp) first.
+    """
+    LOCK TABLE jobs IN EXCLUSIVE MODE;
+    CREATE TABLE job_feed (
+        owner text NOT NULL,
+        job_id text NOT NULL,
+        owner_seq bigint NOT NULL,  -- -1: pending, until the commit stamps it
+        at double precision,  -- a tombstone's time, for the prune
+        PRIMARY KEY (owner, job_id)
+    );
+    INSERT INTO job_feed SELECT owner, id, owner_seq, NULL FROM jobs;
+    -- (A job moved away and back has both: its live row is the newer.)
+    INSERT INTO job_feed SELECT owner, job_id, owner_seq, at FROM job_tombstones
+        ON CONFLICT DO NOTHING;
+    CREATE INDEX job_feed_seq ON job_feed (owner, owner_seq);
+    CREATE INDEX job_feed_pending ON job_feed (owner) WHERE owner_seq = -1;
+    CREATE INDEX job_feed_gone ON job_feed (at) WHERE at IS NOT NULL;
+    DROP TRIGGER jobs_feed_insert ON jobs;
+    DROP TRIGGER jobs_feed_update ON jobs;
+    DROP TRIGGER jobs_feed_delete ON jobs;
+    DROP TRIGGER jobs_feed_stamp ON jobs;
+    DROP FUNCTION jobwire_jobs_mark();
+    DROP FUNCTION jobwire_jobs_stamp();
+    DROP TABLE job_tombstones;
+    ALTER TABLE jobs DROP COLUMN owner_seq;  -- with its indexes
+    CREATE FUNCTION jobwire_feed_mark() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO job_feed AS f SELECT owner, id, -1, NULL FROM new_jobs
+                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = NULL;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO job_feed AS f
+                SELECT owner, id, -1, extract(epoch FROM clock_timestamp()) FROM old_jobs
+                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = EXCLUDED.at;
+        ELSE  -- one statement, as most updates (heartbeats, progress) change neither
+            WITH changed AS MATERIALIZED (SELECT o.owner AS was, n.owner, n.id
+                    FROM old_jobs o JOIN new_jobs n ON n.id = o.id
+                    WHERE o.status <> n.status OR o.owner <> n.owner),
+                moved AS (INSERT INTO job_feed AS f SELECT was, id, -1,
+                    extract(epoch FROM clock_timestamp()) FROM changed WHERE was <> owner
+                    ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = EXCLUDED.at)
+            -- (A row already pending in this transaction is not written again.)
+            INSERT INTO job_feed AS f SELECT owner, id, -1, NULL FROM changed
+                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = NULL
+                WHERE f.owner_seq <> -1 OR f.at IS NOT NULL;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION jobwire_feed_stamp() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    DECLARE
+        channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
+        who text;
+        bumped bigint;
+    BEGIN
+        IF current_setting('jobwire.stamped', true) = 'y' THEN
+            RETURN NULL;  -- one firing per transaction stamps all its marks
+        END IF;
+        PERFORM set_config('jobwire.stamped', 'y', true);
+        FOR who IN SELECT DISTINCT owner FROM job_feed WHERE owner_seq = -1 ORDER BY 1 LOOP
+            INSERT INTO owner_feeds AS f (owner, seq) VALUES (who, 1)
+                ON CONFLICT (owner) DO UPDATE SET seq = f.seq + 1 RETURNING f.seq INTO bumped;
+            UPDATE job_feed SET owner_seq = bumped WHERE owner = who AND owner_seq = -1;
+            PERFORM pg_notify(channel, json_build_object('owner', who, 'oseq', bumped)::text);
+        END LOOP;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_jobs
+        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_feed_mark();
+    CREATE TRIGGER jobs_feed_update AFTER UPDATE ON jobs
+        REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_feed_mark();
+    CREATE TRIGGER jobs_feed_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_jobs
+        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_feed_mark();
+    CREATE CONSTRAINT TRIGGER job_feed_stamp AFTER INSERT OR UPDATE ON job_feed
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.owner_seq = -1)
+        EXECUTE FUNCTION jobwire_feed_stamp();
+    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations

@@ -1132,10 +1132,10 @@ class PostgresStore:
             # The floor rises with the tombstones' deletion: a cursor below a pruned one
             # gets the whole list. Owner rows are locked in name order, as committers do.
             await conn.execute(
-                "SELECT 1 FROM owner_feeds WHERE owner IN (SELECT owner FROM job_tombstones "
+                "SELECT 1 FROM owner_feeds WHERE owner IN (SELECT owner FROM job_feed "
                 "WHERE at < %s) ORDER BY owner FOR UPDATE", (finished_before,))
             await conn.execute(
-                "WITH pruned AS (DELETE FROM job_tombstones WHERE at < %s AND owner_seq >= 0 "
+                "WITH pruned AS (DELETE FROM job_feed WHERE at < %s AND owner_seq >= 0 "
                 "RETURNING owner, owner_seq) UPDATE owner_feeds AS f "
                 "SET floor = greatest(f.floor, p.top) FROM (SELECT owner, max(owner_seq) "
                 "AS top FROM pruned GROUP BY owner) AS p WHERE f.owner = p.owner",
@@ -1150,15 +1150,18 @@ class PostgresStore:
                 "SELECT seq, floor FROM owner_feeds WHERE owner = %s", (owner,))
             seq, floor = await cur.fetchone() or (0, 0)
             reset = not floor <= after <= seq or after == 0
+            changed = "" if reset else (
+                " AND id IN (SELECT job_id FROM job_feed WHERE owner = %(owner)s "
+                "AND owner_seq > %(after)s AND at IS NULL)")
             cur = await conn.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s AND owner_seq > %s "
-                "ORDER BY created_at DESC, id DESC", (owner, -1 if reset else after))
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %(owner)s{changed} "
+                "ORDER BY created_at DESC, id DESC", {"owner": owner, "after": after})
             jobs = [job_from_row(r, decode=False) for r in await cur.fetchall()]
             gone: list[str] = []
             if not reset:
                 cur = await conn.execute(
-                    "SELECT job_id FROM job_tombstones WHERE owner = %s AND owner_seq > %s",
-                    (owner, after))
+                    "SELECT job_id FROM job_feed WHERE owner = %s AND owner_seq > %s "
+                    "AND at IS NOT NULL", (owner, after))
                 gone = [r[0] for r in await cur.fetchall()]
         return OwnerChanges(seq, reset, jobs, gone)
 
