@@ -247,10 +247,12 @@ MIGRATIONS: list[str] = [
     # Owner feeds, second form: the stamps move off the wide jobs row (a dozen indexes,
     # written twice per status change) into a narrow job_feed row per (owner, job), which
     # also holds the tombstones (`at` set: the job was deleted or moved to another owner).
-    # Marks are made per statement from the transition tables; the commit's stamp, its
-    # lock order (owner rows in name order, after every job row) and its notification are
-    # as before. Existing seqs are carried over, so clients' cursors stay valid; the lock
-    # lets transactions that marked under the old triggers commit (and stamp) first.
+    # Marks are row triggers filtered by WHEN, so heartbeats and progress call none (a
+    # statement trigger fires for every update); AFTER, so an insert a conflict skipped
+    # marks nothing. The commit's stamp, its lock order (owner rows in name order, after
+    # every job row) and its notification are as before. Existing seqs are carried over,
+    # so clients' cursors stay valid; the lock lets transactions that marked under the old
+    # triggers commit (and stamp) first.
     """
     LOCK TABLE jobs IN EXCLUSIVE MODE;
     CREATE TABLE job_feed (
@@ -278,22 +280,14 @@ MIGRATIONS: list[str] = [
     CREATE FUNCTION jobwire_feed_mark() RETURNS trigger LANGUAGE plpgsql
         SET search_path FROM CURRENT AS $$
     BEGIN
-        IF TG_OP = 'INSERT' THEN
-            INSERT INTO job_feed AS f SELECT owner, id, -1, NULL FROM new_jobs
-                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = NULL;
-        ELSIF TG_OP = 'DELETE' THEN
+        IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' AND OLD.owner <> NEW.owner THEN
             INSERT INTO job_feed AS f
-                SELECT owner, id, -1, extract(epoch FROM clock_timestamp()) FROM old_jobs
+                VALUES (OLD.owner, OLD.id, -1, extract(epoch FROM clock_timestamp()))
                 ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = EXCLUDED.at;
-        ELSE  -- one statement, as most updates (heartbeats, progress) change neither
-            WITH changed AS MATERIALIZED (SELECT o.owner AS was, n.owner, n.id
-                    FROM old_jobs o JOIN new_jobs n ON n.id = o.id
-                    WHERE o.status <> n.status OR o.owner <> n.owner),
-                moved AS (INSERT INTO job_feed AS f SELECT was, id, -1,
-                    extract(epoch FROM clock_timestamp()) FROM changed WHERE was <> owner
-                    ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = EXCLUDED.at)
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
             -- (A row already pending in this transaction is not written again.)
-            INSERT INTO job_feed AS f SELECT owner, id, -1, NULL FROM changed
+            INSERT INTO job_feed AS f VALUES (NEW.owner, NEW.id, -1, NULL)
                 ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = NULL
                 WHERE f.owner_seq <> -1 OR f.at IS NOT NULL;
         END IF;
@@ -318,13 +312,13 @@ MIGRATIONS: list[str] = [
         END LOOP;
         RETURN NULL;
     END $$;
-    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_jobs
-        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_feed_mark();
-    CREATE TRIGGER jobs_feed_update AFTER UPDATE ON jobs
-        REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
-        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_feed_mark();
-    CREATE TRIGGER jobs_feed_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_jobs
-        FOR EACH STATEMENT EXECUTE FUNCTION jobwire_feed_mark();
+    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs
+        FOR EACH ROW EXECUTE FUNCTION jobwire_feed_mark();
+    CREATE TRIGGER jobs_feed_update AFTER UPDATE OF status, owner ON jobs FOR EACH ROW
+        WHEN (OLD.status <> NEW.status OR OLD.owner <> NEW.owner)
+        EXECUTE FUNCTION jobwire_feed_mark();
+    CREATE TRIGGER jobs_feed_delete AFTER DELETE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION jobwire_feed_mark();
     CREATE CONSTRAINT TRIGGER job_feed_stamp AFTER INSERT OR UPDATE ON job_feed
         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.owner_seq = -1)
         EXECUTE FUNCTION jobwire_feed_stamp();
