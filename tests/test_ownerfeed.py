@@ -322,6 +322,20 @@ async def test_python_client_lists_live_across_a_server_restart(server: Proc) ->
             await py.cancel(str(job))
 
 
+async def test_a_job_moved_to_another_owner_leaves_the_first_feed(store: Any) -> None:
+    """A guest's session claimed by a user: the job is gone from the guest's feed and
+    new in the user's, each with a seq of its own owner."""
+    job, _ = await store.submit("guest:m", "t", {}, None, 1)
+    await store.add_session("tok", "guest:m", None)
+    guest_cursor = (await store.owner_changes("guest:m", 0)).seq
+    user_cursor = (await store.owner_changes("user:m", 0)).seq
+    assert await store.claim_session("tok", "user:m") == 1
+    left = await store.owner_changes("guest:m", guest_cursor)
+    assert (left.seq, left.reset, left.jobs, left.gone) == (guest_cursor + 1, False, [], [job.id])
+    came = await store.owner_changes("user:m", user_cursor)
+    assert [j.id for j in came.jobs] == [job.id] and came.gone == []
+
+
 async def test_postgres_cursors_stay_valid_across_the_feed_table_migration(
         pg_url: str, monkeypatch: Any) -> None:
     """A database whose feed stamps lived on the jobs rows keeps its seqs and tombstones
