@@ -271,11 +271,29 @@ def free_port() -> int:
         return port
 
 
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """utime + stime of a process (or of one of its threads), from /proc."""
+def cpu_seconds(pid: int, tid: int | None = None, reaped: bool = False) -> float:
+    """utime + stime of a process (or of one of its threads), from /proc; with `reaped`,
+    also that of its children that ended and were waited for."""
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(f) for f in fields[11:15 if reaped else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds of the local PostgreSQL server: every postgres process's, with the
+    backends that ended meanwhile (reaped by the postmaster). Over a window, the database
+    server's share of a benchmark's work."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().startswith("postgres"):
+                total += cpu_seconds(int(proc.name), reaped=True)
+        except (FileNotFoundError, ProcessLookupError):  # ended while we looked
+            continue
+    return total
 
 
 def thread_cpu_seconds() -> tuple[float, float]:

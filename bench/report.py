@@ -10,6 +10,7 @@ from typing import Any
 from bench.charts import latest
 from bench.common import fmt, subscribers
 from bench.growth import growth_table
+from bench.progress import cpu_share
 
 
 def md(columns: list[str], rows: list[list[Any]]) -> str:
@@ -26,18 +27,18 @@ def throughput(d: dict[str, Any]) -> str:
                "processed, concurrency 10"],
               [[r["system"], fmt(r.get("enqueue")), fmt(r.get("enqueue_batch")),
                 fmt(r.get("processed")) if "error" not in r else r["error"]] for r in rows]
-              ) + "\n\n" + md(["limit of this machine", "per second"],
+              ) + "\n\n" + md(["limit of this machine", "value"],
                               [[r["system"], fmt(r["limit"])] for r in limits])
 
 
 def progress(d: dict[str, Any]) -> str:
     return md(["system", "subscribers", "events/s to all", "p50 ms", "p99 ms", "max ms",
-               "delivered / expected", "reconnects"],
+               "delivered / expected", "reconnects", "CPU s: server + subscribers / run s"],
               [[r["system"], subscribers(r), fmt(r["events_per_s"]),
                 fmt(r["p50_ms"], 1), fmt(r["p99_ms"], 1), fmt(r["max_ms"], 1),
                 " ".join(f"{x:,}" for x in r["delivered"])
                 + f" / {r['items'] * r['subscribers']:,}",
-                " ".join(map(str, r["drops"]))]
+                " ".join(map(str, r["drops"])), cpu_share(r)]
                for r in d["rows"] if "subscribers" in r])
 
 
@@ -47,6 +48,12 @@ def dedup(d: dict[str, Any]) -> str:
                 " ".join(map(str, r.get("created", []))) or r.get("note", ""),
                 " ".join(map(str, r.get("jobs", []))) or r.get("error", "")]
                for r in d["rows"]])
+
+
+def submits(d: dict[str, Any]) -> str:
+    return md(["connections", "access log", "submits/s", "server CPU µs per submit"],
+              [[r["connections"], "on" if r["access_log"] else "off", fmt(r["submits_per_s"]),
+                fmt(r["server_cpu_us"])] for r in d["rows"]])
 
 
 def idle(d: dict[str, Any]) -> str:
@@ -62,7 +69,8 @@ def growth(d: dict[str, Any]) -> str:
 
 def main() -> None:
     for name, render in (("throughput", throughput), ("progress", progress),
-                         ("dedup", dedup), ("idle", idle), ("growth", growth)):
+                         ("dedup", dedup), ("submits", submits), ("idle", idle),
+                         ("growth", growth)):
         d = latest(name)
         if d is None:
             continue

@@ -38,8 +38,12 @@ def _cpu(row: dict[str, Any] | None, phase: str) -> str:
     parts = [_median(row, f"{phase} CPU µs/job, {p}") for p in ("all", "loop", "other threads")]
     if parts[0] is None:
         return ""
-    return (f"; CPU {parts[0]:,.0f} µs/job: {parts[1]:,.0f} on the event loop, "
-            f"{parts[2]:,.0f} on other threads (the store's)")
+    server = _median(row, f"{phase} CPU µs/job, database server")
+    if server is None:  # SQLite: the store's thread is the database
+        return (f"; CPU {parts[0]:,.0f} µs/job: {parts[1]:,.0f} on the event loop, "
+                f"{parts[2]:,.0f} on the store's thread and the WAL copier")
+    return (f"; CPU µs/job: {parts[0]:,.0f} in the worker's process, {server:,.0f} in the "
+            "database server")
 
 
 def processed(backend: str, limit: str, factor: float, label: str) -> Callable[[], Row]:
@@ -49,9 +53,12 @@ def processed(backend: str, limit: str, factor: float, label: str) -> Callable[[
         rate, raw = _median(row, "processed"), _median(_row(d, system=limit), "limit")
         if rate is None or raw is None:
             return [label, _verdict(None), "run bench.throughput"]
+        per_tx = _median(_row(d, system=f"{limit.split(' tps')[0]}: database server CPU "
+                                          "µs per transaction"), "limit")
+        beside = "" if per_tx is None else f" (pgbench: {per_tx:,.0f} per transaction)"
         return [label, _verdict(rate >= factor * raw),
                 f"{rate:,.0f} jobs/s = {rate / raw:.2f}x {raw:,.0f} ({d and d['at']})"
-                + _cpu(row, "processed")]
+                + _cpu(row, "processed") + beside]
     return check
 
 

@@ -42,6 +42,7 @@ from bench.common import (
     parser,
     pg_analyze,
     pg_database,
+    postgres_cpu_seconds,
     procrastinate_app,
     procrastinate_count,
     record,
@@ -197,9 +198,12 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
                     return
 
         try:
-            cpu = thread_cpu_seconds()
+            cpu, server = thread_cpu_seconds(), postgres_cpu_seconds()
             processed, _ = await _processed(n, worker.start(), all_done())
             profile.update({f"processed CPU µs/job, {k}": v for k, v in _cpu_us(cpu, n).items()})
+            if db.startswith("postgresql"):
+                profile["processed CPU µs/job, database server"] = \
+                    (postgres_cpu_seconds() - server) / n * 1e6
         finally:
             await _bounded(worker.stop())
         if done.count != n:
@@ -379,19 +383,23 @@ SYSTEMS: dict[str, Callable[[int], Awaitable[Rates]]] = {
 # -- the limits of the machine
 
 
-def pgbench_tps(seconds: int) -> float:
+def pgbench_tps(seconds: int) -> tuple[float, float]:
+    """(transactions/s, the database server's CPU µs per transaction) of `pgbench -N`."""
     with pg_database("pgbench") as url:
         name = url.rsplit("/", 1)[1]
         conn = ["-h", "127.0.0.1", "-U", "postgres"]
         subprocess.run(["pgbench", "-i", "-q", "-s", "1", *conn, name], check=True,
                        capture_output=True, timeout=120)
+        server = postgres_cpu_seconds()
         out = subprocess.run(["pgbench", "-N", "-c", str(CONCURRENCY), "-j", "2", "-T",
                               str(seconds), *conn, name], check=True, capture_output=True,
                              text=True, timeout=seconds + 60).stdout
+        server = postgres_cpu_seconds() - server
     match = re.search(r"tps = ([\d.]+)", out)
-    if match is None:
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    if match is None or done is None:
         raise RuntimeError(f"no tps in pgbench output:\n{out}")
-    return float(match.group(1))
+    return float(match.group(1)), server / int(done.group(1)) * 1e6
 
 
 def sqlite_commit_rate(seconds: float) -> float:
@@ -466,8 +474,10 @@ def main() -> None:
             for k, v in rates.items():
                 if v is not None:
                     samples[name].setdefault(k, []).append(v)
+    pgbench = [pgbench_tps(args.limit_seconds) for _ in range(args.reps)]
     limits = {
-        "pgbench -N tps (10 clients)": [pgbench_tps(args.limit_seconds) for _ in range(args.reps)],
+        "pgbench -N tps (10 clients)": [tps for tps, _ in pgbench],
+        "pgbench -N: database server CPU µs per transaction": [cpu for _, cpu in pgbench],
         "SQLite single-insert commits/s": [sqlite_commit_rate(args.limit_seconds)
                                            for _ in range(args.reps)],
     }
@@ -484,12 +494,14 @@ def main() -> None:
            for r in rows if "limit" not in r])
     phases = [f"{phase} CPU µs/job, {part}" for phase in ("enqueue", "processed")
               for part in ("all", "loop", "other threads")]
+    phases.append("processed CPU µs/job, database server")
     table("Where jobwire's CPU went: µs per job over each phase, in all, on the event loop's "
-          "thread and on the others (on SQLite, its store's thread)",
+          "thread and on the others (on SQLite, its store's thread); on PostgreSQL also the "
+          "database server's while processing",
           ["system", *(p.replace(" CPU µs/job,", ":") for p in phases)],
           [[r["system"], *(fmt(r.get(p)) for p in phases)]
            for r in rows if "processed CPU µs/job, all" in r])
-    table("Limits of this machine", ["measure", "per second"],
+    table("Limits of this machine", ["measure", "value"],
           [[r["system"], fmt(r["limit"])] for r in rows if "limit" in r])
     params = {"jobs": args.jobs, "reps": args.reps, "concurrency": CONCURRENCY, "batch": BATCH,
               "arq_poll_delay": ARQ_POLL, "pg": PG_BASE, "redis": REDIS_URL}
