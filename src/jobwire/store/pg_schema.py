@@ -20,6 +20,20 @@ _PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
 
 # Timestamps are epoch seconds (double precision) so snapshots render exactly as on
 # SQLite; JSON is `json`, not `jsonb`, so objects keep the key order they were given.
+# The start of an owner feed's commit-time stamp (two forms, migrations "Owner feeds" and
+# "Owner feeds, second form"): one firing per transaction stamps all its marks.
+_STAMP_PRELUDE = """RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    DECLARE
+        channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
+        who text;
+        bumped bigint;
+    BEGIN
+        IF current_setting('jobwire.stamped', true) = 'y' THEN
+            RETURN NULL;  -- one firing per transaction stamps all its marks
+        END IF;
+        PERFORM set_config('jobwire.stamped', 'y', true);"""
+
 MIGRATIONS: list[str] = [
     f"""
     CREATE TABLE jobs (
@@ -124,7 +138,7 @@ MIGRATIONS: list[str] = [
     # as the transaction then waits on nothing but other committers' owner rows, taken in
     # the same order, the new locks can form no deadlock with the job rows' (see
     # test_pg_lock_order.py). The notification goes out at that commit.
-    """
+    f"""
     CREATE TABLE owner_feeds (
         owner text PRIMARY KEY,
         seq bigint NOT NULL,
@@ -155,17 +169,7 @@ MIGRATIONS: list[str] = [
         NEW.owner_seq := -1;
         RETURN NEW;
     END $$;
-    CREATE FUNCTION jobwire_jobs_stamp() RETURNS trigger LANGUAGE plpgsql
-        SET search_path FROM CURRENT AS $$
-    DECLARE
-        channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
-        who text;
-        bumped bigint;
-    BEGIN
-        IF current_setting('jobwire.stamped', true) = 'y' THEN
-            RETURN NULL;  -- one firing per transaction stamps all its marks
-        END IF;
-        PERFORM set_config('jobwire.stamped', 'y', true);
+    CREATE FUNCTION jobwire_jobs_stamp() {_STAMP_PRELUDE}
         FOR who IN SELECT owner FROM jobs WHERE owner_seq = -1
                    UNION SELECT owner FROM job_tombstones WHERE owner_seq = -1
                    ORDER BY 1 LOOP
@@ -253,7 +257,7 @@ MIGRATIONS: list[str] = [
     # every job row) and its notification are as before. Existing seqs are carried over,
     # so clients' cursors stay valid; the lock lets transactions that marked under the old
     # triggers commit (and stamp) first.
-    """
+    f"""
     LOCK TABLE jobs IN EXCLUSIVE MODE;
     CREATE TABLE job_feed (
         owner text NOT NULL,
@@ -293,17 +297,7 @@ MIGRATIONS: list[str] = [
         END IF;
         RETURN NULL;
     END $$;
-    CREATE FUNCTION jobwire_feed_stamp() RETURNS trigger LANGUAGE plpgsql
-        SET search_path FROM CURRENT AS $$
-    DECLARE
-        channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
-        who text;
-        bumped bigint;
-    BEGIN
-        IF current_setting('jobwire.stamped', true) = 'y' THEN
-            RETURN NULL;  -- one firing per transaction stamps all its marks
-        END IF;
-        PERFORM set_config('jobwire.stamped', 'y', true);
+    CREATE FUNCTION jobwire_feed_stamp() {_STAMP_PRELUDE}
         FOR who IN SELECT DISTINCT owner FROM job_feed WHERE owner_seq = -1 ORDER BY 1 LOOP
             INSERT INTO owner_feeds AS f (owner, seq) VALUES (who, 1)
                 ON CONFLICT (owner) DO UPDATE SET seq = f.seq + 1 RETURNING f.seq INTO bumped;
