@@ -174,6 +174,7 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
         await store.submit("bench", "noop", value, key, spec.max_attempts)
 
     store.listen(hint)
+    on_pg = db.startswith("postgresql")
     profile: Rates = {}
     try:
         if via == "http":
@@ -184,7 +185,7 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
             cpu = thread_cpu_seconds()
             enqueue = await _timed(n, _each(n, submit))
             profile.update({f"enqueue CPU µs/job, {k}": v for k, v in _cpu_us(cpu, n).items()})
-        if db.startswith("postgresql"):
+        if on_pg:
             await pg_analyze(db)
         worker = Worker(jobwire, store, concurrency=CONCURRENCY)
 
@@ -198,10 +199,10 @@ async def jobwire_run(db: str, n: int, via: str) -> Rates:
                     return
 
         try:
-            cpu, server = thread_cpu_seconds(), postgres_cpu_seconds()
+            cpu, server = thread_cpu_seconds(), postgres_cpu_seconds() if on_pg else 0.0
             processed, _ = await _processed(n, worker.start(), all_done())
             profile.update({f"processed CPU µs/job, {k}": v for k, v in _cpu_us(cpu, n).items()})
-            if db.startswith("postgresql"):
+            if on_pg:
                 profile["processed CPU µs/job, database server"] = \
                     (postgres_cpu_seconds() - server) / n * 1e6
         finally:
