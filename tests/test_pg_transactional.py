@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -24,7 +25,7 @@ from jobwire.app import InputError
 from jobwire.model import Event
 from jobwire.store import StoreError, TooManyActive, open_store
 from jobwire.store.pg_listen import channel_of
-from tests.conftest import Client, Proc, guest
+from tests.conftest import Client, Proc, fresh_db, guest
 from tests.tasks import jobwire as tasks
 from tests.wsframes import Messages
 
@@ -276,3 +277,48 @@ async def test_what_cannot_join_is_refused_before_anything_is_written(
             await submit()
     async with await psycopg.AsyncConnection.connect(pg_url) as check:
         assert await (await check.execute("SELECT count(*) FROM jobs")).fetchone() == (0,)
+
+
+@pytest.mark.parametrize("crowd", [0, 100], ids=["few owners", "a crowd"])
+async def test_each_owner_one_host_transaction_wrote_for_finds_its_job_in_its_feed(
+        migrated: str, tmp_path: Path, crowd: int) -> None:
+    """One host transaction submits for owners a careless list of names would confuse
+    (one name the start of another, a comma, quotes, non-ASCII), undoes one submit at a
+    savepoint, and submits in a second jobwire schema too: after the commit, each owner's
+    feed in each schema has exactly its new job after the cursor read before. With a
+    crowd of owners too, the commit finds them all by a scan instead of by name."""
+    owners = ["user:bx", "user:b", "user:a,b", 'user:"b"', "user:ü",
+              *(f"user:crowd-{n:04d}" for n in range(crowd)), "user:undone"]
+    base, schema = split(migrated)
+    with fresh_db("postgres", tmp_path) as other_url:
+        stores = open_store(migrated), open_store(other_url)
+        for store in stores:
+            await store.open()
+        try:
+            cursors = {}  # (store, owner): the feed's seq before the host's transaction
+            for n, store in enumerate(stores):
+                for owner in owners:
+                    await store.submit(owner, "echo", 0, None, 1)
+                    cursors[n, owner] = (await store.owner_changes(owner, 0)).seq
+            made: dict[tuple[int, str], str] = {}
+            async with await psycopg.AsyncConnection.connect(base, autocommit=True) as conn:
+                async with conn.transaction():
+                    for owner in owners[:-1]:
+                        job, _ = await jobwire.pg.submit(conn, tasks, owner, "echo", 1,
+                                                         schema=schema)
+                        made[0, owner] = job.id
+                    with pytest.raises(Rollback):
+                        async with conn.transaction():  # a savepoint
+                            await jobwire.pg.submit(conn, tasks, owners[-1], "echo", 1,
+                                                    schema=schema)
+                            raise Rollback
+                    job, _ = await jobwire.pg.submit(conn, tasks, "user:b", "echo", 1,
+                                                     schema=split(other_url)[1])
+                    made[1, "user:b"] = job.id
+            for (n, owner), cursor in cursors.items():
+                feed = await stores[n].owner_changes(owner, cursor)
+                want = [made[n, owner]] if (n, owner) in made else []
+                assert (feed.reset, [j.id for j in feed.jobs]) == (False, want), (n, owner)
+        finally:
+            for store in stores:
+                await store.close()
