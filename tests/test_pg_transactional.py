@@ -279,16 +279,13 @@ async def test_what_cannot_join_is_refused_before_anything_is_written(
         assert await (await check.execute("SELECT count(*) FROM jobs")).fetchone() == (0,)
 
 
-@pytest.mark.parametrize("crowd", [0, 100], ids=["few owners", "a crowd"])
-async def test_each_owner_one_host_transaction_wrote_for_finds_its_job_in_its_feed(
-        migrated: str, tmp_path: Path, crowd: int) -> None:
-    """One host transaction submits for owners a careless list of names would confuse
-    (one name the start of another, a comma, quotes, non-ASCII), undoes one submit at a
-    savepoint, and submits in a second jobwire schema too: after the commit, each owner's
-    feed in each schema has exactly its new job after the cursor read before. With a
-    crowd of owners too, the commit finds them all by a scan instead of by name."""
-    owners = ["user:bx", "user:b", "user:a,b", 'user:"b"', "user:ü",
-              *(f"user:crowd-{n:04d}" for n in range(crowd)), "user:undone"]
+async def test_a_host_transaction_writing_in_two_schemas_reaches_both_owner_feeds(
+        migrated: str, tmp_path: Path) -> None:
+    """One host transaction submits for two owners in jobwire's schema, undoes a third
+    owner's submit at a savepoint, and submits in a second jobwire schema too: after the
+    commit, each owner's feed in each schema has exactly its new job after the cursor
+    read before (the commit stamps every schema's changes, not only the first's)."""
+    owners = ["user:a", "user:b", "user:undone"]
     base, schema = split(migrated)
     with fresh_db("postgres", tmp_path) as other_url:
         stores = open_store(migrated), open_store(other_url)
@@ -303,13 +300,13 @@ async def test_each_owner_one_host_transaction_wrote_for_finds_its_job_in_its_fe
             made: dict[tuple[int, str], str] = {}
             async with await psycopg.AsyncConnection.connect(base, autocommit=True) as conn:
                 async with conn.transaction():
-                    for owner in owners[:-1]:
+                    for owner in owners[:2]:
                         job, _ = await jobwire.pg.submit(conn, tasks, owner, "echo", 1,
                                                          schema=schema)
                         made[0, owner] = job.id
                     with pytest.raises(Rollback):
                         async with conn.transaction():  # a savepoint
-                            await jobwire.pg.submit(conn, tasks, owners[-1], "echo", 1,
+                            await jobwire.pg.submit(conn, tasks, "user:undone", "echo", 1,
                                                     schema=schema)
                             raise Rollback
                     job, _ = await jobwire.pg.submit(conn, tasks, "user:b", "echo", 1,

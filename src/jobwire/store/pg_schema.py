@@ -14,10 +14,6 @@ from jobwire.store.rows import CLAIM_ORDER
 ACTIVE_SQL = "('queued', 'running')"
 TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
 
-# How long the list of owners a transaction's feed stamp visits by name may grow (about
-# 30 owners; see "Owner feeds, third form"): past it, the stamp scans for them instead.
-_FEED_LIST_CHARS = 2048
-
 # Migration 3, and again in 4 for a database that has another 3 (see there).
 _PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
                    "(task text PRIMARY KEY, tick double precision NOT NULL);")
@@ -37,6 +33,19 @@ _STAMP_PRELUDE = """RETURNS trigger LANGUAGE plpgsql
             RETURN NULL;  -- one firing per transaction stamps all its marks
         END IF;
         PERFORM set_config('jobwire.stamped', 'y', true);"""
+# Its flag's name from migration "Owner feeds, third form" on: one per schema.
+_STAMPED = "'jobwire.stamped_' || encode(convert_to(TG_TABLE_SCHEMA, 'UTF8'), 'hex')"
+# The stamp's work on job_feed (migration "Owner feeds, second form" and on).
+_FEED_STAMP = """\
+        FOR who IN SELECT DISTINCT owner FROM job_feed WHERE owner_seq = -1 ORDER BY 1 LOOP
+            INSERT INTO owner_feeds AS f (owner, seq) VALUES (who, 1)
+                ON CONFLICT (owner) DO UPDATE SET seq = f.seq + 1 RETURNING f.seq INTO bumped;
+            UPDATE job_feed SET owner_seq = bumped WHERE owner = who AND owner_seq = -1;
+            PERFORM pg_notify(channel, json_build_object('owner', who, 'oseq', bumped)::text);
+        END LOOP;
+        RETURN NULL;
+    END $$;
+"""
 
 MIGRATIONS: list[str] = [
     f"""
@@ -302,15 +311,7 @@ MIGRATIONS: list[str] = [
         RETURN NULL;
     END $$;
     CREATE FUNCTION jobwire_feed_stamp() {_STAMP_PRELUDE}
-        FOR who IN SELECT DISTINCT owner FROM job_feed WHERE owner_seq = -1 ORDER BY 1 LOOP
-            INSERT INTO owner_feeds AS f (owner, seq) VALUES (who, 1)
-                ON CONFLICT (owner) DO UPDATE SET seq = f.seq + 1 RETURNING f.seq INTO bumped;
-            UPDATE job_feed SET owner_seq = bumped WHERE owner = who AND owner_seq = -1;
-            PERFORM pg_notify(channel, json_build_object('owner', who, 'oseq', bumped)::text);
-        END LOOP;
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs
+{_FEED_STAMP}    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs
         FOR EACH ROW EXECUTE FUNCTION jobwire_feed_mark();
     CREATE TRIGGER jobs_feed_update AFTER UPDATE OF status, owner ON jobs FOR EACH ROW
         WHEN (OLD.status <> NEW.status OR OLD.owner <> NEW.owner)
@@ -321,76 +322,14 @@ MIGRATIONS: list[str] = [
         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.owner_seq = -1)
         EXECUTE FUNCTION jobwire_feed_stamp();
     """,
-    # Owner feeds, third form: a mark also lists its owner in a transaction-local setting
-    # of its schema, and the commit's stamp visits just those owners' pending rows. It
-    # used to find them by scanning job_feed_pending whole, which after a bulk change (a
-    # million jobs inserted or pruned) read every page the change left dead until a
-    # vacuum: ~1,000 pages on every commit at 10^6 jobs. Past _FEED_LIST_CHARS of names (a
-    # prune, a bulk insert) the list gives way to '*' and the stamp scans as before, once. Names
-    # are listed in hex, so a search for one matches no other. The setting is per schema,
-    # so a transaction writing jobs in two schemas stamps both (the one flag of the
-    # former stamp let only the first). The lock lets transactions that marked under
-    # the old functions commit first.
+    # Owner feeds, third form: the flag that lets one firing of the stamp per transaction
+    # stamp all its marks is one per schema. With one flag, a transaction that wrote
+    # jobs in two jobwire schemas stamped only the first: the second's changes stayed
+    # unstamped, out of its owners' feeds for good.
     f"""
-    LOCK TABLE jobs IN EXCLUSIVE MODE;
-    CREATE FUNCTION jobwire_feed_setting() RETURNS text LANGUAGE sql STABLE
-        SET search_path FROM CURRENT AS $$
-        SELECT 'jobwire.feed_' || encode(convert_to(current_schema(), 'UTF8'), 'hex') $$;
-    CREATE FUNCTION jobwire_feed_list(who text) RETURNS void LANGUAGE plpgsql
-        SET search_path FROM CURRENT AS $$
-    DECLARE
-        setting text := jobwire_feed_setting();
-        listed text := coalesce(current_setting(setting, true), '');
-        entry text := ',' || encode(convert_to(who, 'UTF8'), 'hex');
-    BEGIN
-        IF listed <> '*' AND strpos(listed || ',', entry || ',') = 0 THEN
-            PERFORM set_config(setting, CASE WHEN length(listed) > {_FEED_LIST_CHARS}
-                THEN '*' ELSE listed || entry END, true);
-        END IF;
-    END $$;
-    CREATE OR REPLACE FUNCTION jobwire_feed_mark() RETURNS trigger LANGUAGE plpgsql
-        SET search_path FROM CURRENT AS $$
-    BEGIN
-        IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' AND OLD.owner <> NEW.owner THEN
-            INSERT INTO job_feed AS f
-                VALUES (OLD.owner, OLD.id, -1, extract(epoch FROM clock_timestamp()))
-                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = EXCLUDED.at;
-            PERFORM jobwire_feed_list(OLD.owner);
-        END IF;
-        IF TG_OP <> 'DELETE' THEN
-            -- (A row already pending in this transaction is not written again.)
-            INSERT INTO job_feed AS f VALUES (NEW.owner, NEW.id, -1, NULL)
-                ON CONFLICT (owner, job_id) DO UPDATE SET owner_seq = -1, at = NULL
-                WHERE f.owner_seq <> -1 OR f.at IS NOT NULL;
-            PERFORM jobwire_feed_list(NEW.owner);
-        END IF;
-        RETURN NULL;
-    END $$;
-    CREATE OR REPLACE FUNCTION jobwire_feed_stamp() RETURNS trigger LANGUAGE plpgsql
-        SET search_path FROM CURRENT AS $$
-    DECLARE
-        channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
-        setting text := jobwire_feed_setting();
-        listed text := coalesce(current_setting(setting, true), '');
-        who text;
-        bumped bigint;
-    BEGIN
-        IF listed = '' THEN
-            RETURN NULL;  -- the first firing of the transaction stamped all its marks
-        END IF;
-        PERFORM set_config(setting, '', true);
-        FOR who IN SELECT DISTINCT owner FROM job_feed WHERE owner_seq = -1 AND listed = '*'
-                UNION SELECT convert_from(decode(e, 'hex'), 'UTF8')
-                FROM unnest(string_to_array(substr(listed, 2), ',')) AS e WHERE listed <> '*'
-                ORDER BY 1 LOOP
-            INSERT INTO owner_feeds AS f (owner, seq) VALUES (who, 1)
-                ON CONFLICT (owner) DO UPDATE SET seq = f.seq + 1 RETURNING f.seq INTO bumped;
-            UPDATE job_feed SET owner_seq = bumped WHERE owner = who AND owner_seq = -1;
-            PERFORM pg_notify(channel, json_build_object('owner', who, 'oseq', bumped)::text);
-        END LOOP;
-        RETURN NULL;
-    END $$;
-    """,
+    CREATE OR REPLACE FUNCTION jobwire_feed_stamp() {_STAMP_PRELUDE.replace(
+        "'jobwire.stamped'", _STAMPED)}
+{_FEED_STAMP}    """,
 ]
 
 _LOCK_CLASS = 0x6A77  # "jw": the advisory-lock namespace of jobwire migrations
