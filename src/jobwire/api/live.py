@@ -30,7 +30,7 @@ from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, bad_last_event_id, errors
 from jobwire.hub import Subscription
-from jobwire.model import Event
+from jobwire.model import TERMINAL_EVENTS, Event
 from jobwire.ownerfeed import Watch
 from jobwire.runtime import NotStarted, Runtime
 from jobwire.store import StoreError
@@ -209,24 +209,34 @@ class SocketSession:
         return self.queued + self.backlog
 
     def send(self, message: Event | Reply) -> None:
-        if self.closing:
-            return
+        """Queues a reply, or an event of a subscription (this is their `deliver`): run
+        per event x subscriber, so it calls nothing it can do itself."""
         if isinstance(message, Event):
-            payload, lone = message.wire, None if self.out else message
+            if message.type in TERMINAL_EVENTS:  # the hub closes the subscription itself
+                self.subs.pop(message.job, None)
+            payload: bytes = message.wire
+            lone: Event | None = message
         else:
             payload, lone = message, None
+        if self.closing:
+            return
         size = len(payload)
         # (A message bigger than the whole buffer still goes through, alone.)
-        if (held := self.held()) and held + size > self.limit:
+        if (held := self.queued + self.backlog) and held + size > self.limit:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
             self.closing = (1013, "too slow: reconnect and resume from your seq")
             self.close()
+            self.flusher.mark(self)
+            return
+        out = self.out
+        if out:  # marked already: the flusher (or the pump) sends all of `out`
+            self.lone = None
         else:
-            self.out.append(payload)
             self.lone = lone
-            self.queued += size
-        self.flusher.mark(self)
+            self.flusher.mark(self)
+        out.append(payload)
+        self.queued += size
 
     async def ready(self) -> None:
         """Paces replays from the store to what the client reads, so catching up on a
@@ -245,13 +255,6 @@ class SocketSession:
 
     def reply(self, **fields: Any) -> None:
         self.send(Reply(orjson.dumps(fields)))
-
-    def deliver_to(self, job: str) -> Any:
-        def deliver(ev: Event) -> None:
-            self.send(ev)
-            if ev.terminal:  # the hub closes the subscription itself
-                self.subs.pop(job, None)
-        return deliver
 
     def drop(self, job: str) -> bool:
         sub = self.subs.pop(job, None)
@@ -303,7 +306,7 @@ class SocketSession:
                 self.reply(op="error", job=job, code=404, error="job not found")
                 return
             self.reply(op="subscribed", job=job, after=after)
-            sub = await self.rt.hub.subscribe(job, after, self.deliver_to(job), self.ready)
+            sub = await self.rt.hub.subscribe(job, after, self.send, self.ready)
         except StoreError as exc:  # the database is down: say so, keep the socket
             self.reply(op="error", job=job, code=503, error=str(exc))
             return
@@ -340,19 +343,18 @@ class SocketSession:
             return
         raw = self.raw
         if raw is not None:
-            while self.out:
+            if self.out:
                 if (ev := self.lone) is not None:  # one event: its frame, built once
                     if ev.frame is None:
                         ev.frame = frames.text_frame(ev.wire)
-                    frame = ev.frame
-                    self.out.clear()
-                    self.queued = 0
+                    raw.write(ev.frame)
                 else:
-                    frame = frames.text_frame(self._join(self._take()))
+                    while self.out:
+                        if not raw.write(frames.text_frame(self._join(self._take()))):
+                            break  # closing or gone: the receive loop ends the session
+                self.out.clear()
                 self.lone = None
-                if not raw.write(frame):
-                    self.out.clear()  # closing or gone: the receive loop ends the session
-                    self.queued = 0
+                self.queued = 0
             self.backlog = raw.backlog
         if (self.out or self.closing) and self.pump is None:
             self.pump = asyncio.create_task(self._pump())
