@@ -120,7 +120,15 @@ async def stream(job_id: JobId, rt: RuntimeDep, caller: StreamCaller, request: R
 
 
 class Reply(bytes):
-    """A control reply: always sent as a frame of its own, never inside an event array."""
+    """A control reply: always sent as a frame of its own, never inside an event array.
+    It has an "op", which no event has, so its bytes never equal an event's."""
+
+
+# Frames built in one flusher round, by what they send: the frame cap, then the pending
+# messages (the same objects for every socket following the same jobs live). Equal
+# messages make equal frames: a reply never equals an event, so it never takes an
+# event's place in an array.
+Shared = dict[tuple[object, ...], list[bytes]]
 
 
 class Flusher:
@@ -128,7 +136,8 @@ class Flusher:
     task for all sockets, none per socket. After a round it pauses at least as long as
     the round took, so however many sockets there are, half the loop's time is left to
     make and commit the events; those made meanwhile go to each socket together, as one
-    frame, in the next round."""
+    frame, in the next round. Within a round, sockets with the same pending events (all
+    following one job live) share the frames built for the first of them."""
 
     __slots__ = ("dirty", "task")
 
@@ -147,11 +156,13 @@ class Flusher:
             while self.dirty:
                 sessions, self.dirty = self.dirty, {}
                 began = loop.time()
+                shared: Shared = {}
                 for session in sessions:
                     try:
-                        session.flush()
+                        session.flush(shared)
                     except Exception:  # one socket's failure must not hold up the others
                         log.exception("writing to a WebSocket failed")
+                shared.clear()  # not held while pausing
                 await asyncio.sleep(max(loop.time() - began,
                                         min(PACE_MAX, len(sessions) * PACE_PER_SOCKET)))
         finally:
@@ -336,9 +347,10 @@ class SocketSession:
     def _join(messages: list[bytes]) -> bytes:
         return messages[0] if len(messages) == 1 else b"[" + b",".join(messages) + b"]"
 
-    def flush(self) -> None:
-        """Sends what is pending: on a raw socket written now, else by the pump. The
-        pump also sends the close a `closing` session owes."""
+    def flush(self, shared: Shared | None = None) -> None:
+        """Sends what is pending: on a raw socket written now (its frames found in or
+        added to `shared`, a flusher round's), else by the pump. The pump also sends the
+        close a `closing` session owes."""
         if self.gone:
             return
         raw = self.raw
@@ -349,8 +361,8 @@ class SocketSession:
                         ev.frame = frames.text_frame(ev.wire)
                     raw.write(ev.frame)
                 else:
-                    while self.out:
-                        if not raw.write(frames.text_frame(self._join(self._take()))):
+                    for frame in self._frames({} if shared is None else shared):
+                        if not raw.write(frame):
                             break  # closing or gone: the receive loop ends the session
                 self.out.clear()
                 self.lone = None
@@ -358,6 +370,16 @@ class SocketSession:
             self.backlog = raw.backlog
         if (self.out or self.closing) and self.pump is None:
             self.pump = asyncio.create_task(self._pump())
+
+    def _frames(self, shared: Shared) -> list[bytes]:
+        """The frames that send all of `out`, in order (leaving `out` as it is or empty),
+        built once per round for every socket with the same pending messages."""
+        key = (self.rt.settings.ws_max_frame_bytes, *self.out)
+        if (built := shared.get(key)) is None:
+            built = shared[key] = []
+            while self.out:
+                built.append(frames.text_frame(self._join(self._take())))
+        return built
 
     async def _pump(self) -> None:
         try:
