@@ -12,9 +12,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 
-from jobwire.api import frames
+from jobwire.api import frames, live
 from jobwire.api.live import SocketSession
 from jobwire.hub import Hub
 from jobwire.model import Event
@@ -289,11 +290,15 @@ async def test_pending_events_share_a_frame_and_replies_come_alone() -> None:
     assert [shape(f) for f in ws.frames] == ["subscribed", [1, 2], 3, "unsubscribed", [4, 5]]
 
 
-async def test_many_sockets_on_one_job_each_get_every_event_once_and_in_order() -> None:
+# A round keeps frames for other sockets up to a budget: all it built, or some.
+@pytest.mark.parametrize("room", [live.ROUND_FRAMES_BYTES, 3000])
+async def test_many_sockets_on_one_job_each_get_every_event_once_and_in_order(
+        room: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sockets following the same job share each round's frames; whatever else each has
     pending (another job's events, a reply, a catch-up from the store, more than a frame's
     size of events), every socket gets each event once, in order, and its replies alone in
     their place; one that does not read is dropped with 1013 while the others go on."""
+    monkeypatch.setattr(live, "ROUND_FRAMES_BYTES", room)
     store = LogStore()
     hub = Hub(store)  # type: ignore[arg-type]
     settings = Settings(buffer_bytes=16 << 10, ws_max_frame_bytes=1000)  # ~9 events a frame

@@ -124,11 +124,35 @@ class Reply(bytes):
     It has an "op", which no event has, so its bytes never equal an event's."""
 
 
-# Frames built in one flusher round, by what they send: the frame cap, then the pending
-# messages (the same objects for every socket following the same jobs live). Equal
-# messages make equal frames: a reply never equals an event, so it never takes an
-# event's place in an array.
-Shared = dict[tuple[object, ...], list[bytes]]
+# At most this many bytes of frames kept by a flusher round for other sockets: when each
+# socket's output differs (many catching up on different jobs), no more is held than
+# before sharing.
+ROUND_FRAMES_BYTES = 8 << 20
+
+
+class RoundFrames:
+    """The frames built in one flusher round, by what they send: the frame cap, then the
+    pending messages (the same objects for every socket following the same jobs live, so
+    they compare by identity). Equal messages make equal frames, and a reply never
+    equals an event, so it never takes an event's place in an array."""
+
+    __slots__ = ("built", "room")
+
+    def __init__(self) -> None:
+        self.built: dict[tuple[object, ...], list[bytes]] = {}
+        self.room = ROUND_FRAMES_BYTES
+
+    def take(self, session: SocketSession) -> list[bytes]:
+        """The frames that send all of `session.out`, found or built (taking it)."""
+        key = (session.rt.settings.ws_max_frame_bytes, *session.out)
+        if (found := self.built.get(key)) is not None:
+            return found
+        size = session.queued
+        found = session.take_frames()
+        if size <= self.room:
+            self.room -= size
+            self.built[key] = found
+        return found
 
 
 class Flusher:
@@ -156,13 +180,13 @@ class Flusher:
             while self.dirty:
                 sessions, self.dirty = self.dirty, {}
                 began = loop.time()
-                shared: Shared = {}
+                shared = RoundFrames()
                 for session in sessions:
                     try:
                         session.flush(shared)
                     except Exception:  # one socket's failure must not hold up the others
                         log.exception("writing to a WebSocket failed")
-                shared.clear()  # not held while pausing
+                del shared  # not held while pausing
                 await asyncio.sleep(max(loop.time() - began,
                                         min(PACE_MAX, len(sessions) * PACE_PER_SOCKET)))
         finally:
@@ -347,7 +371,7 @@ class SocketSession:
     def _join(messages: list[bytes]) -> bytes:
         return messages[0] if len(messages) == 1 else b"[" + b",".join(messages) + b"]"
 
-    def flush(self, shared: Shared | None = None) -> None:
+    def flush(self, shared: RoundFrames | None = None) -> None:
         """Sends what is pending: on a raw socket written now (its frames found in or
         added to `shared`, a flusher round's), else by the pump. The pump also sends the
         close a `closing` session owes."""
@@ -361,7 +385,7 @@ class SocketSession:
                         ev.frame = frames.text_frame(ev.wire)
                     raw.write(ev.frame)
                 else:
-                    for frame in self._frames({} if shared is None else shared):
+                    for frame in shared.take(self) if shared is not None else self.take_frames():
                         if not raw.write(frame):
                             break  # closing or gone: the receive loop ends the session
                 self.out.clear()
@@ -371,14 +395,11 @@ class SocketSession:
         if (self.out or self.closing) and self.pump is None:
             self.pump = asyncio.create_task(self._pump())
 
-    def _frames(self, shared: Shared) -> list[bytes]:
-        """The frames that send all of `out`, in order (leaving `out` as it is or empty),
-        built once per round for every socket with the same pending messages."""
-        key = (self.rt.settings.ws_max_frame_bytes, *self.out)
-        if (built := shared.get(key)) is None:
-            built = shared[key] = []
-            while self.out:
-                built.append(frames.text_frame(self._join(self._take())))
+    def take_frames(self) -> list[bytes]:
+        """All of `out` as frames, in order."""
+        built = []
+        while self.out:
+            built.append(frames.text_frame(self._join(self._take())))
         return built
 
     async def _pump(self) -> None:
