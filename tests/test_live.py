@@ -12,8 +12,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 
+from jobwire.api import frames, live
 from jobwire.api.live import SocketSession
 from jobwire.hub import Hub
 from jobwire.model import Event
@@ -170,14 +172,76 @@ class EndingStore:
 
 
 class FakeSocket:
-    def __init__(self, settings: Settings, hub: Hub, store: EndingStore) -> None:
+    def __init__(self, settings: Settings, hub: Hub, store: Any,
+                 raw: FakeRaw | None = None) -> None:
         runtime = SimpleNamespace(settings=settings, hub=hub, store=store)
         self.app = SimpleNamespace(state=SimpleNamespace(runtime=runtime))
-        self.scope: dict[str, Any] = {}  # no raw socket: messages go through ASGI
+        # Without a raw socket messages go through ASGI (send_text).
+        self.scope: dict[str, Any] = {"extensions": {frames.EXTENSION: raw}} if raw else {}
         self.frames: list[Any] = []
+        self.closed: int | None = None
 
     async def send_text(self, text: str) -> None:
         self.frames.append(json.loads(text))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed = code
+
+
+class FakeRaw:
+    """A raw socket (api/frames.py) that keeps the frames written; a slow one's reader
+    never reads, so all it was written stays in its backlog."""
+
+    def __init__(self, slow: bool = False) -> None:
+        self.written: list[bytes] = []
+        self.slow = slow
+        self.backlog = 0
+
+    def write(self, frame: bytes) -> bool:
+        self.written.append(frame)
+        self.backlog += len(frame) if self.slow else 0
+        return True
+
+    def pause_above(self, high: int) -> None:
+        pass
+
+    async def writable(self) -> None:
+        pass
+
+    def frames(self) -> list[Any]:
+        """Each frame's JSON, from the header a client reads it by."""
+        got = []
+        for frame in self.written:
+            assert frame[0] == 0x81  # a final text frame
+            n, at = frame[1], 2
+            if n == 126:
+                n, at = int.from_bytes(frame[2:4]), 4
+            assert len(frame) == at + n
+            got.append(json.loads(frame[at:]))
+        return got
+
+
+class LogStore:
+    """Jobs' committed events; each commit hints the hub with its event."""
+
+    def __init__(self) -> None:
+        self.log: dict[str, list[Event]] = {}
+        self.hint: Any = None
+
+    def listen(self, hint: Any) -> None:
+        self.hint = hint
+
+    async def get_job(self, job_id: str, owner: str | None = None) -> Any:
+        return SimpleNamespace(seq=len(self.log.get(job_id, [])))
+
+    async def events(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        return self.log.get(job_id, [])[after:after + limit]
+
+    def commit(self, job: str, type: str = "progress") -> None:
+        log = self.log.setdefault(job, [])
+        ev = Event(job=job, seq=len(log) + 1, type=type, data={"pad": "x" * 60}, at=0.0)
+        log.append(ev)
+        self.hint(job, ev.seq, ev)
 
 
 async def test_terminal_event_during_subscribe_frees_the_subscription() -> None:
@@ -224,6 +288,87 @@ async def test_pending_events_share_a_frame_and_replies_come_alone() -> None:
         return frame["op"] if "op" in frame else frame["seq"]
 
     assert [shape(f) for f in ws.frames] == ["subscribed", [1, 2], 3, "unsubscribed", [4, 5]]
+
+
+# A round keeps frames for other sockets up to a budget: all it built, or some.
+@pytest.mark.parametrize("room", [live.ROUND_FRAMES_BYTES, 3000])
+async def test_many_sockets_on_one_job_each_get_every_event_once_and_in_order(
+        room: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets following the same job share each round's frames; whatever else each has
+    pending (another job's events, a reply, a catch-up from the store, more than a frame's
+    size of events), every socket gets each event once, in order, and its replies alone in
+    their place; one that does not read is dropped with 1013 while the others go on."""
+    monkeypatch.setattr(live, "ROUND_FRAMES_BYTES", room)
+    store = LogStore()
+    hub = Hub(store)  # type: ignore[arg-type]
+    settings = Settings(buffer_bytes=16 << 10, ws_max_frame_bytes=1000)  # ~9 events a frame
+    sockets: list[tuple[SocketSession, FakeRaw, tuple[str, ...], int]] = []
+
+    async def connect(*jobs: str, slow: bool = False, after: int = 0) -> None:
+        raw = FakeRaw(slow)
+        session = SocketSession(FakeSocket(settings, hub, store, raw), "owner")  # type: ignore[arg-type]
+        for job in jobs:
+            await session.subscribe(job, after)
+        sockets.append((session, raw, jobs, after))
+
+    async def settle() -> None:
+        while any(s.flusher.task or s.pump for s, *_ in sockets):
+            await asyncio.sleep(0)
+
+    async def round_of(*batches: tuple[str, int]) -> None:
+        """The batches' events pending at once, then written by a flusher round."""
+        for job, n in batches:
+            for _ in range(n):
+                store.commit(job)
+        await settle()
+
+    await connect("a", slow=True)
+    for jobs in [("a",)] * 4 + [("b",)] * 2 + [("a", "b")] * 3:
+        await connect(*jobs)
+    await round_of(("a", 1))
+    await round_of(("a", 4), ("b", 4))  # as many events of each job
+    await round_of(("a", 20))
+    await connect("a", after=30)  # ahead of the job: nothing up to 30
+    await settle()
+    await connect("a", "b")  # catches up from the store while events come, then live
+    store.commit("a")
+    sockets[1][0].reply(op="ping")  # in the middle of events pending for the next round
+    await round_of(("a", 11), ("b", 1), ("a", 2))
+    await round_of(("b", 30), ("a", 30))
+    await round_of(("a", 70))
+    store.commit("a", "completed")
+    await settle()
+    store.commit("b", "completed")
+    await settle()
+
+    def received(raw: FakeRaw) -> tuple[dict[str, list[int]], list[tuple[str, int]]]:
+        """The seqs of each job received, and each reply with the events before it."""
+        seqs: dict[str, list[int]] = {}
+        replies = []
+        for frame in raw.frames():
+            for msg in frame if isinstance(frame, list) else [frame]:
+                if "op" in msg:
+                    assert not isinstance(frame, list), "a reply inside an event array"
+                    replies.append((msg["op"], sum(map(len, seqs.values()))))
+                else:
+                    seqs.setdefault(msg["job"], []).append(msg["seq"])
+        return seqs, replies
+
+    every = {job: list(range(1, len(log) + 1)) for job, log in store.log.items()}
+    (slow, slow_raw, *_), *others = sockets
+    for session, raw, jobs, after in others:
+        seqs, replies = received(raw)
+        assert seqs == {job: every[job][after:] for job in jobs}, "a gap, duplicate or disorder"
+        assert session.ws.frames == []  # type: ignore[attr-defined]  # (all written raw)
+        assert [op for op, _ in replies] == ["subscribed"] * len(jobs) + (
+            ["ping"] if session is sockets[1][0] else [])
+        assert session.subs == {} and session.ws.closed is None  # type: ignore[attr-defined]
+    assert received(sockets[1][1])[1][-1] == ("ping", 26), "the reply out of its place"
+    # The one that never read: a gap-free start of the job, then closed with 1013.
+    seqs, _ = received(slow_raw)
+    assert 0 < len(seqs["a"]) < len(every["a"]) and seqs["a"] == every["a"][:len(seqs["a"])]
+    assert slow.ws.closed == 1013  # type: ignore[attr-defined]
+    assert hub.subscriptions == 0
 
 
 async def test_events_of_another_process_on_one_sqlite_file_arrive_within_half_a_second(

@@ -122,9 +122,25 @@ class Channel:
             self.request_fill()
 
     def _emit(self, ev: Event) -> None:
-        self.head = ev.seq
-        for sub in list(self.subs):
-            sub.offer(ev)
+        self.head = seq = ev.seq
+        subs = tuple(self.subs)  # a copy: delivering may close subscriptions
+        if ev.terminal:
+            for sub in subs:
+                sub.offer(ev)  # closes each
+            return
+        # Run per event x subscriber: a live subscription at the previous seq takes the
+        # event with no call but its deliver (what offer() and _emit() would do); any
+        # other (catching up, behind, closed) goes through offer().
+        prev = seq - 1
+        delivered = 0
+        for sub in subs:
+            if sub.cursor == prev and sub._catch_up is None and not sub.closed:
+                sub.cursor = seq
+                sub._deliver(ev)
+                delivered += 1
+            else:
+                sub.offer(ev)
+        self.hub.delivered += delivered
 
     def request_fill(self) -> None:
         self._dirty = True

@@ -30,7 +30,7 @@ from jobwire.api.limits import OwnerSlots, Refusal
 from jobwire.api.public import cross_site
 from jobwire.api.schemas import ErrorOut, EventsOut, bad_last_event_id, errors
 from jobwire.hub import Subscription
-from jobwire.model import Event
+from jobwire.model import TERMINAL_EVENTS, Event
 from jobwire.ownerfeed import Watch
 from jobwire.runtime import NotStarted, Runtime
 from jobwire.store import StoreError
@@ -120,7 +120,39 @@ async def stream(job_id: JobId, rt: RuntimeDep, caller: StreamCaller, request: R
 
 
 class Reply(bytes):
-    """A control reply: always sent as a frame of its own, never inside an event array."""
+    """A control reply: always sent as a frame of its own, never inside an event array.
+    It has an "op", which no event has, so its bytes never equal an event's."""
+
+
+# At most this many bytes of frames kept by a flusher round for other sockets: when each
+# socket's output differs (many catching up on different jobs), no more is held than
+# before sharing.
+ROUND_FRAMES_BYTES = 8 << 20
+
+
+class RoundFrames:
+    """The frames built in one flusher round, by what they send: the frame cap, then the
+    pending messages (the same objects for every socket following the same jobs live, so
+    they compare by identity). Equal messages make equal frames, and a reply never
+    equals an event, so it never takes an event's place in an array."""
+
+    __slots__ = ("built", "room")
+
+    def __init__(self) -> None:
+        self.built: dict[tuple[object, ...], list[bytes]] = {}
+        self.room = ROUND_FRAMES_BYTES
+
+    def take(self, session: SocketSession) -> list[bytes]:
+        """The frames that send all of `session.out`, found or built (taking it)."""
+        key = (session.rt.settings.ws_max_frame_bytes, *session.out)
+        if (found := self.built.get(key)) is not None:
+            return found
+        size = session.queued
+        found = session.take_frames()
+        if size <= self.room:
+            self.room -= size
+            self.built[key] = found
+        return found
 
 
 class Flusher:
@@ -128,7 +160,8 @@ class Flusher:
     task for all sockets, none per socket. After a round it pauses at least as long as
     the round took, so however many sockets there are, half the loop's time is left to
     make and commit the events; those made meanwhile go to each socket together, as one
-    frame, in the next round."""
+    frame, in the next round. Within a round, sockets with the same pending events (all
+    following one job live) share the frames built for the first of them."""
 
     __slots__ = ("dirty", "task")
 
@@ -147,11 +180,13 @@ class Flusher:
             while self.dirty:
                 sessions, self.dirty = self.dirty, {}
                 began = loop.time()
+                shared = RoundFrames()
                 for session in sessions:
                     try:
-                        session.flush()
+                        session.flush(shared)
                     except Exception:  # one socket's failure must not hold up the others
                         log.exception("writing to a WebSocket failed")
+                del shared  # not held while pausing
                 await asyncio.sleep(max(loop.time() - began,
                                         min(PACE_MAX, len(sessions) * PACE_PER_SOCKET)))
         finally:
@@ -209,24 +244,34 @@ class SocketSession:
         return self.queued + self.backlog
 
     def send(self, message: Event | Reply) -> None:
-        if self.closing:
-            return
+        """Queues a reply, or an event of a subscription (this is their `deliver`): run
+        per event x subscriber, so it calls nothing it can do itself."""
         if isinstance(message, Event):
-            payload, lone = message.wire, None if self.out else message
+            if message.type in TERMINAL_EVENTS:  # the hub closes the subscription itself
+                self.subs.pop(message.job, None)
+            payload: bytes = message.wire
+            lone: Event | None = message
         else:
             payload, lone = message, None
+        if self.closing:
+            return
         size = len(payload)
         # (A message bigger than the whole buffer still goes through, alone.)
-        if (held := self.held()) and held + size > self.limit:
+        if (held := self.queued + self.backlog) and held + size > self.limit:
             # The client does not read: drop it instead of growing without bound, and
             # stop fanning events out to it. It reconnects and resumes from its last seq.
             self.closing = (1013, "too slow: reconnect and resume from your seq")
             self.close()
+            self.flusher.mark(self)
+            return
+        out = self.out
+        if out:  # marked already: the flusher (or the pump) sends all of `out`
+            self.lone = None
         else:
-            self.out.append(payload)
             self.lone = lone
-            self.queued += size
-        self.flusher.mark(self)
+            self.flusher.mark(self)
+        out.append(payload)
+        self.queued += size
 
     async def ready(self) -> None:
         """Paces replays from the store to what the client reads, so catching up on a
@@ -245,13 +290,6 @@ class SocketSession:
 
     def reply(self, **fields: Any) -> None:
         self.send(Reply(orjson.dumps(fields)))
-
-    def deliver_to(self, job: str) -> Any:
-        def deliver(ev: Event) -> None:
-            self.send(ev)
-            if ev.terminal:  # the hub closes the subscription itself
-                self.subs.pop(job, None)
-        return deliver
 
     def drop(self, job: str) -> bool:
         sub = self.subs.pop(job, None)
@@ -303,7 +341,7 @@ class SocketSession:
                 self.reply(op="error", job=job, code=404, error="job not found")
                 return
             self.reply(op="subscribed", job=job, after=after)
-            sub = await self.rt.hub.subscribe(job, after, self.deliver_to(job), self.ready)
+            sub = await self.rt.hub.subscribe(job, after, self.send, self.ready)
         except StoreError as exc:  # the database is down: say so, keep the socket
             self.reply(op="error", job=job, code=503, error=str(exc))
             return
@@ -333,29 +371,36 @@ class SocketSession:
     def _join(messages: list[bytes]) -> bytes:
         return messages[0] if len(messages) == 1 else b"[" + b",".join(messages) + b"]"
 
-    def flush(self) -> None:
-        """Sends what is pending: on a raw socket written now, else by the pump. The
-        pump also sends the close a `closing` session owes."""
+    def flush(self, shared: RoundFrames | None = None) -> None:
+        """Sends what is pending: on a raw socket written now (its frames found in or
+        added to `shared`, a flusher round's), else by the pump. The pump also sends the
+        close a `closing` session owes."""
         if self.gone:
             return
         raw = self.raw
         if raw is not None:
-            while self.out:
+            if self.out:
                 if (ev := self.lone) is not None:  # one event: its frame, built once
                     if ev.frame is None:
                         ev.frame = frames.text_frame(ev.wire)
-                    frame = ev.frame
-                    self.out.clear()
-                    self.queued = 0
+                    raw.write(ev.frame)
                 else:
-                    frame = frames.text_frame(self._join(self._take()))
+                    for frame in shared.take(self) if shared is not None else self.take_frames():
+                        if not raw.write(frame):
+                            break  # closing or gone: the receive loop ends the session
+                self.out.clear()
                 self.lone = None
-                if not raw.write(frame):
-                    self.out.clear()  # closing or gone: the receive loop ends the session
-                    self.queued = 0
+                self.queued = 0
             self.backlog = raw.backlog
         if (self.out or self.closing) and self.pump is None:
             self.pump = asyncio.create_task(self._pump())
+
+    def take_frames(self) -> list[bytes]:
+        """All of `out` as frames, in order."""
+        built = []
+        while self.out:
+            built.append(frames.text_frame(self._join(self._take())))
+        return built
 
     async def _pump(self) -> None:
         try:
