@@ -4,7 +4,9 @@ app's backend mints; examples/fastapi_app: jobwire mounted inside the app at /jo
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,13 +65,31 @@ def log_in(context: BrowserContext, url: str, user: str, ready: bool = True) -> 
     return page
 
 
-def analyse(page: Page) -> str:
-    """Clicks "Analyse my liked tracks"; the new job's id once its card shows."""
-    before = page.eval_on_selector_all("[data-testid=job]", "els => els.length")
-    page.click("[data-testid=analyse]")
-    page.wait_for_function("n => document.querySelectorAll('[data-testid=job]').length > n",
-                           arg=before)
-    job: str = page.eval_on_selector("[data-testid=job]", "el => el.dataset.jobId")
+@contextlib.contextmanager
+def held_back(db: Path) -> Iterator[None]:
+    """No job of the SQLite database at `db` starts meanwhile: a worker's claim fails, and
+    it claims again once this ends (within its poll, a second at most)."""
+    conn = sqlite3.connect(db, timeout=10, isolation_level=None)
+    conn.execute("CREATE TRIGGER test_held_back BEFORE UPDATE OF status ON jobs "
+                 "WHEN NEW.status = 'running' BEGIN SELECT raise(ABORT, 'held back'); END")
+    try:
+        yield
+    finally:
+        conn.execute("DROP TRIGGER test_held_back")
+        conn.close()
+
+
+def analyse(page: Page, db: Path) -> str:
+    """Clicks "Analyse my liked tracks"; the new job's id once its card shows it queued.
+    Until then the job is held back: its three or four tracks take ~50 ms, less than the
+    page may take to start watching it, and the page would see only its end."""
+    with held_back(db):
+        before = page.eval_on_selector_all("[data-testid=job]", "els => els.length")
+        page.click("[data-testid=analyse]")
+        page.wait_for_function(
+            "n => document.querySelectorAll('[data-testid=job]').length > n", arg=before)
+        job: str = page.eval_on_selector("[data-testid=job]", "el => el.dataset.jobId")
+        page.wait_for_selector(f'[data-job-id="{job}"][data-status=queued]')
     return job
 
 
@@ -129,10 +149,11 @@ def sidecar(procs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_sidecar_users_see_their_own_jobs_live_across_origins(
-        sidecar: tuple[Proc, Proc, str], context: BrowserContext) -> None:
+        sidecar: tuple[Proc, Proc, str], context: BrowserContext, tmp_path: Path) -> None:
     service, backend, _ = sidecar
+    db = tmp_path / "jobwire.db"
     alice = log_in(context, backend.url, "alice")
-    job = analyse(alice)  # a cross-origin POST with the JWT: preflight, then the submit
+    job = analyse(alice, db)  # a cross-origin POST with the JWT: preflight, then the submit
     watch_to_completion(alice, job, tracks=4)
     urls = alice.urls  # type: ignore[attr-defined]
     assert f"{service.url.replace('http', 'ws')}/api/ws?auth=message" in urls
@@ -144,7 +165,7 @@ def test_sidecar_users_see_their_own_jobs_live_across_origins(
     try:
         bob = log_in(bob_context, backend.url, "bob")
         assert bob.eval_on_selector_all("[data-testid=job]", "els => els.length") == 0
-        bob_job = analyse(bob)
+        bob_job = analyse(bob, db)
         watch_to_completion(bob, bob_job, tracks=3)
         assert bob.locator(f'[data-job-id="{job}"]').count() == 0
         # Alice's job is not found for Bob over REST, the WebSocket and SSE (read by fetch,
@@ -241,10 +262,11 @@ def mounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proc]:
 
 
 def test_mounted_app_submits_in_process_and_users_see_their_own_jobs_live(
-        mounted: Proc, context: BrowserContext) -> None:
+        mounted: Proc, context: BrowserContext, tmp_path: Path) -> None:
     assert httpx.get(mounted.url + "/jobs/api/jobs").status_code == 401  # not logged in
     alice = log_in(context, mounted.url, "alice")
-    job = analyse(alice)  # the app's POST /analyse submits in-process; the page watches it
+    db = tmp_path / "app.db"
+    job = analyse(alice, db)  # the app's POST /analyse submits in-process; the page watches it
     watch_to_completion(alice, job, tracks=4)
 
     others = context.browser.new_context()  # type: ignore[union-attr]
@@ -257,7 +279,7 @@ def test_mounted_app_submits_in_process_and_users_see_their_own_jobs_live(
         bob.wait_for_selector("[data-testid=connection][data-state=live]")
         assert (bob.text_content("[data-testid=user]") or "").startswith("guest:")
         assert bob.eval_on_selector_all("[data-testid=job]", "els => els.length") == 0
-        watch_to_completion(bob, analyse(bob), tracks=3)
+        watch_to_completion(bob, analyse(bob, db), tracks=3)
         assert not_found(bob, job) == [404, 404, 404]
     finally:
         others.close()
