@@ -18,22 +18,26 @@ TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
 _PERIODIC_TICKS = ("CREATE TABLE IF NOT EXISTS periodic_ticks "
                    "(task text PRIMARY KEY, tick double precision NOT NULL);")
 
-# Timestamps are epoch seconds (double precision) so snapshots render exactly as on
-# SQLite; JSON is `json`, not `jsonb`, so objects keep the key order they were given.
-# The start of an owner feed's commit-time stamp (two forms, migrations "Owner feeds" and
-# "Owner feeds, second form"): one firing per transaction stamps all its marks.
-_STAMP_PRELUDE = """RETURNS trigger LANGUAGE plpgsql
+
+def _stamp_prelude(flag: str) -> str:
+    """The start of an owner feed's commit-time stamp (migrations "Owner feeds" and its
+    second and third forms): one firing per transaction, the one that sets the setting
+    named by the SQL expression `flag`, stamps all its marks."""
+    return f"""RETURNS trigger LANGUAGE plpgsql
         SET search_path FROM CURRENT AS $$
     DECLARE
         channel text := left('jobwire:' || TG_TABLE_SCHEMA, 63);
         who text;
         bumped bigint;
     BEGIN
-        IF current_setting('jobwire.stamped', true) = 'y' THEN
+        IF current_setting({flag}, true) = 'y' THEN
             RETURN NULL;  -- one firing per transaction stamps all its marks
         END IF;
-        PERFORM set_config('jobwire.stamped', 'y', true);"""
-# Its flag's name from migration "Owner feeds, third form" on: one per schema.
+        PERFORM set_config({flag}, 'y', true);"""
+
+
+# The stamp's flag: one for all schemas, then (from the third form on) one per schema.
+_STAMPED_ONCE = "'jobwire.stamped'"
 _STAMPED = "'jobwire.stamped_' || encode(convert_to(TG_TABLE_SCHEMA, 'UTF8'), 'hex')"
 # The stamp's work on job_feed (migration "Owner feeds, second form" and on).
 _FEED_STAMP = """\
@@ -47,6 +51,8 @@ _FEED_STAMP = """\
     END $$;
 """
 
+# Timestamps are epoch seconds (double precision) so snapshots render exactly as on
+# SQLite; JSON is `json`, not `jsonb`, so objects keep the key order they were given.
 MIGRATIONS: list[str] = [
     f"""
     CREATE TABLE jobs (
@@ -182,7 +188,7 @@ MIGRATIONS: list[str] = [
         NEW.owner_seq := -1;
         RETURN NEW;
     END $$;
-    CREATE FUNCTION jobwire_jobs_stamp() {_STAMP_PRELUDE}
+    CREATE FUNCTION jobwire_jobs_stamp() {_stamp_prelude(_STAMPED_ONCE)}
         FOR who IN SELECT owner FROM jobs WHERE owner_seq = -1
                    UNION SELECT owner FROM job_tombstones WHERE owner_seq = -1
                    ORDER BY 1 LOOP
@@ -310,7 +316,7 @@ MIGRATIONS: list[str] = [
         END IF;
         RETURN NULL;
     END $$;
-    CREATE FUNCTION jobwire_feed_stamp() {_STAMP_PRELUDE}
+    CREATE FUNCTION jobwire_feed_stamp() {_stamp_prelude(_STAMPED_ONCE)}
 {_FEED_STAMP}    CREATE TRIGGER jobs_feed_insert AFTER INSERT ON jobs
         FOR EACH ROW EXECUTE FUNCTION jobwire_feed_mark();
     CREATE TRIGGER jobs_feed_update AFTER UPDATE OF status, owner ON jobs FOR EACH ROW
@@ -327,8 +333,7 @@ MIGRATIONS: list[str] = [
     # jobs in two jobwire schemas stamped only the first: the second's changes stayed
     # unstamped, out of its owners' feeds for good.
     f"""
-    CREATE OR REPLACE FUNCTION jobwire_feed_stamp() {_STAMP_PRELUDE.replace(
-        "'jobwire.stamped'", _STAMPED)}
+    CREATE OR REPLACE FUNCTION jobwire_feed_stamp() {_stamp_prelude(_STAMPED)}
 {_FEED_STAMP}    """,
 ]
 
