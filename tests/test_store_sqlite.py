@@ -1,20 +1,25 @@
 """The SQLite store alone: batched reads (reads queued together share one hop to the
-store thread, yet each is answered alone, from after it was asked), and processes that
-open a new file together."""
+store thread, yet each is answered alone, from after it was asked), processes that open a
+new file together, and the doorbell that has other processes read a commit at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from jobwire.model import Status
+from jobwire.model import Event, Job, Status
 from jobwire.store import Lease, Store, open_store
+from jobwire.store.sqlite import SQLiteStore
 
 
 @pytest.fixture
@@ -167,3 +172,153 @@ async def test_the_wal_is_copied_back_by_a_thread_of_its_own(
             await asyncio.sleep(0.01)
     finally:
         await store.close()
+
+
+# -- other processes on the file: the doorbell (store/doorbell.py)
+
+WAIT = 10.0  # seconds for a rung store to read a commit (it takes about a millisecond)
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path, poll: float = 3600.0) -> AsyncIterator[SQLiteStore]:
+    """A store on `path` that polls only every `poll` seconds: what reaches it sooner came
+    by the doorbell."""
+    store = SQLiteStore(f"sqlite:///{path}", poll_interval=poll)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def heard(store: Store) -> tuple[list[Event], asyncio.Event]:
+    """The events a store publishes, and an asyncio.Event set at each."""
+    got: list[Event] = []
+    arrived = asyncio.Event()
+
+    def hint(job: str, seq: int, event: Event | None) -> None:
+        if event is not None:
+            got.append(event)
+        arrived.set()
+    store.listen(hint)
+    return got, arrived
+
+
+async def until_heard(got: list[Event], arrived: asyncio.Event, job: str, type: str) -> None:
+    async with asyncio.timeout(WAIT):
+        while not any(e.job == job and e.type == type for e in got):
+            arrived.clear()
+            await arrived.wait()
+
+
+async def first_heard(writer: Store, got: list[Event], arrived: asyncio.Event) -> Job:
+    """A job the writer submitted whose creation the reader heard of. The writer learns of
+    a reader that opened after it from the reader's hello, which may come just after a
+    first commit: so a few tries, each given a quarter of a second."""
+    for _ in range(20):
+        job, _ = await writer.submit("guest:a", "t", None, None, 1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.25):
+                await until_heard(got, arrived, job.id, "created")
+                return job
+    raise AssertionError("no commit of the writer reached the reader")
+
+
+async def test_a_commit_rings_the_other_stores_on_the_file(tmp_path: Path) -> None:
+    """Another store on the file, even one opened after the writer, reads a commit when
+    it is made, not at its next poll (here an hour away): its events, and its owners'
+    changes, deletions included."""
+    path = tmp_path / "jobwire.db"
+    async with opened(path) as writer, opened(path) as reader:
+        got, arrived = heard(reader)
+        owners = asyncio.Event()
+        reader.listen_owners(lambda owner: owners.set())
+        job = await first_heard(writer, got, arrived)
+        assert await writer.request_cancel(job.id, "guest:a") is not None
+        await until_heard(got, arrived, job.id, "cancelled")
+        owners.clear()
+        assert await writer.delete_job(job.id, "guest:a")
+        async with asyncio.timeout(WAIT):  # a deletion writes no event, yet it is read
+            await owners.wait()
+    assert not (tmp_path / "jobwire.db-wake").exists(), "the last store out removes it"
+
+
+async def test_a_path_too_long_for_a_socket_address_is_rung_through_its_directory(
+        tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    async with opened(deep / "jobwire.db") as writer, opened(deep / "jobwire.db") as reader:
+        await first_heard(writer, *heard(reader))
+
+
+async def test_where_no_socket_can_be_bound_the_store_polls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path too long for a socket's address, and no /proc to shorten it: no doorbell,
+    and other processes' commits still arrive, by the poll."""
+    monkeypatch.setattr("jobwire.store.doorbell.PROC_FD", str(tmp_path / "no-proc"))
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    async with opened(deep / "jobwire.db") as writer, \
+            opened(deep / "jobwire.db", poll=0.05) as reader:
+        assert not (deep / "jobwire.db-wake").exists()
+        got, arrived = heard(reader)
+        job, _ = await writer.submit("guest:a", "t", None, None, 1)
+        await until_heard(got, arrived, job.id, "created")
+
+
+KILLED_STORE = """
+import asyncio, sys
+from jobwire.store import open_store
+
+async def main():
+    await open_store(sys.argv[1]).open()
+    print("open", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_socket_of_a_killed_process_is_cleared_and_the_rest_still_ring(
+        tmp_path: Path) -> None:
+    path = tmp_path / "jobwire.db"
+    async with opened(path) as reader:
+        killed = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", KILLED_STORE, f"sqlite:///{path}", stdout=subprocess.PIPE)
+        try:
+            assert killed.stdout is not None
+            assert await killed.stdout.readline() == b"open\n"
+        finally:
+            killed.kill()  # SIGKILL: its socket stays behind
+            await killed.wait()
+        left = [p for p in (tmp_path / "jobwire.db-wake").iterdir() if p.name.startswith(
+            f"{killed.pid}-")]
+        assert len(left) == 1
+        async with opened(path) as writer:
+            got, arrived = heard(reader)
+            job, _ = await writer.submit("guest:a", "t", None, None, 1)
+            await until_heard(got, arrived, job.id, "created")
+            assert not left[0].exists(), "the dead peer's socket is removed when rung"
+
+
+async def test_a_stranger_ringing_or_squatting_changes_nothing_but_a_look(
+        tmp_path: Path) -> None:
+    """Whatever is sent to a store's socket (nothing, junk, a flood) is only a wake-up;
+    a file that is not a socket in the directory is cleared when rung."""
+    path, wake = tmp_path / "jobwire.db", tmp_path / "jobwire.db-wake"
+    async with opened(path) as reader:
+        assert wake.stat().st_mode & 0o077 == 0, "only the owner may ring or squat"
+        squatter = wake / "1-squat"
+        squatter.write_bytes(b"not a socket")
+        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        stranger.setblocking(False)
+        for junk in (b"", b"h", b"\xff" * 60_000, *[b"r"] * 1000):
+            with contextlib.suppress(BlockingIOError):
+                stranger.sendto(junk, str(next(wake.glob("[0-9]*-[0-9a-f]*"))))
+        stranger.close()
+        async with opened(path) as writer:
+            got, arrived = heard(reader)
+            job, _ = await writer.submit("guest:a", "t", {"k": 1}, None, 1)
+            await until_heard(got, arrived, job.id, "created")
+            assert not squatter.exists()
+            assert (await reader.get_job(job.id)).input == {"k": 1}  # type: ignore[union-attr]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import sqlite3
 import threading
 import time
@@ -53,6 +54,7 @@ from jobwire.store.base import (
     UnknownItem,
     Written,
 )
+from jobwire.store.doorbell import Doorbell
 from jobwire.store.rows import (
     CLAIM_ORDER,
     HANDED_BACK,
@@ -419,6 +421,7 @@ class SQLiteStore:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
+        self._doorbell: Doorbell | None = None  # set while open, if it could be bound
         self._hints: list[Hint] = []
         self._owner_hints: list[OwnerHint] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -459,6 +462,8 @@ class SQLiteStore:
             conn.execute("COMMIT")
             if self._checkpointer is not None:
                 self._checkpointer.committed(conn.total_changes)
+            if self._doorbell is not None:
+                self._doorbell.ring()
         except BaseException:
             # A failed COMMIT (disk full, I/O error) may leave the transaction open;
             # left so, every later BEGIN on this connection would fail.
@@ -624,6 +629,9 @@ class SQLiteStore:
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._run(self._connect)
+        if self.path != ":memory:":
+            bell = Doorbell(self.path)
+            self._doorbell = bell if bell.open() else None
         self._watch = asyncio.create_task(self._watch_other_processes())
 
     async def close(self) -> None:
@@ -636,11 +644,26 @@ class SQLiteStore:
             await asyncio.sleep(0)
         if self._conn is not None:
             await self._run(self._disconnect)
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
         self._thread.shutdown(wait=False)
 
     async def _watch_other_processes(self) -> None:
+        """Reads other processes' commits when one of them rings (store/doorbell.py), and
+        every poll interval in any case."""
+        looked = time.monotonic()
         while True:
-            await asyncio.sleep(self._poll_interval)
+            if (bell := self._doorbell) is None:
+                await asyncio.sleep(self._poll_interval)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_interval):
+                        await bell.rung.wait()
+                bell.rung.clear()
+                if time.monotonic() - looked >= self._poll_interval:
+                    looked = time.monotonic()
+                    bell.look_around()
             try:
                 events = await self._run(self._poll_foreign_events)
             except StoreError:
