@@ -312,6 +312,23 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
+def jobwire_process(command: str, db: str, *args: str, env: dict[str, str] | None = None
+                    ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`jobwire <command>` in its own process with the bench tasks; yields (process, the
+    path of its log), and stops it at the end."""
+    cmd = [PYTHON, "-m", "jobwire", command, "--db", db, "--app", "bench.tasks:jobwire", *args]
+    log = tempfile.NamedTemporaryFile(prefix=f"jobwire-bench-{command}-", suffix=".log",
+                                      delete=False)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    try:
+        yield proc, log.name
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@contextlib.contextmanager
 def jobwire_server(db: str, *, workers: bool, port: int | None = None,
                    env: dict[str, str] | None = None
                    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
@@ -319,19 +336,13 @@ def jobwire_server(db: str, *, workers: bool, port: int | None = None,
     import httpx
 
     port = port or free_port()
-    cmd = [PYTHON, "-m", "jobwire", "serve", "--db", db, "--app", "bench.tasks:jobwire",
-           "--port", str(port)]
-    if not workers:
-        cmd.append("--no-workers")
-    log = open(Path(tempfile.gettempdir()) / f"jobwire-bench-server-{port}.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
+    args = ["--port", str(port), *([] if workers else ["--no-workers"])]
+    with jobwire_process("serve", db, *args, env=env) as (proc, log):
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: see {log.name}")
+                raise RuntimeError(f"server exited: see {log}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
@@ -339,9 +350,6 @@ def jobwire_server(db: str, *, workers: bool, port: int | None = None,
                 raise TimeoutError("server did not start")
             time.sleep(0.1)
         yield url, proc
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 # -- subscribers in client processes (bench/progress.py, bench/progress_peers.py)

@@ -10,6 +10,7 @@ Run: .venv/bin/python -m bench.progress [--items N] [--subscribers 1,100,1000] [
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import tempfile
 import time
@@ -28,6 +29,7 @@ from bench.common import (
     cpu_seconds,
     fmt,
     follow_in_processes,
+    jobwire_process,
     jobwire_server,
     parser,
     pg_database,
@@ -45,6 +47,9 @@ LARGE = 1000
 # a rate the machine sustains. 200 updates/s to 1,000 sockets is 200,000 events/s, all
 # 10 M within 50 s, well inside the deadline.
 PACED = 200.0
+# The task in a worker process of its own, the subscribers on `serve --no-workers`: each
+# event crosses processes through the SQLite file (store/doorbell.py).
+SPLIT = "SQLite, task in a worker process"
 
 
 async def _subscriber(url: str, token: str, job: str, after: int, ready: asyncio.Event,
@@ -147,11 +152,14 @@ ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socke
 
 
 def run_backend(db: str, items: int, counts: list[int], reps: int, large_reps: int,
-                paced: float) -> list[dict[str, Any]]:
+                paced: float, worker_process: bool = False) -> list[dict[str, Any]]:
     """A row per subscriber count, the task reporting as fast as it can; then, with
-    `paced`, a row at LARGE subscribers with the task making `paced` updates/s."""
+    `paced`, a row at LARGE subscribers with the task making `paced` updates/s. With
+    `worker_process`, the task runs in a `jobwire worker` beside a `serve --no-workers`:
+    its events reach the server's subscribers through the database."""
     def one(n: int, rate: float | None = None) -> dict[str, Any]:
-        with jobwire_server(db, workers=True, env=ENV) as (base, proc):
+        with jobwire_server(db, workers=not worker_process, env=ENV) as (base, proc), \
+                (jobwire_process("worker", db) if worker_process else contextlib.nullcontext()):
             return measure(base, proc.pid, items, n, rate)
     rows = repeat(one, items, counts, reps, large_reps)
     if paced:
@@ -211,19 +219,20 @@ def main() -> None:
     args = p.parse_args()
     counts = [int(c) for c in args.subscribers.split(",")]
     rows: list[dict[str, Any]] = []
-    for backend in ("SQLite", "PostgreSQL"):
+    for backend in ("SQLite", "PostgreSQL", SPLIT):
         if args.only and args.only.lower() not in backend.lower():
             continue
         print(f"jobwire ({backend}) ...", flush=True)
         try:
-            if backend == "SQLite":
-                with tempfile.TemporaryDirectory() as tmp:
-                    got = run_backend(f"sqlite:///{tmp}/bench.db", args.items, counts,
-                                      args.reps, args.large_reps, args.paced)
-            else:
+            if backend == "PostgreSQL":
                 with pg_database("progress") as url:
                     got = run_backend(url, args.items, counts, args.reps, args.large_reps,
                                       args.paced)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    got = run_backend(f"sqlite:///{tmp}/bench.db", args.items, counts,
+                                      args.reps, args.large_reps, args.paced,
+                                      worker_process=backend == SPLIT)
         except Exception as exc:  # report it and go on with the other backend
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"system": f"jobwire ({backend})", "error": repr(exc)})
