@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -322,3 +323,25 @@ async def test_a_stranger_ringing_or_squatting_changes_nothing_but_a_look(
             await until_heard(got, arrived, job.id, "created")
             assert not squatter.exists()
             assert (await reader.get_job(job.id)).input == {"k": 1}  # type: ignore[union-attr]
+
+
+async def test_a_busy_peers_commits_are_read_in_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rings that come while a read is recent wait for the gap and share one read."""
+    monkeypatch.setattr("jobwire.store.sqlite.RUNG_GAP", 1.0)
+    path = tmp_path / "jobwire.db"
+    async with opened(path) as reader, opened(path) as writer:
+        reads = 0
+        poll = reader._poll_foreign_events
+
+        def counted() -> list[Event] | None:
+            nonlocal reads
+            reads += 1
+            return poll()
+        monkeypatch.setattr(reader, "_poll_foreign_events", counted)
+        got, arrived = heard(reader)
+        began = time.monotonic()
+        jobs = [(await writer.submit("guest:a", "t", k, None, 1))[0] for k in range(50)]
+        for job in jobs:
+            await until_heard(got, arrived, job.id, "created")
+        assert reads <= 2 + (time.monotonic() - began) / 1.0, reads
