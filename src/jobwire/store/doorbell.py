@@ -29,21 +29,20 @@ RING, HELLO = b"r", b"h"
 
 
 class Doorbell:
-    """One store's socket, and its peers': ring them from any thread, and `rung` is set
-    on the event loop whenever a peer rang this one."""
+    """One store's socket, and its peers': ring them from any thread; on the event loop,
+    wait until a peer rings this one."""
 
     def __init__(self, db_path: str) -> None:
         self.dir = Path(db_path + "-wake")
         self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.rung = asyncio.Event()
         self._dirfd: int | None = None
         self._peers: list[str] = []  # replaced whole, so another thread reads it safely
         self._inbox: socket.socket | None = None
         self._outbox: socket.socket | None = None
 
     def open(self) -> bool:
-        """Binds the socket and starts listening on the running loop; False (and the store
-        polls only) where that cannot be done."""
+        """Binds the socket and says hello; False (and the store polls only) where that
+        cannot be done."""
         try:
             self._inbox = self._bound()
             self._outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -52,7 +51,6 @@ class Doorbell:
             return False
         self._inbox.setblocking(False)
         self._outbox.setblocking(False)
-        asyncio.get_running_loop().add_reader(self._inbox.fileno(), self._take)
         self.look_around()
         self._send(HELLO)
         return True
@@ -108,7 +106,28 @@ class Doorbell:
             except OSError:
                 pass  # its buffer is full: it has been rung already
 
-    def _take(self) -> None:
+    async def wait(self) -> None:
+        """Returns once a peer has rung (before the call or during it). The socket is
+        watched only while waiting: rings that come meanwhile wait in it and cost this
+        process nothing until it looks."""
+        loop = asyncio.get_running_loop()
+        rung = loop.create_future()
+        if self._inbox is None:  # closed: never rung
+            await rung
+            return
+        fd = self._inbox.fileno()
+
+        def ready() -> None:
+            if not rung.done():
+                rung.set_result(None)
+        loop.add_reader(fd, ready)
+        try:
+            await rung
+        finally:
+            loop.remove_reader(fd)
+
+    def take(self) -> None:
+        """Takes the rings waiting; if a hello is among them, looks around."""
         inbox = self._inbox
         if inbox is None:
             return
@@ -118,7 +137,6 @@ class Doorbell:
                 hello |= inbox.recv(64) == HELLO
         if hello:
             self.look_around()
-        self.rung.set()
 
     def close(self) -> None:
         inbox, outbox = self._inbox, self._outbox
@@ -127,8 +145,6 @@ class Doorbell:
         if outbox is not None:
             outbox.close()
         if inbox is not None:
-            with contextlib.suppress(Exception):  # not listening yet, or the loop closed
-                asyncio.get_running_loop().remove_reader(inbox.fileno())
             inbox.close()
             with contextlib.suppress(OSError):
                 os.unlink(self._address(self.name))

@@ -663,9 +663,9 @@ class SQLiteStore:
             else:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._poll_interval):
-                        await bell.rung.wait()
+                        await bell.wait()
                 await asyncio.sleep(read + RUNG_GAP - time.monotonic())
-                bell.rung.clear()  # the rings of the gap are answered by this read
+                bell.take()  # the rings of the gap are answered by this read
                 if time.monotonic() - looked >= self._poll_interval:
                     looked = time.monotonic()
                     bell.look_around()
