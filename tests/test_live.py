@@ -374,7 +374,8 @@ async def test_many_sockets_on_one_job_each_get_every_event_once_and_in_order(
 async def test_events_of_another_process_on_one_sqlite_file_arrive_within_half_a_second(
         procs: Any, tmp_path: Path) -> None:
     """A worker process writes; another process's WebSocket subscriber gets each event
-    within 10 polls of the file (0.05 s each), measured from the event's own time."""
+    within half a second (a ring, at worst ten polls of the file), measured from the
+    event's own time."""
     db = f"sqlite:///{tmp_path / 'jobwire.db'}"
     api: Proc = procs("serve", "--db", db, "--no-workers")
     procs("worker", "--db", db)
