@@ -5,10 +5,10 @@ Each open store binds a Unix datagram socket in a directory beside the database 
 (`jobwire.db-wake/`); after a commit it sends every other socket there a byte. A store
 that opens says hello to those there, so they ring it from then on. A ring only says
 "look now": the poll stays the fallback, so a ring lost (a peer's buffer full, a peer
-that started a moment ago, a system without Unix sockets, a path too long for one) costs
-the poll interval, never an event. A stranger who can write to a socket can make its
-process look (or list the directory), and no more. A socket left behind by a killed
-process refuses the next ring and is removed then.
+that started a moment ago, a system without Unix sockets, a path too long for a socket's
+address and no /proc to shorten it) costs the poll interval, never an event. A stranger
+who can write to a socket can make its process look (or list the directory), and no
+more. A socket left behind by a killed process refuses the next ring and is removed then.
 """
 
 from __future__ import annotations
