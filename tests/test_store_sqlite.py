@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import socket
 import sqlite3
 import subprocess
@@ -313,10 +314,13 @@ async def test_a_stranger_ringing_or_squatting_changes_nothing_but_a_look(
         squatter.write_bytes(b"not a socket")
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         stranger.setblocking(False)
+        wake_fd = os.open(wake, os.O_RDONLY)  # through /proc: tmp_path may be too long
+        target = f"/proc/self/fd/{wake_fd}/{next(wake.glob('[0-9]*-[0-9a-f]*')).name}"
         for junk in (b"", b"h", b"\xff" * 60_000, *[b"r"] * 1000):
             with contextlib.suppress(BlockingIOError):
-                stranger.sendto(junk, str(next(wake.glob("[0-9]*-[0-9a-f]*"))))
+                stranger.sendto(junk, target)
         stranger.close()
+        os.close(wake_fd)
         async with opened(path) as writer:
             got, arrived = heard(reader)
             job, _ = await writer.submit("guest:a", "t", {"k": 1}, None, 1)
