@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,8 @@ from jobwire.app import Jobwire, check_queue, load
 from jobwire.client import cli as client_cli
 from jobwire.settings import SettingError, Settings
 from jobwire.store import StoreError, open_store
+
+MAX_PROCESSES = 64
 
 
 class CLIError(Exception):
@@ -56,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-workers", action="store_true", help="serve the API only")
     p.add_argument("--no-access-log", action="store_true",
                    help="no log line per request (env JOBWIRE_ACCESS_LOG=0)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the port, each with its own workers and "
+                        f"limits' share (1-{MAX_PROCESSES}; default %(default)s)")
 
     p = sub.add_parser("worker", help="run workers only")
     _add_runtime(p)
@@ -144,6 +150,14 @@ async def _users(args: argparse.Namespace) -> str:
         await store.close()
 
 
+def _processes(n: int) -> int:
+    if not 1 <= n <= MAX_PROCESSES:
+        raise CLIError(f"--processes must be from 1 to {MAX_PROCESSES}, not {n}")
+    if n > 1 and not (hasattr(os, "fork") and hasattr(socket, "SO_REUSEPORT")):
+        raise CLIError("--processes above 1 needs fork() and SO_REUSEPORT (Linux, BSD, macOS)")
+    return n
+
+
 def _utc(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -161,9 +175,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             settings.concurrency = 0
         if args.no_access_log:
             settings.access_log = False
+        settings.processes = _processes(args.processes)
         from jobwire.server import serve  # uvicorn and FastAPI load only for serving
 
-        serve(settings, jobwire)
+        return serve(settings, jobwire)
     elif args.command == "worker":
         settings, jobwire = _settings(args)
         asyncio.run(_run_worker(settings, jobwire))

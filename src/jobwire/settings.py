@@ -62,6 +62,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     concurrency: int = 10  # jobs run at once by this process's worker; 0 runs none
+    processes: int = 1  # server processes sharing the port (`jobwire serve --processes`)
     queues: tuple[str, ...] | None = None  # the queues this process's worker serves; None: all
     lease_seconds: float = 30.0
     retention_seconds: float = 24 * 3600.0

@@ -48,7 +48,7 @@ def create_api(rt: Runtime, *, authenticate: Authenticate | None = None,
     api.add_middleware(Cors, origins=api.state.origins)  # outermost: refusals readable too
     api.state.connections = OwnerSlots(settings.max_connections,
                                        settings.max_live_connections)
-    api.state.session_rate = RateLimit.parse(settings.session_rate)
+    api.state.session_rate = RateLimit.parse(settings.session_rate).share(settings.processes)
     api.state.identity = Identity(settings)
     api.include_router(ownerfeed.router)  # before jobs': /jobs/stream is no job id
     api.include_router(jobs.router)

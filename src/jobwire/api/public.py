@@ -56,6 +56,15 @@ class RateLimit:
                                f"above 0, like 30/60s,10; not {text!r}")
         return cls(int(m[1]), float(m[2]), int(m[3]))
 
+    def share(self, processes: int) -> RateLimit:
+        """This process's share of the limit when `processes` serve one port: each takes
+        a client's connections at random, so together they never allow more (save a burst
+        below `processes`: each allows one at once)."""
+        if processes == 1:
+            return self
+        return RateLimit(self.count, self.seconds * processes,
+                         max(1, self.burst // processes), self.max_keys, self.clock)
+
     def __str__(self) -> str:
         return f"at most {self.burst} at once, then {self.count} per {self.seconds:g} s"
 
