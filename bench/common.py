@@ -280,6 +280,13 @@ def cpu_seconds(pid: int, tid: int | None = None, reaped: bool = False) -> float
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a `jobwire serve` and, under `--processes`, of its processes (those
+    running now; those replaced, once reaped, count in its own)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_seconds(pid, reaped=True) + sum(cpu_seconds(int(c)) for c in children)
+
+
 def postgres_cpu_seconds() -> float:
     """CPU seconds of the local PostgreSQL server: every postgres process's, with the
     backends that ended meanwhile (reaped by the postmaster). Over a window, the database
@@ -330,13 +337,15 @@ def jobwire_process(command: str, db: str, *args: str, env: dict[str, str] | Non
 
 @contextlib.contextmanager
 def jobwire_server(db: str, *, workers: bool, port: int | None = None,
-                   env: dict[str, str] | None = None
+                   env: dict[str, str] | None = None, processes: int = 1
                    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`jobwire serve` in its own process with the bench tasks; yields (base url, process)."""
+    """`jobwire serve` in its own process (`processes` > 1: a supervisor and its processes)
+    with the bench tasks; yields (base url, process)."""
     import httpx
 
     port = port or free_port()
-    args = ["--port", str(port), *([] if workers else ["--no-workers"])]
+    args = ["--port", str(port), "--processes", str(processes),
+            *([] if workers else ["--no-workers"])]
     with jobwire_process("serve", db, *args, env=env) as (proc, log):
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30

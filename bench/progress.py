@@ -26,7 +26,6 @@ from bench import progress_peers, wsreader
 from bench.common import (
     SUBSCRIBER_DEADLINE,
     SUBSCRIBER_PROCESSES,
-    cpu_seconds,
     fmt,
     follow_in_processes,
     jobwire_process,
@@ -34,6 +33,7 @@ from bench.common import (
     parser,
     pg_database,
     record,
+    server_cpu_seconds,
     stats,
     subscribers,
     table,
@@ -141,24 +141,26 @@ def measure(base: str, server: int, items: int, subscribers: int, rate: float | 
         cpu = [0.0]
 
         def start() -> None:
-            cpu[0] = cpu_seconds(server)
+            cpu[0] = server_cpu_seconds(server)
             gate.touch()
 
         got = follow_in_processes(client_process, (ws_url, token, job["id"], job["seq"]),
                                   subscribers, start, items)
-        return {**got, "server_cpu_s": cpu_seconds(server) - cpu[0]}
+        return {**got, "server_cpu_s": server_cpu_seconds(server) - cpu[0]}
 
 ENV = {"JOBWIRE_MAX_CONNECTIONS": "100000"}  # one owner holds every bench socket
 
 
 def run_backend(db: str, items: int, counts: list[int], reps: int, large_reps: int,
-                paced: float, worker_process: bool = False) -> list[dict[str, Any]]:
+                paced: float, processes: int, worker_process: bool = False
+                ) -> list[dict[str, Any]]:
     """A row per subscriber count, the task reporting as fast as it can; then, with
     `paced`, a row at LARGE subscribers with the task making `paced` updates/s. With
     `worker_process`, the task runs in a `jobwire worker` beside a `serve --no-workers`:
     its events reach the server's subscribers through the database."""
     def one(n: int, rate: float | None = None) -> dict[str, Any]:
-        with jobwire_server(db, workers=not worker_process, env=ENV) as (base, proc), \
+        with jobwire_server(db, workers=not worker_process, env=ENV,
+                            processes=processes) as (base, proc), \
                 (jobwire_process("worker", db) if worker_process else contextlib.nullcontext()):
             return measure(base, proc.pid, items, n, rate)
     rows = repeat(one, items, counts, reps, large_reps)
@@ -213,6 +215,8 @@ def main() -> None:
     p.add_argument("--large-reps", type=int, default=1,
                    help=f"repetitions with >= {LARGE} subscribers (default %(default)s)")
     p.add_argument("--only", default="", help="sqlite or postgres (jobwire only)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="jobwire serve --processes (default %(default)s)")
     p.add_argument("--paced", type=float, default=PACED,
                    help=f"updates/s of an extra run at {LARGE} subscribers with the task "
                         "paced (0: none; default %(default)s)")
@@ -227,12 +231,12 @@ def main() -> None:
             if backend == "PostgreSQL":
                 with pg_database("progress") as url:
                     got = run_backend(url, args.items, counts, args.reps, args.large_reps,
-                                      args.paced)
+                                      args.paced, args.processes)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     got = run_backend(f"sqlite:///{tmp}/bench.db", args.items, counts,
                                       args.reps, args.large_reps, args.paced,
-                                      worker_process=backend == SPLIT)
+                                      args.processes, worker_process=backend == SPLIT)
         except Exception as exc:  # report it and go on with the other backend
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"system": f"jobwire ({backend})", "error": repr(exc)})
@@ -252,7 +256,8 @@ def main() -> None:
             continue
         rows += [{"system": name, **r} for r in got]
     rows += [{"system": name, "note": note} for name, note in PEERS.items()]
-    table(f"{args.items:,} item updates of one job to N WebSocket subscribers, "
+    processes = f", jobwire serve --processes {args.processes}" if args.processes > 1 else ""
+    table(f"{args.items:,} item updates of one job to N WebSocket subscribers{processes}, "
           f"median (min-max) of {args.reps} ({args.large_reps} from {LARGE:,} subscribers)",
           ["system", "subscribers", "events/s to all", "p50 ms", "p99 ms", "max ms",
            "all delivered", "CPU s: server + subscribers / run s"],
@@ -264,7 +269,7 @@ def main() -> None:
             print(f"{r['system']}: {r['note']}")
     params = {"items": args.items, "subscribers": counts, "reps": args.reps,
               "large_reps": args.large_reps, "client_processes": SUBSCRIBER_PROCESSES,
-              "deadline_s": SUBSCRIBER_DEADLINE}
+              "deadline_s": SUBSCRIBER_DEADLINE, "processes": args.processes}
     print(f"appended to {record('progress', params, rows)}")
 
 

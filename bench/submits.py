@@ -17,17 +17,28 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import Http1Pool, cpu_seconds, fmt, jobwire_server, parser, record, stats, table
+from bench.common import (
+    Http1Pool,
+    fmt,
+    jobwire_server,
+    parser,
+    record,
+    server_cpu_seconds,
+    stats,
+    table,
+)
 
 OWNERS = 100
 
 
-async def run(n: int, connections: int, access_log: bool) -> tuple[float, float]:
+async def run(n: int, connections: int, access_log: bool, processes: int
+              ) -> tuple[float, float]:
     """(submits/s, server CPU µs per submit) for n submits after n // 4 to warm up."""
     env = {"JOBWIRE_MAX_ACTIVE_JOBS": str(2 * n), "JOBWIRE_SESSION_RATE": "1000/1s,1000",
            "JOBWIRE_ACCESS_LOG": "1" if access_log else "0"}
     with tempfile.TemporaryDirectory() as tmp, \
-            jobwire_server(f"sqlite:///{tmp}/bench.db", workers=False, env=env) as (url, proc):
+            jobwire_server(f"sqlite:///{tmp}/bench.db", workers=False, env=env,
+                           processes=processes) as (url, proc):
         http = Http1Pool(url, connections)
         try:
             tokens = []
@@ -48,9 +59,9 @@ async def run(n: int, connections: int, access_log: bool) -> tuple[float, float]
                 await asyncio.gather(*(lane() for _ in range(connections)))
 
             await submit_all("warm", n // 4)
-            cpu, start = cpu_seconds(proc.pid), time.perf_counter()
+            cpu, start = server_cpu_seconds(proc.pid), time.perf_counter()
             await submit_all("k", n)
-            wall, cpu = time.perf_counter() - start, cpu_seconds(proc.pid) - cpu
+            wall, cpu = time.perf_counter() - start, server_cpu_seconds(proc.pid) - cpu
             return n / wall, cpu / n * 1e6
         finally:
             await http.close()
@@ -60,6 +71,8 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--submits", type=int, default=5000)
     p.add_argument("--connections", default="1,10", help="comma-separated (default %(default)s)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="jobwire serve --processes (default %(default)s)")
     args = p.parse_args()
     rows: list[dict[str, Any]] = []
     for connections in (int(c) for c in args.connections.split(",")):
@@ -68,18 +81,20 @@ def main() -> None:
             for rep in range(args.reps):
                 print(f"{connections} connection(s), access log {'on' if access_log else 'off'}"
                       f", rep {rep + 1}/{args.reps} ...", flush=True)
-                rate, cpu = asyncio.run(run(args.submits, connections, access_log))
+                rate, cpu = asyncio.run(run(args.submits, connections, access_log,
+                                            args.processes))
                 rates.append(rate)
                 cpus.append(cpu)
             rows.append({"connections": connections, "access_log": access_log,
                          "submits_per_s": stats(rates), "server_cpu_us": stats(cpus)})
-    table(f"{args.submits:,} HTTP submits with distinct keys to jobwire serve --no-workers "
-          f"(SQLite), median (min-max) of {args.reps}",
+    processes = f" --processes {args.processes}" if args.processes > 1 else ""
+    table(f"{args.submits:,} HTTP submits with distinct keys to jobwire serve --no-workers"
+          f"{processes} (SQLite), median (min-max) of {args.reps}",
           ["connections", "access log", "submits/s", "server CPU µs per submit"],
           [[r["connections"], "on" if r["access_log"] else "off", fmt(r["submits_per_s"]),
             fmt(r["server_cpu_us"])] for r in rows])
     params = {"submits": args.submits, "connections": args.connections, "reps": args.reps,
-              "owners": OWNERS}
+              "owners": OWNERS, "processes": args.processes}
     print(f"appended to {record('submits', params, rows)}")
 
 
