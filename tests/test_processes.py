@@ -53,11 +53,16 @@ def gone(pid: int) -> bool:
         return True
 
 
+def serving(procs: Any, tmp_path: Path, start: bool = True) -> Proc:
+    """`jobwire serve --processes 2` on a SQLite file of the test's own."""
+    proc: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}",
+                       "--processes", "2", start=start)
+    return proc
+
+
 @pytest.fixture
 def two(procs: Any, tmp_path: Path) -> Proc:
-    proc: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}",
-                       "--processes", "2")
-    return proc
+    return serving(procs, tmp_path)
 
 
 async def test_each_process_takes_connections_and_a_killed_one_is_replaced(two: Proc) -> None:
@@ -146,8 +151,7 @@ async def test_ctrl_c_reaches_each_process_once_so_each_stops_cleanly(
         procs: Any, tmp_path: Path) -> None:
     """A terminal's Ctrl-C signals the whole foreground group: every process stops
     cleanly, running jobs handed back (a forced exit would skip that)."""
-    proc: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}",
-                       "--processes", "2", start=False)
+    proc = serving(procs, tmp_path, start=False)
     proc.preexec = os.setsid  # a group of its own, as a terminal's foreground job
     proc.start()
     await stopped_by(proc, lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path)
@@ -164,8 +168,7 @@ async def test_the_guest_session_rate_is_shared_not_multiplied(
     """One address, many new connections: the processes together allow the configured
     burst of 4 at most, however the kernel spreads the connections."""
     monkeypatch.setenv("JOBWIRE_SESSION_RATE", "4/3600s,4")
-    server: Proc = procs("serve", "--db", f"sqlite:///{tmp_path / 'jobwire.db'}",
-                         "--processes", "2")
+    server = serving(procs, tmp_path)
     codes = []
     for _ in range(30):
         async with httpx.AsyncClient(base_url=server.url) as http:  # a new connection
