@@ -243,6 +243,8 @@ async def test_a_run_at_in_the_past_runs_now(client: Client) -> None:
     ({"run_at": "2030-01-01T00:00:00"}, "run_at"),  # no time zone
     ({"run_at": "tomorrow"}, "run_at"),
     ({"run_at": 1893456000}, "run_at"),  # seconds or milliseconds? text only
+    ({"run_at": "0001-01-01T00:00:00+01:00"}, "run_at"),  # year 0 in UTC (was a 500)
+    ({"run_at": "9999-12-31T23:00:00-05:00"}, "run_at"),  # year 10000 in UTC
     ({"run_at": "2999-01-01T00:00:00Z"}, "run_at"),  # past the 30 days
     ({"delay": 5, "run_at": "2020-01-01T00:00:00Z"}, "run_at"),  # not both
 ])

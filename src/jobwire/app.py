@@ -92,7 +92,10 @@ class Submission(BaseModel):
                                  ) from None
         if parsed.tzinfo is None:
             raise ValueError("must name its time zone (Z or +hh:mm)")
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+            raise ValueError("must fall within the years 1 to 9999 in UTC") from None
 
     @field_validator("task", "input", "key")
     @classmethod
