@@ -6,6 +6,7 @@ guest-session rate is shared among them, not multiplied."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -35,8 +36,12 @@ def children(proc: Proc) -> list[int]:
 
 
 def sockets_of(pid: int) -> int:
-    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir()
-               if os.readlink(fd).startswith("socket:"))
+    """The sockets a process holds now (one it closes while they are counted is not)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 async def until(check: Any, what: str) -> None:
